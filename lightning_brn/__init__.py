@@ -1,0 +1,28 @@
+"""lightning_brn: Batch Renormalization for PyTorch, PyTorch Lightning and timm.
+
+Examples::
+
+    >>> import torch
+    >>> from lightning_brn import BatchRenorm2d
+    >>> BatchRenorm2d(3, rmax=3.0, dmax=5.0)(torch.randn(4, 3, 8, 8)).shape
+    torch.Size([4, 3, 8, 8])
+"""
+
+from lightning_brn.__about__ import __version__
+from lightning_brn import functional
+from lightning_brn.layers import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
+from lightning_brn.convert import convert_model, revert_model
+from lightning_brn.schedule import RenormSchedule
+
+__all__ = [
+    "__version__",
+    "functional",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "BatchRenormAct2d",
+    "is_batch_renorm",
+    "convert_model",
+    "revert_model",
+    "RenormSchedule",
+]

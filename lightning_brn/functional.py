@@ -1,0 +1,384 @@
+r"""Functional Batch Renormalization (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
+
+The maths of Algorithm 1 lives here; the modules in :mod:`lightning_brn.layers` only decide the mode
+and which buffers to pass, as ``torch.nn.BatchNorm2d`` does with :func:`torch.nn.functional.batch_norm`.
+
+Running statistics use batchnorm's storage convention so that state dicts are interchangeable:
+``running_mean`` holds the paper's moving mean :math:`\mu` and ``running_var`` holds
+:math:`\sigma^2 - \epsilon`, where :math:`\sigma` is the paper's moving *standard deviation*
+(which already contains :math:`\epsilon`). Inference is then exactly
+``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)``.
+
+Why this is as fast as batchnorm: ``r`` and ``d`` are constants for the backward pass, so with the
+batch statistics in hand the training output is batchnorm's training output with weight
+:math:`\gamma r` and bias :math:`\beta + \gamma d`. The forward pass computes the statistics once
+(with batchnorm's own statistics kernel), normalizes with batchnorm's elementwise kernel, and the
+backward pass is batchnorm's own backward kernel fed those per-channel constants. Saved tensors
+are the same as batchnorm's: the input plus four per-channel vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_renorm", "renorm_correction"]
+
+Number = Union[float, Tensor]
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are computed in float32 for half inputs, in the input dtype otherwise."""
+    return torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
+
+
+def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, *) without autograd, in stat dtype."""
+    with torch.no_grad():
+        if x.is_cuda and x.dtype in (torch.float32, *_REDUCED_PRECISION):
+            # CUDA's batchnorm statistics kernel: float32 accumulation, returns (mean, invstd).
+            mean, invstd = torch.batch_norm_stats(x, 0.0)
+            var = invstd.reciprocal().square()
+            return mean, var
+        if x.dtype in _REDUCED_PRECISION:
+            x = x.float()
+        # batchnorm's own CPU statistics kernel; running stats None: nothing is updated.
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean, var
+
+
+class _RenormBN(torch.autograd.Function):
+    """Batchnorm training forward/backward with given batch statistics and per-channel weight/bias.
+
+    ``weight`` and ``bias`` already fold in r and d (``gamma * r`` and ``beta + gamma * d``); the
+    gradient with respect to them flows back to gamma and beta through ordinary autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        # Eval-mode batchnorm with the *batch* statistics is exactly the training output.
+        out = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_memory_format(x)),
+            x,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [need_x, need_w, need_b],
+        )
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _RenormBNGroups(torch.autograd.Function):
+    """Like :class:`_RenormBN`, with G consecutive groups of the batch normalized on their own.
+
+    ``weight``, ``bias``, ``mean`` and ``var`` have shape (G, C).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        groups = weight.shape[0]
+        invstd = torch.rsqrt(var + eps)
+        scale = weight * invstd
+        shift = bias - mean * scale
+        bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
+        xg = x.view(groups, x.shape[0] // groups, *x.shape[1:])
+        out = torch.addcmul(shift.to(x.dtype).view(bshape), xg, scale.to(x.dtype).view(bshape))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        groups = weight.shape[0]
+        k = x.shape[0] // groups
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        grad_x = torch.empty_like(x) if mask[0] else None
+        grad_w = torch.empty_like(weight)
+        grad_b = torch.empty_like(weight)
+        for g in range(groups):
+            sl = slice(g * k, (g + 1) * k)
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_out[sl], x[sl], weight[g], None, None, mean[g], invstd[g], True, ctx.eps, [mask[0], True, True]
+            )
+            if grad_x is not None:
+                grad_x[sl] = gx
+            grad_w[g] = gw
+            grad_b[g] = gb
+        return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None, None, None, None
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def renorm_correction(
+    batch_mean: Tensor,
+    batch_std: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    rmax: Number,
+    dmax: Number,
+) -> tuple[Tensor, Tensor]:
+    r"""The clipped correction of Algorithm 1, as constants (no gradient).
+
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\left(\frac{\sigma_B}{\sigma}\right), \qquad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\left(\frac{\mu_B - \mu}{\sigma}\right)
+
+    Args:
+        batch_mean: :math:`\mu_B`, shape (C,) or (G, C).
+        batch_std: :math:`\sigma_B = \sqrt{\mathrm{Var}_B + \epsilon}`, same shape.
+        running_mean: :math:`\mu`, shape (C,).
+        running_std: :math:`\sigma` (contains :math:`\epsilon`), shape (C,).
+        rmax: upper bound of r (>= 1); float or 0-dim tensor.
+        dmax: bound of |d| (>= 0); float or 0-dim tensor.
+
+    Returns:
+        ``(r, d)``, detached, with the shape of ``batch_mean``.
+
+    Example::
+
+        >>> import torch
+        >>> r, d = renorm_correction(torch.tensor([0.5]), torch.tensor([4.0]), torch.tensor([0.0]),
+        ...                          torch.tensor([1.0]), rmax=3.0, dmax=0.1)
+        >>> r.item(), d.item()
+        (3.0, 0.1)
+    """
+    with torch.no_grad():
+        rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
+        r = torch.clamp(batch_std / running_std, rmin, rmax)
+        d = torch.clamp((batch_mean - running_mean) / running_std, -dmax, dmax)
+    return r, d
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Number = 0.01,
+    eps: float = 1e-5,
+    rmax: Number = 1.0,
+    dmax: Number = 0.0,
+    microbatch_size: Optional[int] = None,
+    correction_stats: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Batch Renormalization over the channel dimension (dim 1) of ``input``.
+
+    Training (Algorithm 1 of https://arxiv.org/abs/1702.03275), per channel:
+
+    .. math::
+        \sigma_B = \sqrt{\epsilon + \tfrac1m \textstyle\sum (x - \mu_B)^2},\quad
+        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad y = \gamma \hat x + \beta
+
+    with ``r``, ``d`` from :func:`renorm_correction` using the moving averages *before* this step,
+    treated as constants by autograd; then :math:`\mu \leftarrow \mu + \alpha(\mu_B - \mu)` and
+    :math:`\sigma \leftarrow \sigma + \alpha(\sigma_B - \sigma)`, stored in place as
+    ``running_var = sigma**2 - eps``.
+
+    Inference (``training=False`` with running statistics) is exactly batchnorm's inference.
+    Without running statistics (``None``), batch statistics are used in both modes and r = 1, d = 0:
+    there is nothing to renormalize against, so the result is plain batchnorm.
+
+    Args:
+        input: (N, C, *) tensor.
+        running_mean: moving mean :math:`\mu`, shape (C,), updated in place in training; or ``None``.
+        running_var: :math:`\sigma^2 - \epsilon`, shape (C,), updated in place in training; or ``None``.
+        weight: :math:`\gamma`, shape (C,), or ``None`` (1).
+        bias: :math:`\beta`, shape (C,), or ``None`` (0).
+        training: use batch statistics and renormalize. Default: ``False``.
+        momentum: the moving-average rate :math:`\alpha` in [0, 1]; float or 0-dim tensor. Default: 0.01.
+        eps: :math:`\epsilon` > 0, inside the square root. Default: 1e-5.
+        rmax: :math:`r_{max} \ge 1`; float or 0-dim tensor. Default: 1.0.
+        dmax: :math:`d_{max} \ge 0`; float or 0-dim tensor. Default: 0.0.
+        microbatch_size: if set to k, each group of k consecutive examples is normalized and
+            renormalized with its own statistics (paper section 4.2); the moving averages move once
+            per call towards the mean over groups of :math:`\mu_B` and of :math:`\sigma_B`.
+        correction_stats: optional float tensor of shape (5,) that receives, in place, the sums over
+            channels (and groups) of: r clipped, d clipped, :math:`|r-1|`, :math:`|d|`, and the count.
+
+    Shape:
+        - Input: (N, C, *); Output: same shape (and memory format) as the input.
+
+    Examples::
+
+        >>> import torch
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y = batch_renorm(x, mean, var, training=True, rmax=3.0, dmax=5.0)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+    """
+    if input.dim() < 2:
+        raise ValueError(f"batch_renorm expects input of shape (N, C, *), got shape {tuple(input.shape)}")
+    num_features = input.shape[1]
+    use_running = running_mean is not None and running_var is not None
+    if not training and use_running:
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+
+    n = input.shape[0]
+    groups = 1
+    if microbatch_size is not None and training:
+        if n % microbatch_size != 0:
+            raise ValueError(
+                f"microbatch_size={microbatch_size} does not divide the batch size {n}: "
+                f"use a batch size that is a multiple of {microbatch_size}"
+            )
+        groups = n // microbatch_size
+    values_per_channel = input.numel() // max(num_features, 1) // groups
+    if values_per_channel <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(input.shape)}"
+            + (f" with microbatch_size={microbatch_size}" if groups > 1 else "")
+        )
+
+    if _is_compiling():
+        return _batch_renorm_composite(
+            input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
+        )
+
+    stat_dtype = _stat_dtype(input)
+    if groups == 1:
+        mean_b, var_b = _batch_stats(input)
+    else:
+        k = n // groups
+        stats = [_batch_stats(input[g * k : (g + 1) * k]) for g in range(groups)]
+        mean_b = torch.stack([s[0] for s in stats])
+        var_b = torch.stack([s[1] for s in stats])
+
+    param_dtype = weight.dtype if weight is not None else stat_dtype
+    if param_dtype in _REDUCED_PRECISION:
+        param_dtype = torch.float32
+    shape = mean_b.shape
+    with torch.no_grad():
+        if use_running:
+            assert running_mean is not None and running_var is not None
+            std_b = torch.sqrt(var_b + eps)
+            running_std = torch.sqrt(running_var.to(stat_dtype) + eps)
+            r, d = renorm_correction(mean_b, std_b, running_mean.to(stat_dtype), running_std, rmax, dmax)
+            if correction_stats is not None:
+                _record_correction(correction_stats, mean_b, std_b, running_mean.to(stat_dtype), running_std, rmax, dmax)
+            _update_running(running_mean, running_var, mean_b, std_b, running_std, momentum, eps)
+            r = r.to(param_dtype)
+            d = d.to(param_dtype)
+        else:
+            r = torch.ones(shape, dtype=param_dtype, device=input.device)
+            d = torch.zeros(shape, dtype=param_dtype, device=input.device)
+
+    w_eff = r if weight is None else weight.to(param_dtype) * r
+    b_eff = d if weight is None else weight.to(param_dtype) * d
+    if bias is not None:
+        b_eff = b_eff + bias.to(param_dtype)
+    if groups == 1:
+        return _RenormBN.apply(input, w_eff, b_eff, mean_b.to(param_dtype), var_b.to(param_dtype), eps)
+    return _RenormBNGroups.apply(input, w_eff, b_eff, mean_b.to(param_dtype), var_b.to(param_dtype), eps)
+
+
+def _update_running(
+    running_mean: Tensor, running_var: Tensor, mean_b: Tensor, std_b: Tensor, running_std: Tensor, momentum: Number, eps: float
+) -> None:
+    """mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma); stored as running_var = sigma^2 - eps."""
+    if mean_b.dim() == 2:  # microbatches: move towards the mean over groups
+        mean_b = mean_b.mean(0)
+        std_b = std_b.mean(0)
+    new_mean = torch.lerp(running_mean.to(mean_b.dtype), mean_b, momentum if isinstance(momentum, float) else momentum.to(mean_b.dtype))
+    new_std = torch.lerp(running_std, std_b, momentum if isinstance(momentum, float) else momentum.to(std_b.dtype))
+    running_mean.copy_(new_mean)
+    running_var.copy_((new_std.square() - eps).clamp_min_(0.0))
+
+
+def _record_correction(
+    out: Tensor, mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_std: Tensor, rmax: Number, dmax: Number
+) -> None:
+    """Writes [#r clipped, #d clipped, sum |r-1|, sum |d|, #values] (r, d after clipping) into ``out``."""
+    r_raw = std_b / running_std
+    d_raw = (mean_b - running_mean) / running_std
+    r_clipped = (r_raw > rmax) | (r_raw * rmax < 1)
+    d_clipped = d_raw.abs() > dmax
+    r, d = renorm_correction(mean_b, std_b, running_mean, running_std, rmax, dmax)
+    vals = torch.stack(
+        [
+            r_clipped.sum().to(out.dtype),
+            d_clipped.sum().to(out.dtype),
+            (r - 1).abs().sum().to(out.dtype),
+            d.abs().sum().to(out.dtype),
+            torch.tensor(r.numel(), dtype=out.dtype, device=out.device),
+        ]
+    )
+    out.copy_(vals)
+
+
+def _batch_renorm_composite(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Number,
+    eps: float,
+    rmax: Number,
+    dmax: Number,
+    groups: int,
+    correction_stats: Optional[Tensor],
+) -> Tensor:
+    """Algorithm 1 from differentiable primitives, for compilers (inductor fuses it)."""
+    n, c = x.shape[0], x.shape[1]
+    stat_dtype = _stat_dtype(x)
+    xs = x.to(stat_dtype)
+    xg = xs.reshape(groups, n // groups, c, -1)
+    var_b, mean_b = torch.var_mean(xg, dim=(1, 3), correction=0)  # (G, C), differentiable
+    std_b = torch.sqrt(var_b + eps)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_std = torch.sqrt(running_var.to(stat_dtype) + eps)
+            rm = running_mean.to(stat_dtype)
+            r, d = renorm_correction(mean_b.detach(), std_b.detach(), rm, running_std, rmax, dmax)
+            if correction_stats is not None:
+                _record_correction(correction_stats, mean_b.detach(), std_b.detach(), rm, running_std, rmax, dmax)
+            _update_running(running_mean, running_var, mean_b.detach(), std_b.detach(), running_std, momentum, eps)
+    else:
+        r = torch.ones_like(mean_b)
+        d = torch.zeros_like(mean_b)
+    scale = r / std_b
+    shift = d - mean_b * scale
+    if weight is not None:
+        scale = scale * weight.to(stat_dtype)
+        shift = shift * weight.to(stat_dtype)
+    if bias is not None:
+        shift = shift + bias.to(stat_dtype)
+    bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
+    out = xs.view(groups, n // groups, *x.shape[1:]) * scale.view(bshape) + shift.view(bshape)
+    return out.view(x.shape).to(x.dtype)

@@ -1,0 +1,478 @@
+r"""Batch Renormalization modules, drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
+
+The modules hold state and decide the mode; the maths is in :func:`lightning_brn.functional.batch_renorm`.
+Parameters and persistent buffers carry batchnorm's names and meaning (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so state dicts move between
+``torch.nn.BatchNorm2d`` and :class:`BatchRenorm2d` with ``strict=True`` in both directions.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_brn import functional as F
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
+
+# The schedule-controlled hyper-parameters live in 0-dim, non-persistent buffers: assigning a new
+# value is an in-place fill, so a compiled graph reads it as an input (no guard, no recompile), and
+# the state dict stays batchnorm's.
+_SCHEDULE_BUFFERS = ("_rmax", "_dmax", "_momentum")
+_CORRECTION_FIELDS = ("r_clipped", "d_clipped", "abs_r_minus_1", "abs_d", "count")
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_rmax(value: Any) -> float:
+    v = _check_number("rmax", value)
+    if v < 1.0:
+        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={v}")
+    return v
+
+
+def _check_dmax(value: Any) -> float:
+    v = _check_number("dmax", value)
+    if v < 0.0:
+        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={v}")
+    return v
+
+
+def _check_momentum(value: Any) -> float:
+    if value is None:
+        raise ValueError(
+            "momentum=None (batchnorm's cumulative average) is not supported by Batch Renorm: "
+            "give the moving-average rate alpha in [0, 1], e.g. momentum=0.01"
+        )
+    v = _check_number("momentum", value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={v}")
+    return v
+
+
+def _check_microbatch_size(value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"microbatch_size must be a positive int or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={value}")
+    return int(value)
+
+
+class _BatchRenorm(nn.Module):
+    """Common state and plumbing of the Batch Renorm layers (mirrors ``torch.nn.modules.batchnorm._NormBase``)."""
+
+    # Version 2 is batchnorm's buffer layout (with ``num_batches_tracked``); see _load_from_state_dict.
+    _version = 2
+    __constants__ = ["track_running_stats", "eps", "num_features", "affine"]
+
+    num_features: int
+    eps: float
+    affine: bool
+    track_running_stats: bool
+    track_correction: bool
+    weight: Optional[nn.Parameter]
+    bias: Optional[nn.Parameter]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        microbatch_size: Optional[int] = None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got num_features={num_features!r}")
+        eps_v = _check_number("eps", eps)
+        if eps_v <= 0.0:
+            raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={eps_v}")
+        momentum_v = _check_momentum(momentum)
+        rmax_v = _check_rmax(rmax)
+        dmax_v = _check_dmax(dmax)
+        mbs = _check_microbatch_size(microbatch_size)
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        super().__init__()
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = int(num_features)
+        self.eps = eps_v
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.track_correction = False
+        self._microbatch_size = mbs
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(self.num_features, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(self.num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(self.num_features, **factory_kwargs))
+            self.running_mean: Optional[Tensor]
+            self.running_var: Optional[Tensor]
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+            )
+            self.num_batches_tracked: Optional[Tensor]
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        sched_dtype = self._schedule_dtype(device)
+        for name, value in zip(_SCHEDULE_BUFFERS, (rmax_v, dmax_v, momentum_v)):
+            self.register_buffer(name, torch.tensor(value, dtype=sched_dtype, device=device), persistent=False)
+        self.register_buffer(
+            "_correction", torch.zeros(len(_CORRECTION_FIELDS), dtype=torch.float32, device=device), persistent=False
+        )
+        self.reset_parameters()
+
+    @staticmethod
+    def _schedule_dtype(device: Optional[Union[torch.device, str]]) -> torch.dtype:
+        return torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+
+    # ----------------------------------------------------------------- hyper-parameters
+    @property
+    def rmax(self) -> float:
+        """Upper clip of r (r in [1/rmax, rmax]); assign a float >= 1 at any time."""
+        return float(self._rmax.item())
+
+    @rmax.setter
+    def rmax(self, value: float) -> None:
+        self._rmax.fill_(_check_rmax(value))
+
+    @property
+    def dmax(self) -> float:
+        """Clip of d (d in [-dmax, dmax]); assign a float >= 0 at any time."""
+        return float(self._dmax.item())
+
+    @dmax.setter
+    def dmax(self, value: float) -> None:
+        self._dmax.fill_(_check_dmax(value))
+
+    @property
+    def momentum(self) -> float:
+        """The moving-average rate alpha in [0, 1]; assign at any time."""
+        return float(self._momentum.item())
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self._momentum.fill_(_check_momentum(value))
+
+    @property
+    def microbatch_size(self) -> Optional[int]:
+        """Examples per independently normalized group in training, or ``None`` (the whole batch)."""
+        return self._microbatch_size
+
+    @microbatch_size.setter
+    def microbatch_size(self, value: Optional[int]) -> None:
+        self._microbatch_size = _check_microbatch_size(value)
+
+    def correction_stats(self) -> dict[str, float]:
+        """What the correction did in the last training step (needs ``track_correction = True``).
+
+        Returns a dict with the fraction of channels whose r and d hit a clipping bound
+        (``r_clipped``, ``d_clipped``), and the mean of |r - 1| and |d| after clipping
+        (``abs_r_minus_1``, ``abs_d``), averaged over channels (and microbatch groups).
+        """
+        vals = self._correction.tolist()
+        count = max(vals[4], 1.0)
+        return {name: v / count for name, v in zip(_CORRECTION_FIELDS[:4], vals[:4])}
+
+    # ----------------------------------------------------------------- state
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            assert self.weight is not None and self.bias is not None
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_BatchRenorm":  # type: ignore[override]
+        super()._apply(fn, recurse)
+        # ``.half()`` / ``.to(dtype)`` must not round the schedule's values nor the recorded statistics.
+        for name in _SCHEDULE_BUFFERS:
+            buf = self._buffers[name]
+            assert buf is not None
+            want = self._schedule_dtype(buf.device)
+            if buf.dtype != want:
+                self._buffers[name] = buf.to(want)
+        corr = self._buffers["_correction"]
+        assert corr is not None
+        if corr.dtype != torch.float32:
+            self._buffers["_correction"] = corr.float()
+        return self
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # Batchnorm checkpoints from before num_batches_tracked existed (as _NormBase does).
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (
+                    self.num_batches_tracked
+                    if self.num_batches_tracked is not None and self.num_batches_tracked.device != torch.device("meta")
+                    else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (
+            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+            "track_running_stats={track_running_stats}, rmax={rmax}, dmax={dmax}, "
+            "microbatch_size={microbatch_size}".format(
+                num_features=self.num_features,
+                eps=self.eps,
+                momentum=self.momentum,
+                affine=self.affine,
+                track_running_stats=self.track_running_stats,
+                rmax=self.rmax,
+                dmax=self.dmax,
+                microbatch_size=self.microbatch_size,
+            )
+        )
+
+    # ----------------------------------------------------------------- forward
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} channels "
+                f"(shape {tuple(input.shape)}): expected {self.num_features} channels in dim 1"
+            )
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_running = not self.training or self.track_running_stats
+        return F.batch_renorm(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self._momentum,
+            self.eps,
+            self._rmax,
+            self._dmax,
+            self._microbatch_size,
+            self._correction if (self.track_correction and self.training) else None,
+        )
+
+
+class BatchRenorm1d(_BatchRenorm):
+    r"""Batch Renormalization over a 2D or 3D input (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
+
+    .. math::
+        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d, \qquad y = \gamma \hat x + \beta, \qquad
+        r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\!\left(\tfrac{\sigma_B}{\sigma}\right),\;
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\!\left(\tfrac{\mu_B - \mu}{\sigma}\right)
+
+    in training, with :math:`\sigma_B` including :math:`\epsilon`, r and d constants for autograd and
+    the moving averages :math:`\mu, \sigma` updated after r and d are computed; in eval mode it is
+    batchnorm's inference with the moving averages. With ``rmax=1, dmax=0`` it is exactly batchnorm.
+
+    Args:
+        num_features: number of channels C.
+        eps: :math:`\epsilon` inside the square root. Default: 1e-5.
+        momentum: the paper's moving-average rate :math:`\alpha` in [0, 1]. Default: 0.01.
+        affine: learnable :math:`\gamma, \beta`. Default: ``True``.
+        track_running_stats: keep moving averages. Without them there is nothing to renormalize
+            against: r = 1, d = 0 and batch statistics are used in training and eval, exactly
+            batchnorm with ``track_running_stats=False``. Default: ``True``.
+        rmax: clip of r, >= 1; readable and assignable as ``layer.rmax``. Default: 1.0.
+        dmax: clip of d, >= 0; readable and assignable as ``layer.dmax``. Default: 0.0.
+        microbatch_size: normalize groups of this many consecutive examples separately in
+            training (paper section 4.2). Default: ``None`` (the whole batch).
+
+    Running statistics are stored as batchnorm does: ``running_mean`` is :math:`\mu` and
+    ``running_var`` is :math:`\sigma^2 - \epsilon`, although the average is taken over :math:`\sigma`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L); Output: same shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm1d
+        >>> m = BatchRenorm1d(100, rmax=3.0, dmax=5.0)
+        >>> m(torch.randn(20, 100)).shape
+        torch.Size([20, 100])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (N, C) or (N, C, L), got {input.dim()}D input of shape {tuple(input.shape)}")
+
+
+class BatchRenorm2d(_BatchRenorm):
+    r"""Batch Renormalization over a 4D input (N, C, H, W) (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
+
+    .. math::
+        \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d, \qquad y = \gamma \hat x + \beta
+
+    See :class:`BatchRenorm1d` for the definition of r, d and all arguments.
+
+    Shape:
+        - Input: (N, C, H, W); Output: same shape and memory format (channels_last is kept).
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm2d
+        >>> m = BatchRenorm2d(16, rmax=3.0, dmax=5.0, microbatch_size=4)
+        >>> y = m(torch.randn(8, 16, 10, 10))
+        >>> m.rmax = 1.5  # takes effect at the next forward
+        >>> m.eval()(torch.randn(2, 16, 10, 10)).shape
+        torch.Size([2, 16, 10, 10])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input of shape {tuple(input.shape)}")
+
+
+class BatchRenorm3d(_BatchRenorm):
+    r"""Batch Renormalization over a 5D input (N, C, D, H, W) (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
+
+    See :class:`BatchRenorm1d` for the maths and the arguments.
+
+    Shape:
+        - Input: (N, C, D, H, W); Output: same shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm3d
+        >>> BatchRenorm3d(4)(torch.randn(2, 4, 3, 5, 5)).shape
+        torch.Size([2, 4, 3, 5, 5])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (N, C, D, H, W), got {input.dim()}D input of shape {tuple(input.shape)}")
+
+
+class BatchRenormAct2d(BatchRenorm2d):
+    r"""Batch Renorm + dropout/activation: the counterpart of timm's ``BatchNormAct2d``.
+
+    Same ``drop`` and ``act`` children and constructor options as ``timm.layers.BatchNormAct2d``,
+    so :func:`lightning_brn.convert_model` keeps a timm model's fused activations. The renorm
+    options (``rmax``, ``dmax``, ``microbatch_size``) are keyword-only.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as :class:`BatchRenorm2d`.
+        apply_act: apply the activation. Default: ``True``.
+        act_layer: activation class, instance factory or timm name. Default: ``nn.ReLU``.
+        act_kwargs: extra keyword arguments of the activation.
+        inplace: in-place activation. Default: ``True``.
+        drop_layer: class of a dropout-like layer applied before the activation, or ``None``.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenormAct2d
+        >>> m = BatchRenormAct2d(8, act_layer="silu", rmax=2.0)
+        >>> m.act
+        SiLU(inplace=True)
+        >>> m(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        apply_act: bool = True,
+        act_layer: Any = nn.ReLU,
+        act_kwargs: Optional[dict[str, Any]] = None,
+        inplace: bool = True,
+        drop_layer: Optional[type[nn.Module]] = None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        microbatch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            rmax=rmax,
+            dmax=dmax,
+            microbatch_size=microbatch_size,
+            device=device,
+            dtype=dtype,
+        )
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        act: Optional[nn.Module] = None
+        if apply_act:
+            from timm.layers import create_act_layer
+
+            kwargs = dict(act_kwargs or {})
+            kwargs.setdefault("inplace", inplace)
+            act = create_act_layer(act_layer, **kwargs)
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = super().forward(input)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+def is_batch_renorm(module: nn.Module) -> bool:
+    """``True`` for any Batch Renorm layer of this package (1d, 2d, 3d, Act2d)."""
+    return isinstance(module, _BatchRenorm)
