@@ -1,1 +1,13 @@
-"""x"""
+"""Lightning callbacks of lightning_brn (installed as ``lightning_brn.callbacks``).
+
+Examples::
+
+    >>> from lightning_brn import RenormSchedule
+    >>> from lightning_brn.callbacks import BatchRenormScheduler
+    >>> BatchRenormScheduler(RenormSchedule.for_run(2_600)).schedule.warmup_steps
+    100
+"""
+
+from lightning_brn.callbacks.batch_renorm_scheduler import BatchRenormScheduler
+
+__all__ = ["BatchRenormScheduler"]

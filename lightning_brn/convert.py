@@ -1,17 +1,509 @@
-"""Model surgery: batchnorm <-> Batch Renorm. (Being written; see issue 3.)"""
+"""Model surgery: batchnorm <-> Batch Renorm, exactly and reversibly.
+
+:func:`convert_model` replaces every batchnorm of a model (``torch.nn.BatchNorm1d/2d/3d``,
+``torch.nn.SyncBatchNorm``, timm's ``BatchNormAct2d`` / ``SyncBatchNormAct`` and faithful subclasses)
+by the matching Batch Renorm layer; :func:`revert_model` turns every Batch Renorm layer back into plain
+batchnorm for deployment. Both work like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: a recursive
+function returns the replacement module and re-attaches the children with ``add_module``, so the root
+itself may be replaced (use the returned module).
+
+Both directions move the *same* Parameter objects and buffer tensors into the new layer (an optimizer
+built before the surgery keeps training them; nothing is copied or re-allocated), and the state dict
+keys are batchnorm's, so checkpoints load with ``strict=True`` either way.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import fnmatch
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
-__all__ = ["convert_model", "revert_model"]
+from lightning_brn.layers import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    BatchRenormAct2d,
+    _BatchRenorm,
+    _check_dmax,
+    _check_microbatch_size,
+    _check_momentum,
+    _check_rmax,
+)
+
+__all__ = ["convert_model", "revert_model", "conversion_summary", "ConversionSummary"]
+
+log = logging.getLogger("lightning_brn")
+
+#: ``exclude`` accepts a glob pattern, a list of patterns, or a predicate ``(name, module) -> bool``.
+ExcludeType = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+# The state every batchnorm and every renorm layer has, under the same names.
+_PARAM_NAMES = ("weight", "bias")
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+# Attributes convert_model leaves on the layers it makes: the source class name (for
+# conversion_summary) and batchnorm's own momentum (restored by revert_model).
+_SOURCE_ATTR = "_bn_source"
+_BN_MOMENTUM_ATTR = "_bn_momentum"
 
 
-def convert_model(model: nn.Module, **kwargs: Any) -> nn.Module:
-    raise NotImplementedError
+def _timm_norm_act() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(BatchNormAct2d, SyncBatchNormAct) and timm's frozen classes, or empty tuples without timm."""
+    try:
+        from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+    except ImportError:  # pragma: no cover - timm is optional at run time
+        return (), ()
+    return (BatchNormAct2d, SyncBatchNormAct), (FrozenBatchNormAct2d,)
+
+
+def _frozen_classes() -> tuple[type, ...]:
+    classes: list[type] = list(_timm_norm_act()[1])
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:  # pragma: no cover - torchvision is optional at run time
+        pass
+    else:
+        classes.append(FrozenBatchNorm2d)
+    return tuple(classes)
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    """Frozen batchnorms (fixed statistics and affine, no training behaviour): left alone."""
+    return isinstance(module, _frozen_classes()) or (
+        not isinstance(module, (_BatchNorm, _BatchRenorm)) and "FrozenBatchNorm" in type(module).__name__
+    )
+
+
+# --------------------------------------------------------------------------------------------- exclude
+def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
+    if exclude is None:
+        return lambda name, module: False
+    if isinstance(exclude, str):
+        patterns: tuple[str, ...] = (exclude,)
+    elif isinstance(exclude, Sequence) and not isinstance(exclude, (bytes, bytearray)):
+        bad = [p for p in exclude if not isinstance(p, str)]
+        if bad:
+            raise TypeError(
+                f"exclude must be a module-name pattern, a list of patterns (str) or a predicate "
+                f"(name, module) -> bool; got a sequence holding {bad[0]!r} of type {type(bad[0]).__name__}"
+            )
+        patterns = tuple(exclude)
+    elif callable(exclude) and not isinstance(exclude, nn.Module):
+        return exclude
+    else:
+        raise TypeError(
+            f"exclude must be a module-name pattern, a list of patterns (str) or a predicate "
+            f"(name, module) -> bool; got {exclude!r} of type {type(exclude).__name__}"
+        )
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# --------------------------------------------------------------------------------------------- matching
+def _torch_base(module: _BatchNorm) -> Optional[type[_BatchNorm]]:
+    """The torch/timm batchnorm class whose forward ``module`` runs, or ``None`` if none is faithful."""
+    act_classes = _timm_norm_act()[0]
+    # Most specific first: timm's norm+act classes derive from BatchNorm2d / SyncBatchNorm.
+    for base in (*act_classes, nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if isinstance(module, base):
+            return base if type(module).forward is base.forward else None
+    return None
+
+
+def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
+    where = f"module {name!r}" if name else "the root module"
+    return TypeError(
+        f"convert_model cannot convert {where} of type {type(module).__module__}.{type(module).__qualname__}: {why}. "
+        f"Keep it as batchnorm with exclude=[{name!r}] (or a predicate), or replace it before converting"
+    )
+
+
+def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: int) -> type[_BatchRenorm]:
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise _unsupported(
+            name, module, "it is an uninitialized lazy batchnorm (num_features unknown); run one forward pass first"
+        )
+    base = _torch_base(module)
+    if base is None:
+        if any(isinstance(module, b) for b in (*_timm_norm_act()[0], nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            why = "it overrides batchnorm's forward, so a Batch Renorm layer would not compute the same function"
+        else:
+            why = "it is a _BatchNorm subclass outside BatchNorm1d/2d/3d/SyncBatchNorm, so its input rank is unknown"
+        raise _unsupported(name, module, why)
+    extra = [k for k, v in module._parameters.items() if k not in _PARAM_NAMES and v is not None]
+    extra += [k for k, v in module._buffers.items() if k not in _BUFFER_NAMES and v is not None]
+    if extra:
+        raise _unsupported(name, module, f"it holds extra parameters/buffers {extra} that Batch Renorm has no place for")
+    if base in _timm_norm_act()[0]:
+        return BatchRenormAct2d
+    if base is nn.SyncBatchNorm:
+        return {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}[sync_batchnorm_dim]
+    return {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}[base]
+
+
+def _state_device(module: nn.Module) -> Optional[torch.device]:
+    for t in (*(module._parameters.get(k) for k in _PARAM_NAMES), *(module._buffers.get(k) for k in _BUFFER_NAMES)):
+        if t is not None:
+            return t.device
+    return None
+
+
+def _move_state(src: nn.Module, dst: nn.Module) -> None:
+    """Hand ``src``'s Parameter objects and buffer tensors (not copies) to ``dst``, and its flags."""
+    for k in _PARAM_NAMES:
+        dst._parameters[k] = src._parameters.get(k)
+    for k in _BUFFER_NAMES:
+        dst._buffers[k] = src._buffers.get(k)
+    dst.training = src.training
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig  # type: ignore[assignment]
+
+
+def _make_renorm(
+    module: _BatchNorm, cls: type[_BatchRenorm], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
+) -> _BatchRenorm:
+    device = _state_device(module)
+    kwargs = dict(
+        eps=module.eps,
+        momentum=momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        rmax=rmax,
+        dmax=dmax,
+        microbatch_size=microbatch_size,
+        device="meta",  # nothing is allocated: the original tensors are moved in below
+    )
+    if cls is BatchRenormAct2d:
+        kwargs["apply_act"] = False  # the original act/drop children are re-attached by the caller
+    new = cls(module.num_features, **kwargs)  # type: ignore[arg-type]
+    _move_state(module, new)
+    # The 0-dim schedule buffers and the correction accumulator live on the layer's real device.
+    sched_dtype = new._schedule_dtype(device)
+    for name, value in (("_rmax", rmax), ("_dmax", dmax), ("_momentum", momentum)):
+        new._buffers[name] = torch.tensor(value, dtype=sched_dtype, device=device)
+    corr = new._buffers["_correction"]
+    assert corr is not None
+    new._buffers["_correction"] = torch.zeros(corr.shape, dtype=corr.dtype, device=device)
+    setattr(new, _SOURCE_ATTR, type(module).__name__)
+    setattr(new, _BN_MOMENTUM_ATTR, module.momentum)
+    return new
+
+
+# --------------------------------------------------------------------------------------------- summary
+def _fmt(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    """The normalization layers of a model, by class, as :func:`conversion_summary` finds them.
+
+    Attributes:
+        converted: ``"BatchNorm2d -> BatchRenorm2d"``-style keys counting the renorm layers that
+            :func:`convert_model` made (in any call), by source and target class.
+        renorm: every Batch Renorm layer, by class (converted or built as such).
+        frozen: frozen batchnorms left alone (timm / torchvision ``FrozenBatchNorm2d``, ...), by class.
+        batchnorm: trainable batchnorm layers still in the model (kept by ``exclude``), by class.
+        names: qualified module name of each renorm layer, in ``model.named_modules()`` order.
+    """
+
+    converted: dict[str, int] = field(default_factory=dict)
+    renorm: dict[str, int] = field(default_factory=dict)
+    frozen: dict[str, int] = field(default_factory=dict)
+    batchnorm: dict[str, int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def num_renorm(self) -> int:
+        """Number of Batch Renorm layers in the model."""
+        return sum(self.renorm.values())
+
+    def __str__(self) -> str:
+        parts = [_fmt(Counter(self.converted)) or "no converted layers"]
+        direct = Counter(self.renorm) - Counter({k.split(" -> ")[1]: n for k, n in self.converted.items()})
+        if direct:
+            parts.append(f"built as Batch Renorm: {_fmt(direct)}")
+        if self.frozen:
+            parts.append(f"left alone: {_fmt(Counter(self.frozen))}")
+        if self.batchnorm:
+            parts.append(f"batchnorm kept: {_fmt(Counter(self.batchnorm))}")
+        return "; ".join(parts)
+
+
+def conversion_summary(model: nn.Module) -> ConversionSummary:
+    """Count a model's Batch Renorm layers (and what they were converted from), frozen and plain batchnorms.
+
+    Reads the model as it is now (no state is kept between calls), e.g. for a callback's report
+    after :func:`convert_model`. ``str(summary)`` is a one-line description.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import convert_model
+        >>> from lightning_brn.convert import conversion_summary
+        >>> model = convert_model(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+        >>> s = conversion_summary(model)
+        >>> s.converted, s.names
+        ({'BatchNorm2d -> BatchRenorm2d': 1}, ['1'])
+        >>> str(s)
+        '1 BatchNorm2d -> BatchRenorm2d'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"conversion_summary expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    converted: Counter[str] = Counter()
+    renorm: Counter[str] = Counter()
+    frozen: Counter[str] = Counter()
+    batchnorm: Counter[str] = Counter()
+    names: list[str] = []
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if isinstance(m, _BatchRenorm):
+            renorm[cls] += 1
+            names.append(name)
+            source = getattr(m, _SOURCE_ATTR, None)
+            if source is not None:
+                converted[f"{source} -> {cls}"] += 1
+        elif isinstance(m, _BatchNorm):
+            batchnorm[cls] += 1
+        elif _is_frozen(m):
+            frozen[cls] += 1
+    return ConversionSummary(dict(converted), dict(renorm), dict(frozen), dict(batchnorm), names)
+
+
+# --------------------------------------------------------------------------------------------- convert
+def convert_model(
+    model: nn.Module,
+    *,
+    rmax: float = 1.0,
+    dmax: float = 0.0,
+    momentum: float = 0.01,
+    microbatch_size: Optional[int] = None,
+    exclude: ExcludeType = None,
+    sync_batchnorm_dim: int = 2,
+) -> nn.Module:
+    r"""Replace every batchnorm of ``model`` by the matching Batch Renorm layer.
+
+    ============================================  ====================================
+    batchnorm                                     becomes
+    ============================================  ====================================
+    ``torch.nn.BatchNorm1d`` / ``2d`` / ``3d``    :class:`BatchRenorm1d` / ``2d`` / ``3d``
+    ``torch.nn.SyncBatchNorm``                    ``BatchRenorm{sync_batchnorm_dim}d``
+    timm ``BatchNormAct2d``, ``SyncBatchNormAct`` :class:`BatchRenormAct2d` (same ``act``, ``drop``)
+    subclasses of the above                       as their base, if they keep its ``forward``
+    ============================================  ====================================
+
+    Frozen batchnorms (timm's ``FrozenBatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, which timm
+    uses as its ``FrozenBatchNorm2d``) are left alone and reported. A batchnorm that cannot be converted
+    faithfully raises ``TypeError``: a subclass overriding ``forward`` (e.g. timm's ``SplitBatchNorm2d``)
+    or holding extra parameters, an uninitialized lazy batchnorm, a bare ``_BatchNorm`` subclass.
+
+    The new layers take over the original Parameter objects and the ``running_mean``, ``running_var``
+    and ``num_batches_tracked`` tensors themselves (an optimizer built before conversion keeps training
+    them), and keep device, dtype, ``requires_grad``, ``training``, ``eps``, ``affine``,
+    ``track_running_stats`` and ``qconfig``. So right after conversion the model computes the same
+    function in eval mode (and, with the default ``rmax=1, dmax=0``, in training mode too). Batchnorm's
+    ``momentum`` is *not* carried over: the renorm layers use ``momentum`` (the paper's :math:`\alpha`);
+    batchnorm's value is remembered for :func:`revert_model`.
+
+    The modules are changed in place and the model is returned; when the root module is itself a
+    batchnorm, the returned module is a new one, so always use the return value. Layers that already are
+    Batch Renorm are left as they are (converting twice is a no-op; change their hyper-parameters through
+    their ``rmax`` / ``dmax`` / ``momentum`` attributes or :class:`lightning_brn.RenormSchedule`). A model
+    without any batchnorm comes back unchanged with a ``UserWarning``. A one-line summary is logged on
+    the ``"lightning_brn"`` logger at INFO level; :func:`conversion_summary` returns it as data.
+
+    Args:
+        model: any ``torch.nn.Module`` (eager, not scripted).
+        rmax: clip of r for the new layers, >= 1. Default: 1.0 (exactly batchnorm).
+        dmax: clip of d for the new layers, >= 0. Default: 0.0 (exactly batchnorm).
+        momentum: the moving-average rate :math:`\alpha` in [0, 1] of the new layers. Default: 0.01.
+        microbatch_size: examples per independently normalized group in training, or ``None``.
+        exclude: modules to keep as they are: a glob pattern on qualified module names
+            (``fnmatch``-style, e.g. ``"head.*"``; the root is ``""``), a list of patterns, or a predicate
+            ``(name, module) -> bool``. A matching module *and everything below it* is left untouched.
+        sync_batchnorm_dim: ``torch.nn.SyncBatchNorm`` accepts inputs of any rank and does not record
+            which one it normalizes, so its rank is given here: 1, 2 (the default: images, (N, C, H, W))
+            or 3, giving ``BatchRenorm1d/2d/3d``. (timm's ``SyncBatchNormAct`` is always 2d.)
+            Batch Renorm layers normalize with each process's own batch: the statistics are not
+            synchronized across processes.
+
+    Returns:
+        The converted model (the same object unless the root was a batchnorm).
+
+    Raises:
+        TypeError: ``model`` is not a module, ``exclude`` has the wrong type, or a batchnorm cannot be
+            converted faithfully (the message names the module).
+        ValueError: a hyper-parameter is out of range.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_brn import BatchRenorm2d, convert_model
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+        >>> weight = model[1].weight
+        >>> model = convert_model(model, rmax=3.0, dmax=5.0, exclude="4")
+        >>> type(model[1]).__name__, model[1].weight is weight, model[1].rmax, type(model[4]).__name__
+        ('BatchRenorm2d', True, 3.0, 'BatchNorm2d')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"convert_model cannot change a scripted module ({type(model).__name__}): convert the eager model, then script it"
+        )
+    rmax = _check_rmax(rmax)
+    dmax = _check_dmax(dmax)
+    momentum = _check_momentum(momentum)
+    microbatch_size = _check_microbatch_size(microbatch_size)
+    if isinstance(sync_batchnorm_dim, bool) or sync_batchnorm_dim not in (1, 2, 3):
+        raise ValueError(f"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim={sync_batchnorm_dim!r}")
+    is_excluded = _make_exclude(exclude)
+
+    converted: Counter[str] = Counter()
+    frozen: Counter[str] = Counter()
+    excluded: Counter[str] = Counter()
+    already: Counter[str] = Counter()
+
+    def convert(module: nn.Module, name: str) -> nn.Module:
+        if is_excluded(name, module):
+            for m in module.modules():
+                if isinstance(m, (_BatchNorm, _BatchRenorm)):
+                    excluded[type(m).__name__] += 1
+            return module
+        out = module
+        if isinstance(module, _BatchNorm):
+            cls = _target_class(name, module, sync_batchnorm_dim)
+            out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
+            converted[f"{type(module).__name__} -> {cls.__name__}"] += 1
+        elif isinstance(module, _BatchRenorm):
+            already[type(module).__name__] += 1
+        elif _is_frozen(module):
+            frozen[type(module).__name__] += 1
+        for child_name, child in module.named_children():
+            out.add_module(child_name, convert(child, f"{name}.{child_name}" if name else child_name))
+        return out
+
+    model = convert(model, "")
+
+    parts = [_fmt(converted) if converted else "nothing converted"]
+    if already:
+        parts.append(f"already Batch Renorm: {_fmt(already)}")
+    if frozen:
+        parts.append(f"left alone: {_fmt(frozen)}")
+    if excluded:
+        parts.append(f"excluded: {_fmt(excluded)}")
+    log.info("convert_model: %s", "; ".join(parts))
+    if not converted and not already and not excluded:
+        warnings.warn(
+            f"convert_model found no batchnorm in {type(model).__name__}"
+            + (f" (frozen batchnorms are left alone: {_fmt(frozen)})" if frozen else "")
+            + "; the model is returned unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+# --------------------------------------------------------------------------------------------- revert
+def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
+    for renorm_cls, bn_cls in _REVERT_TABLE():
+        if isinstance(module, renorm_cls):
+            if type(module).forward is not renorm_cls.forward:
+                where = f"module {name!r}" if name else "the root module"
+                raise TypeError(
+                    f"revert_model cannot revert {where} of type {type(module).__qualname__}: it overrides the "
+                    f"forward of {renorm_cls.__name__}, so batchnorm would not compute the same function"
+                )
+            return bn_cls
+    raise TypeError(f"revert_model does not know the Batch Renorm class {type(module).__qualname__} of {name!r}")
+
+
+def _REVERT_TABLE() -> list[tuple[type[_BatchRenorm], type[_BatchNorm]]]:
+    table: list[tuple[type[_BatchRenorm], type[_BatchNorm]]] = []
+    act = _timm_norm_act()[0]
+    if act:
+        table.append((BatchRenormAct2d, act[0]))
+    table += [(BatchRenorm1d, nn.BatchNorm1d), (BatchRenorm2d, nn.BatchNorm2d), (BatchRenorm3d, nn.BatchNorm3d)]
+    return table
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    raise NotImplementedError
+    r"""Turn every Batch Renorm layer of ``model`` back into plain batchnorm, for deployment.
+
+    :class:`BatchRenorm1d/2d/3d` become ``torch.nn.BatchNorm1d/2d/3d`` and :class:`BatchRenormAct2d`
+    becomes timm's ``BatchNormAct2d`` with the same ``act`` and ``drop`` children. The batchnorm layers
+    take over the same Parameter objects and the learned moving averages (``running_mean``,
+    ``running_var`` = :math:`\sigma^2 - \epsilon`, ``num_batches_tracked``), and keep device, dtype,
+    ``requires_grad``, ``training``, ``eps``, ``affine``, ``track_running_stats`` and ``qconfig``, so eval
+    outputs are identical and the model needs no renorm code: it fuses (conv-batchnorm folding), scripts,
+    exports (``torch.export``, ONNX) wherever the batchnorm original did. Their ``momentum`` is
+    batchnorm's original value when the layer came from :func:`convert_model`, else the renorm layer's
+    :math:`\alpha`. ``rmax``, ``dmax`` and ``microbatch_size`` have no batchnorm counterpart and are
+    dropped. A model with no Batch Renorm layer comes back unchanged with a ``UserWarning``.
+
+    Args:
+        model: any ``torch.nn.Module``.
+
+    Returns:
+        The reverted model (the same object unless the root was a renorm layer).
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_brn import convert_model, revert_model
+        >>> model = convert_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.2)))
+        >>> model = revert_model(model)
+        >>> model[1]
+        BatchNorm2d(8, eps=1e-05, momentum=0.2, affine=True, bias=True, track_running_stats=True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    reverted: Counter[str] = Counter()
+
+    def revert(module: nn.Module, name: str) -> nn.Module:
+        out = module
+        if isinstance(module, _BatchRenorm):
+            bn_cls = _bn_target(name, module)
+            bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
+            if bn_momentum is _MISSING:
+                bn_momentum = module.momentum if module._momentum.device.type != "meta" else 0.1
+            kwargs = dict(
+                eps=module.eps,
+                momentum=bn_momentum,
+                affine=module.affine,
+                track_running_stats=module.track_running_stats,
+                device="meta",
+            )
+            if bn_cls in _timm_norm_act()[0]:  # timm BatchNormAct2d: act/drop children re-attached below
+                kwargs["apply_act"] = False
+            elif module.affine and module.bias is None:
+                kwargs["bias"] = False
+            out = bn_cls(module.num_features, **kwargs)  # type: ignore[arg-type]
+            _move_state(module, out)
+            reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
+        for child_name, child in module.named_children():
+            out.add_module(child_name, revert(child, f"{name}.{child_name}" if name else child_name))
+        return out
+
+    model = revert(model, "")
+    if reverted:
+        log.info("revert_model: %s", _fmt(reverted))
+    else:
+        warnings.warn(
+            f"revert_model found no Batch Renorm layer in {type(model).__name__}; the model is returned unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+_MISSING = object()

@@ -341,6 +341,46 @@ def _record_correction(
     out.copy_(vals)
 
 
+def _as_tensor(value: Number) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+
+
+@torch.library.custom_op(
+    "lightning_brn::renorm_update", mutates_args=("running_mean", "running_var", "correction_stats")
+)
+def _renorm_update_op(
+    mean_b: Tensor,
+    std_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    rmax: Tensor,
+    dmax: Tensor,
+    momentum: Tensor,
+    eps: float,
+    correction_stats: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """r and d from the moving averages, then the moving-average update (and the optional record).
+
+    An opaque operator for compilers: AOTAutograd's partitioner may otherwise recompute r and d in the
+    backward graph from the running buffers *after* this step's in-place update, which silently
+    corrupts the gradients. As an operator, its outputs are saved, never recomputed.
+    """
+    running_std = torch.sqrt(running_var.to(mean_b.dtype) + eps)
+    rm = running_mean.to(mean_b.dtype)
+    rmax = rmax.to(mean_b.device)
+    dmax = dmax.to(mean_b.device)
+    r, d = renorm_correction(mean_b, std_b, rm, running_std, rmax, dmax)
+    if correction_stats is not None:
+        _record_correction(correction_stats, mean_b, std_b, rm, running_std, rmax, dmax)
+    _update_running(running_mean, running_var, mean_b, std_b, running_std, momentum.to(mean_b.device), eps)
+    return r, d
+
+
+@_renorm_update_op.register_fake
+def _renorm_update_fake(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats):
+    return torch.empty_like(mean_b), torch.empty_like(mean_b)
+
+
 def _batch_renorm_composite(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -362,13 +402,10 @@ def _batch_renorm_composite(
     var_b, mean_b = torch.var_mean(xg, dim=(1, 3), correction=0)  # (G, C), differentiable
     std_b = torch.sqrt(var_b + eps)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_std = torch.sqrt(running_var.to(stat_dtype) + eps)
-            rm = running_mean.to(stat_dtype)
-            r, d = renorm_correction(mean_b.detach(), std_b.detach(), rm, running_std, rmax, dmax)
-            if correction_stats is not None:
-                _record_correction(correction_stats, mean_b.detach(), std_b.detach(), rm, running_std, rmax, dmax)
-            _update_running(running_mean, running_var, mean_b.detach(), std_b.detach(), running_std, momentum, eps)
+        r, d = _renorm_update_op(
+            mean_b.detach(), std_b.detach(), running_mean, running_var,
+            _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum), eps, correction_stats,
+        )
     else:
         r = torch.ones_like(mean_b)
         d = torch.zeros_like(mean_b)

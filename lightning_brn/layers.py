@@ -222,18 +222,17 @@ class _BatchRenorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_BatchRenorm":  # type: ignore[override]
+        # ``.half()`` / ``.to(dtype)`` must not round the schedule's values nor the recorded statistics:
+        # those buffers follow the module's device but keep their own dtype, converted from the originals.
+        keep = {name: (self._buffers[name], self._schedule_dtype) for name in _SCHEDULE_BUFFERS}
+        keep["_correction"] = (self._buffers["_correction"], lambda device: torch.float32)
         super()._apply(fn, recurse)
-        # ``.half()`` / ``.to(dtype)`` must not round the schedule's values nor the recorded statistics.
-        for name in _SCHEDULE_BUFFERS:
-            buf = self._buffers[name]
-            assert buf is not None
-            want = self._schedule_dtype(buf.device)
-            if buf.dtype != want:
-                self._buffers[name] = buf.to(want)
-        corr = self._buffers["_correction"]
-        assert corr is not None
-        if corr.dtype != torch.float32:
-            self._buffers["_correction"] = corr.float()
+        for name, (original, want_dtype) in keep.items():
+            converted = self._buffers[name]
+            assert original is not None and converted is not None
+            want = want_dtype(converted.device)
+            if converted.dtype != want:
+                self._buffers[name] = original.to(device=converted.device, dtype=want)
         return self
 
     def _load_from_state_dict(

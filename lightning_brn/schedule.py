@@ -1,9 +1,364 @@
-"""The paper's rmax / dmax / alpha schedule. (Being written; see issue 5.)"""
+r"""The paper's ``rmax`` / ``dmax`` / ``alpha`` schedule as a closed-form function of the optimizer step.
+
+Batch Renorm starts as plain batchnorm (:math:`r_{max} = 1, d_{max} = 0`) and relaxes the clipping
+bounds gradually: in the paper (Ioffe 2017, https://arxiv.org/abs/1702.03275) the bounds stay at
+1 and 0 for the first 5,000 steps, then grow to :math:`r_{max} = 3` at 40,000 steps and
+:math:`d_{max} = 5` at 25,000 steps of a 130,000-step run, with a moving-average rate
+:math:`\alpha = 0.01`.
+
+As in ``timm.scheduler``, the schedule counts nothing itself: the training loop passes the step in,
+so the values after a resume are exactly those of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
-__all__ = ["RenormSchedule"]
+import math
+import numbers
+from typing import Any, Literal, NamedTuple, Optional
+
+from torch import nn
+
+from lightning_brn.layers import is_batch_renorm
+
+__all__ = ["RenormSchedule", "RenormValues"]
+
+RampShape = Literal["linear", "cosine"]
+_SHAPES = ("linear", "cosine")
+
+# The paper's points (steps of a 130k-step Inception v3 run) and its moving-average rate.
+_PAPER_TOTAL_STEPS = 130_000
+_PAPER_WARMUP_STEPS = 5_000
+_PAPER_RMAX_STEPS = 40_000
+_PAPER_DMAX_STEPS = 25_000
+_PAPER_MOMENTUM = 0.01
+# The momentum rule of :meth:`RenormSchedule.momentum_for_run` (measured in bench/momentum_study.py).
+_RULE_HORIZON_FRACTION = 0.01  # 1 / alpha = this fraction of the run ...
+_RULE_MAX_MOMENTUM = 0.1  # ... but alpha no larger than this (noisy averages) ...
+# ... and no smaller than the paper's 0.01.
+
+
+class RenormValues(NamedTuple):
+    """The values a :class:`RenormSchedule` gives for one optimizer step."""
+
+    rmax: float
+    dmax: float
+    momentum: float
+
+
+def _check_int(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {name}={v}")
+    return v
 
 
 class RenormSchedule:
-    pass
+    r"""The Batch Renorm schedule: ``rmax``, ``dmax`` and ``momentum`` as a function of the optimizer step.
+
+    For step :math:`s` (the number of optimizer steps already taken, Lightning's ``trainer.global_step``):
+
+    .. math::
+        r_{max}(s) = 1 + (r_{max} - 1)\, f\!\left(\frac{s - s_w}{s_r - s_w}\right), \qquad
+        d_{max}(s) = d_{max}\, f\!\left(\frac{s - s_w}{s_d - s_w}\right)
+
+    with the progress clamped to [0, 1], :math:`s_w` = ``warmup_steps``, :math:`s_r` = ``rmax_steps``,
+    :math:`s_d` = ``dmax_steps``, and :math:`f(t) = t` (``shape="linear"``) or
+    :math:`f(t) = (1 - \cos \pi t) / 2` (``shape="cosine"``, gentler at both ends). So ``rmax = 1`` and
+    ``dmax = 0`` (exactly batchnorm) up to and including step ``warmup_steps``, the final values are
+    reached at ``rmax_steps`` and ``dmax_steps`` and kept after. The moving-average rate ``momentum``
+    (the paper's :math:`\alpha`) is constant.
+
+    The defaults are the paper's 130k-step run; :meth:`for_run` fits them to a run of another length.
+    The schedule is immutable, picklable and its ``__init__`` is typed, so LightningCLI can build it
+    from YAML (``class_path: lightning_brn.RenormSchedule``).
+
+    Args:
+        warmup_steps: steps of plain batchnorm (``rmax=1, dmax=0``) before the ramps start. Default: 5000.
+        rmax: final upper clip of r, >= 1. Default: 3.0.
+        rmax_steps: step at which ``rmax`` is reached, >= ``warmup_steps``. Default: 40000.
+        dmax: final clip of d, >= 0. Default: 5.0.
+        dmax_steps: step at which ``dmax`` is reached, >= ``warmup_steps``. Default: 25000.
+        momentum: moving-average rate :math:`\alpha` in [0, 1]. Default: 0.01.
+        shape: ``"linear"`` (the usual reading of the paper's "gradually relaxed") or ``"cosine"``.
+            Default: ``"linear"``.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm2d, RenormSchedule
+        >>> schedule = RenormSchedule()
+        >>> schedule.values(5000)
+        RenormValues(rmax=1.0, dmax=0.0, momentum=0.01)
+        >>> schedule.values(15000)
+        RenormValues(rmax=1.5714285714285714, dmax=2.5, momentum=0.01)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BatchRenorm2d(8))
+        >>> for step in range(3):  # a plain PyTorch loop: set the values, then forward/backward/step
+        ...     _ = schedule.apply(model, step)
+        >>> RenormSchedule.for_run(13_000)
+        RenormSchedule(warmup_steps=500, rmax=3.0, rmax_steps=4000, dmax=5.0, dmax_steps=2500, momentum=0.01, shape='linear')
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int = _PAPER_WARMUP_STEPS,
+        rmax: float = 3.0,
+        rmax_steps: int = _PAPER_RMAX_STEPS,
+        dmax: float = 5.0,
+        dmax_steps: int = _PAPER_DMAX_STEPS,
+        momentum: float = _PAPER_MOMENTUM,
+        shape: RampShape = "linear",
+    ) -> None:
+        warmup_steps = _check_int("warmup_steps", warmup_steps)
+        rmax = _check_float("rmax", rmax)
+        if rmax < 1.0:
+            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
+        rmax_steps = _check_int("rmax_steps", rmax_steps)
+        if rmax_steps < warmup_steps:
+            raise ValueError(
+                f"rmax_steps must be >= warmup_steps (the ramp ends after it starts), "
+                f"got rmax_steps={rmax_steps} < warmup_steps={warmup_steps}"
+            )
+        dmax = _check_float("dmax", dmax)
+        if dmax < 0.0:
+            raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
+        dmax_steps = _check_int("dmax_steps", dmax_steps)
+        if dmax_steps < warmup_steps:
+            raise ValueError(
+                f"dmax_steps must be >= warmup_steps (the ramp ends after it starts), "
+                f"got dmax_steps={dmax_steps} < warmup_steps={warmup_steps}"
+            )
+        momentum = _check_float("momentum", momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
+        if shape not in _SHAPES:
+            raise ValueError(f"shape must be one of {_SHAPES}, got shape={shape!r}")
+        self._warmup_steps = warmup_steps
+        self._rmax = rmax
+        self._rmax_steps = rmax_steps
+        self._dmax = dmax
+        self._dmax_steps = dmax_steps
+        self._momentum = momentum
+        self._shape: RampShape = shape
+
+    # ----------------------------------------------------------------- fitting to a run
+    @staticmethod
+    def momentum_for_run(total_steps: int, reference_steps: int = _PAPER_TOTAL_STEPS) -> float:
+        r"""The moving-average rate :math:`\alpha` for a run of ``total_steps`` optimizer steps.
+
+        Rule: the averaging horizon :math:`1/\alpha` is 1% of the run, but :math:`\alpha` stays
+        within [0.01, 0.1]:
+
+        .. math::
+            \alpha = \mathrm{clip}\!\left(\frac{100}{T},\; 0.01,\; 0.1\right)
+
+        so runs of 10,000 steps or more keep the paper's 0.01 (its 130k-step run is well inside),
+        a 2,000-step run uses 0.05, and runs of 1,000 steps or fewer use 0.1. Slow averages lag the
+        weights of a short run, and renorm then corrects towards stale statistics; fast averages of
+        small batches are noisy. ``bench/momentum_study.py`` measured this on Fashion-MNIST (see
+        ``bench/results/momentum_study.md``).
+
+        Args:
+            total_steps: optimizer steps of the run, >= 1.
+            reference_steps: accepted for symmetry with :meth:`for_run`; the rule does not depend on it
+                beyond the paper's lower bound 0.01. Default: 130000.
+
+        Examples::
+
+            >>> from lightning_brn import RenormSchedule
+            >>> RenormSchedule.momentum_for_run(130_000), RenormSchedule.momentum_for_run(2_000)
+            (0.01, 0.05)
+        """
+        total_steps = _check_int("total_steps", total_steps, minimum=1)
+        _check_int("reference_steps", reference_steps, minimum=1)
+        alpha = 1.0 / (_RULE_HORIZON_FRACTION * total_steps)
+        return float(min(max(alpha, _PAPER_MOMENTUM), _RULE_MAX_MOMENTUM))
+
+    @classmethod
+    def for_run(
+        cls,
+        total_steps: int,
+        reference_steps: int = _PAPER_TOTAL_STEPS,
+        *,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        momentum: Optional[float] = None,
+        shape: RampShape = "linear",
+    ) -> "RenormSchedule":
+        r"""The paper's schedule fitted to a run of ``total_steps`` optimizer steps.
+
+        The paper's points (warm-up 5,000, ``dmax`` at 25,000, ``rmax`` at 40,000 steps of a
+        ``reference_steps`` = 130,000-step run) are scaled by ``total_steps / reference_steps`` and
+        rounded; the momentum, unless given, follows :meth:`momentum_for_run`.
+
+        Args:
+            total_steps: optimizer steps of the run (for Lightning: ``trainer.estimated_stepping_batches``), >= 1.
+            reference_steps: length of the run the paper's points belong to. Default: 130000.
+            rmax: final clip of r. Default: 3.0.
+            dmax: final clip of d. Default: 5.0.
+            momentum: moving-average rate; ``None`` chooses it with :meth:`momentum_for_run`. Default: ``None``.
+            shape: ramp shape, ``"linear"`` or ``"cosine"``. Default: ``"linear"``.
+
+        Examples::
+
+            >>> from lightning_brn import RenormSchedule
+            >>> s = RenormSchedule.for_run(2_600)
+            >>> s.warmup_steps, s.dmax_steps, s.rmax_steps, s.momentum
+            (100, 500, 800, 0.038461538461538464)
+        """
+        total_steps = _check_int("total_steps", total_steps, minimum=1)
+        reference_steps = _check_int("reference_steps", reference_steps, minimum=1)
+        scale = total_steps / reference_steps
+        if momentum is None:
+            momentum = cls.momentum_for_run(total_steps, reference_steps)
+        return cls(
+            warmup_steps=round(_PAPER_WARMUP_STEPS * scale),
+            rmax=rmax,
+            rmax_steps=round(_PAPER_RMAX_STEPS * scale),
+            dmax=dmax,
+            dmax_steps=round(_PAPER_DMAX_STEPS * scale),
+            momentum=momentum,
+            shape=shape,
+        )
+
+    # ----------------------------------------------------------------- read-only hyper-parameters
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of plain batchnorm before the ramps start."""
+        return self._warmup_steps
+
+    @property
+    def rmax(self) -> float:
+        """The final ``rmax``."""
+        return self._rmax
+
+    @property
+    def rmax_steps(self) -> int:
+        """The step at which ``rmax`` is reached."""
+        return self._rmax_steps
+
+    @property
+    def dmax(self) -> float:
+        """The final ``dmax``."""
+        return self._dmax
+
+    @property
+    def dmax_steps(self) -> int:
+        """The step at which ``dmax`` is reached."""
+        return self._dmax_steps
+
+    @property
+    def momentum(self) -> float:
+        r"""The moving-average rate :math:`\alpha`."""
+        return self._momentum
+
+    @property
+    def shape(self) -> RampShape:
+        """The ramp shape, ``"linear"`` or ``"cosine"``."""
+        return self._shape
+
+    # ----------------------------------------------------------------- values
+    def _progress(self, step: int, end: int) -> float:
+        if step <= self._warmup_steps:
+            return 0.0
+        if step >= end:
+            return 1.0
+        t = (step - self._warmup_steps) / (end - self._warmup_steps)
+        if self._shape == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * t))
+        return t
+
+    def rmax_at(self, step: int) -> float:
+        """``rmax`` for optimizer step ``step`` (>= 0)."""
+        step = _check_int("step", step)
+        return 1.0 + (self._rmax - 1.0) * self._progress(step, self._rmax_steps)
+
+    def dmax_at(self, step: int) -> float:
+        """``dmax`` for optimizer step ``step`` (>= 0)."""
+        step = _check_int("step", step)
+        return self._dmax * self._progress(step, self._dmax_steps)
+
+    def momentum_at(self, step: int) -> float:
+        r"""The moving-average rate :math:`\alpha` for optimizer step ``step`` (>= 0); constant."""
+        _check_int("step", step)
+        return self._momentum
+
+    def values(self, step: int) -> RenormValues:
+        """``(rmax, dmax, momentum)`` for optimizer step ``step`` (>= 0)."""
+        return RenormValues(self.rmax_at(step), self.dmax_at(step), self.momentum_at(step))
+
+    def apply(self, model: nn.Module, step: int) -> RenormValues:
+        """Sets ``rmax``, ``dmax`` and ``momentum`` of every Batch Renorm layer of ``model`` for ``step``.
+
+        Call it before the forward pass of each optimizer step (with gradient accumulation, pass
+        the optimizer step, not the batch index). Layers other than Batch Renorm are left alone; a
+        model without any is left unchanged.
+
+        Args:
+            model: any module; its Batch Renorm layers (see :func:`lightning_brn.is_batch_renorm`) are set.
+            step: optimizer steps taken so far, an int >= 0.
+
+        Returns:
+            The values that were set.
+
+        Examples::
+
+            >>> import torch
+            >>> from lightning_brn import BatchRenorm2d, RenormSchedule
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchRenorm2d(4))
+            >>> RenormSchedule(warmup_steps=0, rmax=2.0, rmax_steps=10, dmax_steps=10).apply(model, 5)
+            RenormValues(rmax=1.5, dmax=2.5, momentum=0.01)
+            >>> model[1].rmax, model[1].dmax
+            (1.5, 2.5)
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        values = self.values(step)
+        set_renorm_values(model.modules(), values)
+        return values
+
+    # ----------------------------------------------------------------- plumbing
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor arguments as plain values: ``RenormSchedule(**s.to_dict()) == s``."""
+        return {
+            "warmup_steps": self._warmup_steps,
+            "rmax": self._rmax,
+            "rmax_steps": self._rmax_steps,
+            "dmax": self._dmax,
+            "dmax_steps": self._dmax_steps,
+            "momentum": self._momentum,
+            "shape": self._shape,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RenormSchedule):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"{type(self).__name__}({args})"
+
+
+def set_renorm_values(modules: Any, values: RenormValues) -> int:
+    """Sets ``rmax``, ``dmax``, ``momentum`` on every Batch Renorm layer among ``modules``; returns how many."""
+    count = 0
+    for m in modules:
+        if is_batch_renorm(m):
+            m.rmax = values.rmax
+            m.dmax = values.dmax
+            m.momentum = values.momentum
+            count += 1
+    return count

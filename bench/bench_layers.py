@@ -1,0 +1,429 @@
+#!/usr/bin/env python
+r"""Speed and saved-memory benchmark of Batch Renorm against batchnorm (issue 2, "Speed and memory").
+
+Training mode, forward + backward (``torch.autograd.grad(y, [x, weight, bias], grad)`` with a fixed
+random ``grad``), float32. For every shape and memory format it builds, with the same weights:
+
+- ``bn``: ``torch.nn.BatchNorm2d`` (``BatchNorm1d`` for the 1d shape), eager;
+- ``brn``: ``lightning_brn.BatchRenorm2d(rmax=3, dmax=5)`` with running statistics set so that r and
+  d clip on some channels (realistic: the clamp's both branches are live), eager;
+- ``literal``: Algorithm 1 written from autograd ops (mean, mean of squares, sqrt, clamp, detach for
+  r and d), what typical third-party implementations do;
+- ``bn compiled`` / ``brn compiled``: ``torch.compile`` of the two modules (default mode);
+- with ``microbatch_size=4`` (shapes whose batch 4 divides): ``brn mb4`` and ``literal mb4`` eager,
+  and ``brn mb4 compiled``.
+
+All variants of one shape are timed interleaved (each repetition runs every variant once, in a
+shuffled order) after warm-up; the tables show medians and ratios to eager batchnorm (compiled renorm
+also against compiled batchnorm). Memory is the bytes of the unique storages saved for backward,
+counted with :class:`torch.autograd.graph.saved_tensors_hooks` during one forward; the INPUT's storage
+IS INCLUDED when a variant saves it (every variant here does), so subtract the "input MiB" column to
+get the extra memory a layer keeps alive. On CUDA the tables also give
+``torch.cuda.max_memory_allocated`` during one forward + backward, above the memory allocated before it.
+
+Run ``python bench/bench_layers.py --help`` for the options; ``--quick`` is a short smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import lightning_brn
+
+SHAPES_2D = [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 112, 112), (4, 512, 7, 7), (2, 64, 56, 56)]
+SHAPE_1D = (256, 1024)
+RMAX, DMAX, MOMENTUM, EPS = 3.0, 5.0, 0.01, 1e-5
+MICRO = 4
+MIB = 2.0**20
+
+
+class LiteralBatchRenorm(nn.Module):
+    """Algorithm 1 of the paper built from autograd ops, line by line (the baseline to beat).
+
+    Keeps the moving standard deviation ``running_std`` as the paper does. With ``microbatch_size``
+    each group of consecutive examples gets its own statistics, and the moving averages move towards
+    the mean over groups.
+    """
+
+    def __init__(self, num_features: int, microbatch_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.microbatch_size = microbatch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = x.shape[0], x.shape[1]
+        groups = 1 if self.microbatch_size is None else n // self.microbatch_size
+        xg = x.view(groups, n // groups, *x.shape[1:])  # a view, also for channels_last
+        dims = [1] + list(range(3, xg.dim()))
+        bshape = (1, 1, c) + (1,) * (x.dim() - 2)
+        mu_b = xg.mean(dims, keepdim=True)
+        sigma_b = torch.sqrt(EPS + ((xg - mu_b) ** 2).mean(dims, keepdim=True))
+        mu = self.running_mean.view(bshape)
+        sigma = self.running_std.view(bshape)
+        r = torch.clamp(sigma_b / sigma, 1.0 / RMAX, RMAX).detach()
+        d = torch.clamp((mu_b - mu) / sigma, -DMAX, DMAX).detach()
+        x_hat = (xg - mu_b) / sigma_b * r + d
+        y = self.weight.view(bshape) * x_hat + self.bias.view(bshape)
+        with torch.no_grad():
+            self.running_mean += MOMENTUM * (mu_b.mean(0).view(c) - self.running_mean)
+            self.running_std += MOMENTUM * (sigma_b.mean(0).view(c) - self.running_std)
+        return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- helpers
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def short_error(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")
+    return "FAIL " + (msg[:70] + "..." if len(msg) > 73 else msg)
+
+
+def make_step(mod: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    params = [x] + [p for p in mod.parameters()]
+
+    def step() -> None:
+        y = mod(x)
+        torch.autograd.grad(y, params, grad)
+
+    return step
+
+
+def saved_bytes(mod: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(bytes of unique saved storages, number of saved tensors) of one training forward."""
+    storages: dict[tuple, int] = {}
+    count = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        count[0] += 1
+        st = t.untyped_storage()
+        storages[(st.data_ptr(), str(t.device), st.nbytes())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = mod(x)
+    del y
+    return sum(storages.values()), count[0]
+
+
+def cuda_peak(step: Callable[[], None], device: torch.device) -> int:
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def set_realistic_running_stats(brn: nn.Module, lit: nn.Module, c: int, gen: torch.Generator) -> None:
+    """Running statistics such that r = sigma_B / sigma spans ~[0.2, 5] and d ~[-8, 8] (input ~ N(0, 1)).
+
+    With rmax = 3 and dmax = 5 about a quarter of the channels clip r, and a fifth clip d.
+    """
+    sigma = torch.exp(torch.empty(c).uniform_(-1.6, 1.6, generator=gen))
+    mu = -torch.empty(c).uniform_(-8.0, 8.0, generator=gen) * sigma
+    with torch.no_grad():
+        brn.running_mean.copy_(mu)
+        brn.running_var.copy_(sigma.square() - EPS)
+        lit.running_mean.copy_(mu)
+        lit.running_std.copy_(sigma)
+
+
+# ----------------------------------------------------------------------------- one configuration
+def bench_config(
+    shape: tuple[int, ...], fmt: str, args: argparse.Namespace, device: torch.device, seed: int
+) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    one_d = len(shape) == 2
+    bn_cls = nn.BatchNorm1d if one_d else nn.BatchNorm2d
+    brn_cls = lightning_brn.BatchRenorm1d if one_d else lightning_brn.BatchRenorm2d
+
+    weight = torch.empty(c).uniform_(0.5, 1.5, generator=gen)
+    bias = torch.empty(c).uniform_(-0.5, 0.5, generator=gen)
+
+    bn = bn_cls(c)
+    brn = brn_cls(c, momentum=MOMENTUM, rmax=RMAX, dmax=DMAX)
+    lit = LiteralBatchRenorm(c)
+    set_realistic_running_stats(brn, lit, c, gen)
+    for m in (bn, brn, lit):
+        with torch.no_grad():
+            m.weight.copy_(weight)
+            m.bias.copy_(bias)
+    mods: dict[str, nn.Module] = {"bn": bn, "brn": brn, "literal": lit}
+    micro = shape[0] % MICRO == 0 and shape[0] > MICRO
+    if micro and not args.no_micro:
+        brn_mb = copy.deepcopy(brn)
+        brn_mb.microbatch_size = MICRO
+        lit_mb = copy.deepcopy(lit)
+        lit_mb.microbatch_size = MICRO
+        mods["brn_mb"] = brn_mb
+        mods["literal_mb"] = lit_mb
+    for m in mods.values():
+        m.to(device).train()
+
+    x = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+    x = x.to(device).requires_grad_(True)
+    g = g.to(device)
+
+    # Fraction of channels where r / d clip, on the first batch (realistic-clipping evidence).
+    probe = copy.deepcopy(brn)
+    probe.track_correction = True
+    probe(x)
+    clip = probe.correction_stats()
+    del probe
+
+    steps: dict[str, Callable[[], None]] = {k: make_step(m, x, g) for k, m in mods.items()}
+    errors: dict[str, str] = {}
+    compile_s: dict[str, float] = {}
+    if not args.no_compile:
+        compiled = [("bn_c", "bn"), ("brn_c", "brn")]
+        if "brn_mb" in mods:
+            compiled.append(("brn_mb_c", "brn_mb"))
+        for name, src in compiled:
+            torch._dynamo.reset()  # fresh cache per configuration: no recompile limit, static shapes
+            try:
+                cm = torch.compile(copy.deepcopy(mods[src]))
+                st = make_step(cm, x, g)
+                t0 = time.perf_counter()
+                st()
+                sync(device)
+                compile_s[name] = time.perf_counter() - t0
+                mods[name] = cm
+                steps[name] = st
+            except Exception as e:  # noqa: BLE001 - reported in the table cell
+                errors[name] = short_error(e)
+
+    # Warm-up (also the compiled ones: second call runs the cached graph).
+    for name in list(steps):
+        try:
+            for _ in range(args.warmup):
+                steps[name]()
+            sync(device)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = short_error(e)
+            del steps[name]
+
+    # Inner repetitions so that one sample of eager batchnorm lasts about --sample-ms.
+    t0 = time.perf_counter()
+    steps["bn"]()
+    sync(device)
+    t_bn = time.perf_counter() - t0
+    inner = max(1, min(200, round(args.sample_ms / 1000.0 / max(t_bn, 1e-6))))
+
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    rng = random.Random(seed)
+    for _ in range(args.reps):
+        rng.shuffle(order)
+        for name in order:
+            st = steps[name]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                st()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / inner)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    mem: dict[str, str] = {}
+    peak: dict[str, str] = {}
+    for name in steps:
+        try:
+            nbytes, count = saved_bytes(mods[name], x)
+            mem[name] = f"{nbytes / MIB:.2f} ({count})" if count else "n/a (no hook call)"
+        except Exception as e:  # noqa: BLE001
+            mem[name] = short_error(e)
+        if device.type == "cuda":
+            peak[name] = f"{cuda_peak(steps[name], device) / MIB:.2f}"
+    return {
+        "shape": shape,
+        "fmt": fmt,
+        "med": med,
+        "errors": errors,
+        "mem": mem,
+        "peak": peak,
+        "inner": inner,
+        "clip": clip,
+        "compile_s": compile_s,
+        "input_mib": x.numel() * x.element_size() / MIB,
+        "micro": "brn_mb" in mods,
+    }
+
+
+# ----------------------------------------------------------------------------- tables
+def fmt_time(res: dict, name: str, ref: Optional[str] = "bn", ref2: Optional[str] = None) -> str:
+    if name in res["errors"]:
+        return res["errors"][name]
+    if name not in res["med"]:
+        return "skipped"
+    t = res["med"][name]
+    cell = f"{t * 1e3:.3f}"
+    if ref is not None and ref in res["med"]:
+        cell += f" ({t / res['med'][ref]:.2f}x)"
+    if ref2 is not None and ref2 in res["med"]:
+        cell += f" [{t / res['med'][ref2]:.2f}x]"
+    return cell
+
+
+def shape_cell(res: dict) -> str:
+    return "(" + ", ".join(str(s) for s in res["shape"]) + ")"
+
+
+def tables(results: list[dict], device: torch.device) -> str:
+    out = []
+    out.append("### Time, forward + backward (median ms; (x) = ratio to eager batchnorm; [x] = ratio to compiled batchnorm)\n")
+    out.append("| shape | format | bn eager | brn eager | literal Alg. 1 | bn compiled | brn compiled |")
+    out.append("|---|---|---|---|---|---|---|")
+    for r in results:
+        out.append(
+            f"| {shape_cell(r)} | {r['fmt']} | {fmt_time(r, 'bn', None)} | {fmt_time(r, 'brn')} | "
+            f"{fmt_time(r, 'literal')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_c', 'bn', 'bn_c')} |"
+        )
+    micro = [r for r in results if r["micro"]]
+    if micro:
+        out.append(f"\n### microbatch_size={MICRO} (median ms; (x) = ratio to eager batchnorm on the whole batch; goal <= 1.3x)\n")
+        out.append(f"| shape | format | bn eager | brn mb{MICRO} eager | literal mb{MICRO} | bn compiled | brn mb{MICRO} compiled |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in micro:
+            out.append(
+                f"| {shape_cell(r)} | {r['fmt']} | {fmt_time(r, 'bn', None)} | {fmt_time(r, 'brn_mb')} | "
+                f"{fmt_time(r, 'literal_mb')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_mb_c', 'bn', 'bn_c')} |"
+            )
+    names = ["bn", "brn", "literal", "bn_c", "brn_c", "brn_mb", "literal_mb", "brn_mb_c"]
+    heads = ["bn", "brn", "literal", "bn comp.", "brn comp.", f"brn mb{MICRO}", f"literal mb{MICRO}", f"brn mb{MICRO} comp."]
+    out.append(
+        "\n### Saved for backward (MiB of unique storages, input included; (n) = saved tensors)"
+        + ("; CUDA peak above baseline (MiB) after the slash" if device.type == "cuda" else "")
+        + "\n"
+    )
+    out.append("| shape | format | input MiB | " + " | ".join(heads) + " | r clipped | d clipped |")
+    out.append("|---|---|---|" + "---|" * len(heads) + "---|---|")
+    for r in results:
+        cells = []
+        for n in names:
+            if n in r["errors"]:
+                cells.append(r["errors"][n])
+            elif n in r["mem"]:
+                cells.append(r["mem"][n] + (f" / {r['peak'][n]}" if n in r["peak"] else ""))
+            else:
+                cells.append("-")
+        out.append(
+            f"| {shape_cell(r)} | {r['fmt']} | {r['input_mib']:.2f} | " + " | ".join(cells)
+            + f" | {r['clip']['r_clipped']:.0%} | {r['clip']['d_clipped']:.0%} |"
+        )
+    return "\n".join(out)
+
+
+def header(args: argparse.Namespace, device: torch.device) -> str:
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    cmd = shlex.join(["python"] + sys.argv)
+    lines = [
+        "## BatchRenorm vs BatchNorm: training forward + backward, float32",
+        "",
+        f"- command: `{cmd}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- torch {torch.__version__}, python {platform.python_version()}, lightning_brn from "
+        f"{os.path.dirname(lightning_brn.__file__)}",
+        f"- device: {device.type}: {dev}; torch threads: {torch.get_num_threads()}; os.cpu_count: {os.cpu_count()}",
+        f"- renorm: rmax={RMAX}, dmax={DMAX}, momentum={MOMENTUM}, running stats set so r and d clip on some "
+        f"channels (see the last columns); repetitions={args.reps} (interleaved, shuffled), warm-up={args.warmup}, "
+        f"one sample ~{args.sample_ms} ms of eager batchnorm",
+        "- step = `y = layer(x); torch.autograd.grad(y, [x, weight, bias], fixed_random_grad)`",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true", help="short run: few repetitions, short samples")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 15; quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; quick 1)")
+    p.add_argument("--sample-ms", type=float, default=None, help="length of one timed sample (default 40; quick 10)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    p.add_argument("--no-micro", action="store_true", help=f"skip the microbatch_size={MICRO} columns")
+    p.add_argument("--shapes", default=None, help="comma-separated indices into the shape list (0-4 2d, 5 = 1d)")
+    p.add_argument("--formats", default="contiguous,channels_last", help="memory formats for the 4d shapes")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="also write the output (markdown) to this file")
+    args = p.parse_args(argv)
+    args.reps = args.reps or (5 if args.quick else 15)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.sample_ms = args.sample_ms or (10.0 if args.quick else 40.0)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda given but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    all_shapes: list[tuple[int, ...]] = [*SHAPES_2D, SHAPE_1D]
+    idx = range(len(all_shapes)) if args.shapes is None else [int(i) for i in args.shapes.split(",")]
+    formats = [f.strip() for f in args.formats.split(",")]
+    for f in formats:
+        if f not in ("contiguous", "channels_last"):
+            p.error(f"--formats: unknown memory format {f!r}, expected contiguous or channels_last")
+
+    head = header(args, device)
+    print(head, flush=True)
+    t_start = time.perf_counter()
+    results = []
+    for i in idx:
+        shape = all_shapes[i]
+        for fmt in formats if len(shape) == 4 else ["contiguous"]:
+            t0 = time.perf_counter()
+            res = bench_config(shape, fmt, args, device, seed=1000 + i)
+            results.append(res)
+            comp = ", ".join(f"{k} {v:.1f}s" for k, v in res["compile_s"].items())
+            print(
+                f"  done {shape} {fmt} in {time.perf_counter() - t0:.1f}s (inner={res['inner']}; first call of compiled: {comp or '-'})",
+                file=sys.stderr,
+                flush=True,
+            )
+    body = tables(results, device)
+    footer = f"\nTotal benchmark time: {time.perf_counter() - t_start:.0f} s."
+    print("\n" + body + "\n" + footer, flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(head + "\n\n" + body + "\n" + footer + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

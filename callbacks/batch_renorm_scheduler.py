@@ -1,0 +1,330 @@
+r"""Lightning callback that drives Batch Renorm's ``rmax`` / ``dmax`` / ``momentum`` from ``trainer.global_step``.
+
+The values are a closed-form function of the optimizer step (:class:`lightning_brn.RenormSchedule`),
+so a resumed run carries exactly the values of an uninterrupted one, and gradient accumulation
+changes them once per optimizer step. Optionally converts the model's batchnorm layers in
+``setup`` and logs what the correction is doing.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_brn.layers import is_batch_renorm
+from lightning_brn.schedule import RenormSchedule, RenormValues
+
+__all__ = ["BatchRenormScheduler"]
+
+#: Names of the logged metrics (``brn/<name>``), in the order of the layers' ``_correction`` sums.
+_CORRECTION_METRICS = ("r_clipped_frac", "d_clipped_frac", "mean_abs_r_minus_1", "mean_abs_d")
+
+ExcludeType = Optional[Union[str, Sequence[str], Callable[..., bool]]]
+
+
+class BatchRenormScheduler(Callback):
+    r"""Sets ``rmax``, ``dmax`` and ``momentum`` of every Batch Renorm layer at every optimizer step.
+
+    Before each training batch the values of ``schedule`` for ``trainer.global_step`` (the number of
+    optimizer steps taken) are written into every Batch Renorm layer of the LightningModule, so:
+
+    - with ``accumulate_grad_batches=k`` the values change once per optimizer step, not per batch;
+    - after resuming from a checkpoint the layers carry exactly the values of an uninterrupted run
+      (they are set at fit start, again once the training state is restored, and before every batch);
+    - validation, test and predict run in eval mode (Lightning's loops call ``model.eval()``), where
+      Batch Renorm is batchnorm's inference and never updates the moving averages.
+
+    With ``convert=True`` the model's batchnorm layers are replaced by Batch Renorm layers
+    (:func:`lightning_brn.convert_model`) in ``setup``, before the optimizers exist, so
+    ``Trainer(callbacks=[BatchRenormScheduler(convert=True)])`` is the whole integration for an
+    ordinary (for example timm) LightningModule. A model built in ``configure_model`` does not exist
+    yet at ``setup``: call ``convert_model`` there yourself. A model without any Batch Renorm layer
+    at fit start is an error, not a silent no-op.
+
+    **Logged metrics** (every ``log_every_n_steps`` optimizer steps, at the same steps as Lightning's
+    own step logging, sent to every logger of the Trainer with the global-rank-0 process's values):
+
+    - ``brn/rmax``, ``brn/dmax``, ``brn/momentum``: the values used in that step;
+    - ``brn/r_clipped_frac``, ``brn/d_clipped_frac``: fraction of channels (over all layers, and
+      microbatch groups) whose r, resp. d, hit its clipping bound;
+    - ``brn/mean_abs_r_minus_1``, ``brn/mean_abs_d``: mean of :math:`|r - 1|` and :math:`|d|` after clipping.
+
+    During warm-up (``rmax = 1``, ``dmax = 0``) every r and d sits on its bound, so both fractions are
+    about 1 by construction; once the bounds are relaxed the paper reports "a small fraction of r
+    clipped, and no d". The correction statistics are recorded only in the logged steps (the
+    layers' ``track_correction`` is switched on for those batches), summed over layers on device
+    and read with a single ``.tolist()``. Switching ``track_correction`` costs a ``torch.compile``'d
+    model one extra graph; the callback itself runs outside the compiled region.
+
+    Args:
+        schedule: the schedule; ``None`` means ``RenormSchedule()``, the paper's 130k-step schedule
+            (use :meth:`RenormSchedule.for_run` for shorter runs). Default: ``None``.
+        convert: convert the model's batchnorm layers in ``setup`` (stage ``"fit"``). Default: ``False``.
+        log_every_n_steps: log every this many optimizer steps; ``None`` follows
+            ``Trainer(log_every_n_steps=...)``, ``0`` disables logging and recording. Default: ``None``.
+        microbatch_size: with ``convert=True``, ``microbatch_size`` of the converted layers. Default: ``None``.
+        exclude: with ``convert=True``, batchnorm layers to keep (passed to ``convert_model``:
+            module-name pattern(s) or a predicate). Default: ``None``.
+        verbose: print a one-time summary of the renorm layers and the schedule at fit start (a rich
+            table when the Trainer uses ``RichProgressBar``, an info log line otherwise). Default: ``True``.
+
+    Raises:
+        MisconfigurationException: if an argument is invalid, or if at fit start the model has no
+            Batch Renorm layer.
+
+    Examples::
+
+        >>> import lightning.pytorch as pl
+        >>> from lightning_brn import RenormSchedule
+        >>> from lightning_brn.callbacks import BatchRenormScheduler
+        >>> callback = BatchRenormScheduler(RenormSchedule.for_run(13_000), convert=True)
+        >>> trainer = pl.Trainer(max_steps=13_000, callbacks=[callback], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        schedule: Optional[RenormSchedule] = None,
+        convert: bool = False,
+        log_every_n_steps: Optional[int] = None,
+        *,
+        microbatch_size: Optional[int] = None,
+        exclude: ExcludeType = None,
+        verbose: bool = True,
+    ) -> None:
+        if schedule is None:
+            schedule = RenormSchedule()
+        if not isinstance(schedule, RenormSchedule):
+            raise MisconfigurationException(
+                f"`schedule` must be a lightning_brn.RenormSchedule or None, got {schedule!r} of type {type(schedule).__name__}"
+            )
+        if not isinstance(convert, bool):
+            raise MisconfigurationException(f"`convert` must be a bool, got convert={convert!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
+        ):
+            raise MisconfigurationException(
+                f"`log_every_n_steps` must be None or an int >= 0, got log_every_n_steps={log_every_n_steps!r}"
+            )
+        if microbatch_size is not None and (
+            isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
+        ):
+            raise MisconfigurationException(
+                f"`microbatch_size` must be None or an int >= 1, got microbatch_size={microbatch_size!r}"
+            )
+        if not convert and (microbatch_size is not None or exclude is not None):
+            raise MisconfigurationException(
+                f"`microbatch_size` and `exclude` apply to the conversion and need convert=True, got "
+                f"convert=False with microbatch_size={microbatch_size!r}, exclude={exclude!r}"
+            )
+        if not isinstance(verbose, bool):
+            raise MisconfigurationException(f"`verbose` must be a bool, got verbose={verbose!r}")
+        self._schedule = schedule
+        self._convert = convert
+        self._log_every_n_steps = log_every_n_steps
+        self._microbatch_size = microbatch_size
+        self._exclude = exclude
+        self._verbose = verbose
+
+        self._layers: list[nn.Module] = []
+        self._applied: Optional[RenormValues] = None
+        self._recording = False
+        self._step_at_batch_start = 0
+        self._values_at_batch_start: Optional[RenormValues] = None
+        self._converted: Optional[dict[str, int]] = None
+
+    # ----------------------------------------------------------------- read-only views
+    @property
+    def schedule(self) -> RenormSchedule:
+        """The schedule this callback applies."""
+        return self._schedule
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The Batch Renorm layers found at fit start."""
+        return list(self._layers)
+
+    # ----------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The values are a function of ``trainer.global_step``, which Lightning restores: the schedule
+        # is saved only to warn when a run is resumed with a different one.
+        return {"schedule": self._schedule.to_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("schedule")
+        if saved is not None and saved != self._schedule.to_dict():
+            rank_zero_warn(
+                f"BatchRenormScheduler: resuming with {self._schedule!r}, but the checkpoint was trained with "
+                f"RenormSchedule(**{saved!r}); the layers follow the new schedule from the restored step on."
+            )
+
+    # ----------------------------------------------------------------- setup: conversion
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit" or not self._convert:
+            return
+        from lightning_brn.convert import convert_model
+
+        before = sum(1 for m in pl_module.modules() if is_batch_renorm(m))
+        values = self._schedule.values(trainer.global_step)
+        converted = convert_model(
+            pl_module,
+            rmax=values.rmax,
+            dmax=values.dmax,
+            momentum=values.momentum,
+            microbatch_size=self._microbatch_size,
+            exclude=self._exclude,
+        )
+        if converted is not pl_module:
+            raise MisconfigurationException(
+                f"convert_model replaced the LightningModule itself ({type(pl_module).__name__} -> "
+                f"{type(converted).__name__}); BatchRenormScheduler(convert=True) can only convert its submodules"
+            )
+        counts = collections.Counter(type(m).__name__ for m in pl_module.modules() if is_batch_renorm(m))
+        self._converted = {"converted": sum(counts.values()) - before}
+
+    # ----------------------------------------------------------------- fit start: find layers, set values
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._layers = [m for m in pl_module.modules() if is_batch_renorm(m)]
+        if not self._layers:
+            hint = (
+                "convert=True found nothing to convert (a model built in `configure_model` must be converted "
+                "there with lightning_brn.convert_model)"
+                if self._convert
+                else "pass BatchRenormScheduler(convert=True) to convert its batchnorm layers, or build it with "
+                "lightning_brn layers (lightning_brn.convert_model, BatchRenorm2d, ...)"
+            )
+            raise MisconfigurationException(
+                f"BatchRenormScheduler found no Batch Renorm layer in {type(pl_module).__name__}: {hint}."
+            )
+        self._applied = None
+        self._set_tracking(False)
+        self._apply(trainer)
+        if self._verbose and trainer.is_global_zero:
+            self._print_summary(trainer)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # On resume, ``global_step`` is restored only after ``on_fit_start``.
+        self._applied = None
+        self._apply(trainer)
+
+    # ----------------------------------------------------------------- every batch
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._values_at_batch_start = self._apply(trainer)
+        record = self._should_log(trainer)
+        if record:
+            for m in self._layers:
+                m._correction.zero_()  # layers that do not run in training mode then report nothing
+        self._set_tracking(record)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Log once per optimizer step: with gradient accumulation, the batch after which the step was taken.
+        if not self._recording or trainer.global_step == self._step_at_batch_start:
+            return
+        values = self._values_at_batch_start
+        assert values is not None
+        metrics = {"brn/rmax": values.rmax, "brn/dmax": values.dmax, "brn/momentum": values.momentum}
+        metrics.update(self._correction_metrics())
+        step = _logging_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ----------------------------------------------------------------- end of fit
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._set_tracking(False)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._set_tracking(False)
+
+    # ----------------------------------------------------------------- helpers
+    def _apply(self, trainer: "pl.Trainer") -> RenormValues:
+        values = self._schedule.values(trainer.global_step)
+        if values != self._applied:  # write only when a value changes (constant during warm-up and after the ramps)
+            for m in self._layers:
+                m.rmax = values.rmax
+                m.dmax = values.dmax
+                m.momentum = values.momentum
+            self._applied = values
+        return values
+
+    def _every(self, trainer: "pl.Trainer") -> int:
+        return trainer.log_every_n_steps if self._log_every_n_steps is None else self._log_every_n_steps
+
+    def _should_log(self, trainer: "pl.Trainer") -> bool:
+        every = self._every(trainer)
+        if every <= 0 or not trainer.loggers or not trainer.is_global_zero:
+            return False
+        # The steps at which Lightning logs ``self.log(..., on_step=True)`` (LoggerConnector.should_update_logs).
+        return (_logging_step(trainer) + 1) % every == 0
+
+    def _set_tracking(self, on: bool) -> None:
+        if on != self._recording:
+            for m in self._layers:
+                m.track_correction = on
+            self._recording = on
+
+    def _correction_metrics(self) -> dict[str, float]:
+        bufs: list[Tensor] = [m._correction for m in self._layers]
+        device = bufs[0].device
+        # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers: one stack, one sync.
+        r_cl, d_cl, abs_r, abs_d, count = torch.stack([b.to(device) for b in bufs]).sum(0).tolist()
+        if count <= 0:  # no layer ran in training mode with running statistics
+            return {}
+        return {f"brn/{name}": v / count for name, v in zip(_CORRECTION_METRICS, (r_cl, d_cl, abs_r, abs_d))}
+
+    def _print_summary(self, trainer: "pl.Trainer") -> None:
+        counts = collections.Counter(type(m).__name__ for m in self._layers)
+        s = self._schedule
+        step = trainer.global_step
+        values = self._schedule.values(step)
+        layer_text = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+        rows = [
+            ("renorm layers", f"{len(self._layers)} ({layer_text})"),
+            ("converted in setup", "no" if self._converted is None else str(self._converted["converted"])),
+            ("warm-up (rmax=1, dmax=0)", f"steps 0..{s.warmup_steps}"),
+            ("rmax", f"1 -> {s.rmax:g} at step {s.rmax_steps} ({s.shape})"),
+            ("dmax", f"0 -> {s.dmax:g} at step {s.dmax_steps} ({s.shape})"),
+            ("momentum (alpha)", f"{s.momentum:g}"),
+            ("now", f"step {step}: rmax={values.rmax:.4g}, dmax={values.dmax:.4g}"),
+        ]
+        from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+        if _RICH_AVAILABLE and isinstance(trainer.progress_bar_callback, RichProgressBar):
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="Batch Renorm", show_header=False)
+            table.add_column(style="bold")
+            table.add_column()
+            for k, v in rows:
+                table.add_row(k, v)
+            Console().print(table)
+        else:
+            rank_zero_info("Batch Renorm: " + "; ".join(f"{k}: {v}" for k, v in rows))
+
+
+def _logging_step(trainer: "pl.Trainer") -> int:
+    """The step Lightning's own step logging uses (``_batches_that_stepped``), ``global_step`` as fallback."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))

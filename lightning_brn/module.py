@@ -1,0 +1,298 @@
+"""A LightningModule that trains any timm classifier with batchnorm or Batch Renorm.
+
+Examples::
+
+    >>> import torch
+    >>> from lightning_brn.module import TimmClassifier
+    >>> m = TimmClassifier("resnet10t", num_classes=10, in_chans=1, normalization="brn")
+    >>> m(torch.randn(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    >>> from lightning_brn import is_batch_renorm
+    >>> any(is_batch_renorm(x) for x in m.modules())
+    True
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_brn.convert import convert_model
+from lightning_brn.schedule import RenormSchedule
+
+__all__ = ["TimmClassifier", "create_timm_model", "check_batch_config"]
+
+Normalization = Literal["bn", "brn"]
+
+
+def create_timm_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(model_name, **kwargs)`` with an error that suggests close names.
+
+    Examples::
+
+        >>> create_timm_model("resnet_18")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown timm model 'resnet_18'; did you mean 'resnet18'...
+    """
+    import timm
+
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        names = timm.list_models()
+        close = difflib.get_close_matches(model_name, names, n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(repr(n) for n in close)}?" if close else "no close name found"
+        raise ValueError(
+            f"unknown timm model {model_name!r}; {hint} (set --model.model_name to one of timm.list_models(), "
+            f"{len(names)} names)"
+        ) from None
+
+
+def check_batch_config(model: "TimmClassifier", datamodule: Any) -> None:
+    """Raise before training if the data module's batches do not fit the model's settings.
+
+    Checks that ``microbatch_size`` divides the per-process batch size, that the data has no
+    more classes than the model outputs, and that the channel counts agree.
+    """
+    batch_size = getattr(datamodule, "batch_size", None)
+    mb = model.microbatch_size
+    if mb is not None and batch_size is not None and batch_size % mb:
+        multiple = -(-batch_size // mb) * mb
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by microbatch_size={mb}: each batch is split into groups of "
+            f"{mb}. Set --data.init_args.batch_size to a multiple of {mb} (e.g. {multiple}) or --model.microbatch_size "
+            f"to a divisor of {batch_size} ({divisors})"
+        )
+    n_data = getattr(datamodule, "num_classes", None)
+    if n_data is not None and n_data > model.num_classes:
+        raise ValueError(
+            f"the data has {n_data} classes but the model outputs num_classes={model.num_classes}; set "
+            f"--model.num_classes {n_data}"
+        )
+    c_data = getattr(datamodule, "in_chans", None)
+    if c_data is not None and c_data != model.in_chans:
+        raise ValueError(
+            f"the data has {c_data} channel(s) but the model takes in_chans={model.in_chans}; set "
+            f"--model.in_chans {c_data}"
+        )
+
+
+class TimmClassifier(pl.LightningModule):
+    r"""Image classification with any timm model, batchnorm (``"bn"``) or Batch Renorm (``"brn"``).
+
+    With ``normalization="brn"`` every batchnorm of the timm model is replaced by
+    :func:`lightning_brn.convert_model` (in ``__init__``, so optimizers, EMA copies and
+    checkpoints all see the renorm layers), and :meth:`configure_callbacks` adds a
+    :class:`lightning_brn.callbacks.BatchRenormScheduler` driving rmax, dmax and the
+    moving-average rate from ``renorm_schedule``. When ``renorm_schedule`` is ``None`` the
+    paper's schedule is fitted to the run (:meth:`RenormSchedule.for_run` of
+    ``trainer.max_steps``). With ``normalization="bn"`` the timm model keeps its batchnorm,
+    unless ``microbatch_size`` is set: batchnorm over microbatches (paper section 4.2) is
+    run as renorm layers held at ``rmax=1, dmax=0`` (exactly batchnorm per group).
+
+    Args:
+        model_name: any :func:`timm.list_models` name (an unknown name suggests close ones).
+        num_classes: classifier outputs.
+        in_chans: input channels (1 for Fashion-MNIST).
+        normalization: ``"bn"`` or ``"brn"``.
+        renorm_schedule: the rmax/dmax/alpha schedule; ``None`` fits the paper's to the run.
+        microbatch_size: normalize each group of this many consecutive examples on its own
+            (paper 4.2: 4); must divide the per-process batch size.
+        label_smoothing: cross-entropy label smoothing (paper/Inception v3: 0.1).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI ``class_path`` +
+            ``init_args``). ``None``: :class:`timm.optim.RMSpropTF` with the Inception v3
+            settings (lr 0.045, alpha 0.9, eps 1.0, momentum 0.9).
+        lr_scheduler: a callable ``optimizer -> LRScheduler``; ``None``: constant learning rate.
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
+        weight_decay_norm_and_bias: if ``False`` (default) 1-D parameters (norm weights,
+            biases) get no weight decay, as in the TensorFlow Inception code.
+        log_renorm_every_n_steps: forwarded to ``BatchRenormScheduler(log_every_n_steps=...)``
+            (``None``: the Trainer's ``log_every_n_steps``).
+        model_kwargs: extra keyword arguments of :func:`timm.create_model` (e.g. ``drop_rate``).
+
+    Examples::
+
+        >>> import torch
+        >>> m = TimmClassifier("resnet10t", num_classes=10, in_chans=1, normalization="brn", microbatch_size=2)
+        >>> m.train(); m(torch.randn(4, 1, 28, 28)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet18",
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        normalization: Normalization = "brn",
+        renorm_schedule: Optional[RenormSchedule] = None,
+        microbatch_size: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "epoch",
+        weight_decay_norm_and_bias: bool = False,
+        log_renorm_every_n_steps: Optional[int] = None,
+        model_kwargs: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if normalization not in ("bn", "brn"):
+            raise ValueError(f"normalization must be 'bn' or 'brn', got {normalization!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if microbatch_size is not None and (
+            isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 2
+        ):
+            raise ValueError(
+                f"microbatch_size must be an int >= 2 (a group of one example has no variance) or None, "
+                f"got {microbatch_size!r}"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_scheduler_interval must be 'step' or 'epoch', got {lr_scheduler_interval!r}")
+        if renorm_schedule is not None and not isinstance(renorm_schedule, RenormSchedule):
+            raise TypeError(f"renorm_schedule must be a RenormSchedule or None, got {type(renorm_schedule).__name__}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_name = model_name
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.normalization = normalization
+        self.renorm_schedule = renorm_schedule
+        self.microbatch_size = microbatch_size
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.weight_decay_norm_and_bias = weight_decay_norm_and_bias
+        self.log_renorm_every_n_steps = log_renorm_every_n_steps
+
+        model = create_timm_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        if self.uses_renorm_layers:
+            momentum = renorm_schedule.momentum if renorm_schedule is not None else 0.01
+            model = convert_model(model, rmax=1.0, dmax=0.0, momentum=momentum, microbatch_size=microbatch_size)
+        self.model = model
+
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+
+    @property
+    def uses_renorm_layers(self) -> bool:
+        """True for ``"brn"`` and for batchnorm over microbatches (renorm layers at rmax=1, dmax=0)."""
+        return self.normalization == "brn" or self.microbatch_size is not None
+
+    # ----------------------------------------------------------------- schedule and callbacks
+    def resolved_renorm_schedule(self) -> RenormSchedule:
+        """The schedule the callback applies: ``renorm_schedule`` or the paper's fitted to ``trainer.max_steps``.
+
+        For ``normalization="bn"`` with microbatches: rmax=1, dmax=0 throughout, with the
+        same moving-average rate.
+        """
+        schedule = self.renorm_schedule
+        if schedule is None:
+            trainer = self._trainer
+            total = trainer.max_steps if trainer is not None else -1
+            if total is None or total < 1:
+                try:
+                    total = int(trainer.estimated_stepping_batches) if trainer is not None else -1
+                except Exception:  # noqa: BLE001 - data not ready
+                    total = -1
+            if total < 1 or total == float("inf"):
+                raise ValueError(
+                    "renorm_schedule is None, so the paper's schedule is fitted to the run length, which is unknown: "
+                    "set --trainer.max_steps or give --model.renorm_schedule explicitly"
+                )
+            schedule = RenormSchedule.for_run(int(total))
+        if self.normalization == "bn":
+            schedule = RenormSchedule(
+                warmup_steps=0, rmax=1.0, rmax_steps=0, dmax=0.0, dmax_steps=0, momentum=schedule.momentum
+            )
+        return schedule
+
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`~lightning_brn.callbacks.BatchRenormScheduler` when the model holds renorm layers."""
+        if not self.uses_renorm_layers:
+            return []
+        from lightning_brn.callbacks import BatchRenormScheduler
+
+        return [
+            BatchRenormScheduler(
+                schedule=self.resolved_renorm_schedule(), convert=False, log_every_n_steps=self.log_renorm_every_n_steps
+            )
+        ]
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.datamodule is not None:
+            check_batch_config(self, trainer.datamodule)
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.train_acc1(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.val_acc1(logits, y)
+        self.val_acc5(logits, y)
+        self.log(f"{prefix}/loss", loss, sync_dist=True)
+        self.log(f"{prefix}/acc1", self.val_acc1, prog_bar=True)
+        self.log(f"{prefix}/acc5", self.val_acc5)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    # ----------------------------------------------------------------- optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """All parameters, with 1-D ones (norm weights, biases) in a no-weight-decay group unless asked."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.weight_decay_norm_and_bias:
+            return [{"params": params}]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> Any:
+        groups = self.parameter_groups()
+        if self.optimizer_factory is None:
+            from timm.optim import RMSpropTF
+
+            optimizer = RMSpropTF(groups, lr=0.045, alpha=0.9, eps=1.0, momentum=0.9)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}

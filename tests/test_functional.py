@@ -1,0 +1,217 @@
+"""lightning_brn.functional against an independent, literal float64 implementation of Algorithm 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_brn.functional import batch_renorm, renorm_correction
+
+EPS = 1e-5
+
+
+def literal_algorithm1(x, mu, sigma, gamma, beta, rmax, dmax, alpha, eps, k=None):
+    """Algorithm 1 of the paper, written out literally with autograd ops (paper notation).
+
+    ``mu`` and ``sigma`` are the moving mean and moving *standard deviation*. Returns
+    (y, new_mu, new_sigma, r, d, raw_r, raw_d); r and d are stop-gradient constants.
+    """
+    n, c = x.shape[0], x.shape[1]
+    k = n if k is None else k
+    dims = [0] + list(range(2, x.dim()))
+    bshape = [1, c] + [1] * (x.dim() - 2)
+    ys, mus, sigmas, rs, ds, raw_rs, raw_ds = [], [], [], [], [], [], []
+    for start in range(0, n, k):
+        xb = x[start : start + k]
+        mu_b = xb.mean(dim=dims)
+        sigma_b = torch.sqrt(eps + ((xb - mu_b.view(bshape)) ** 2).mean(dim=dims))
+        raw_r = (sigma_b / sigma).detach()
+        raw_d = ((mu_b - mu) / sigma).detach()
+        r = torch.minimum(torch.maximum(raw_r, torch.full_like(raw_r, 1.0 / rmax)), torch.full_like(raw_r, rmax))
+        d = torch.minimum(torch.maximum(raw_d, torch.full_like(raw_d, -dmax)), torch.full_like(raw_d, dmax))
+        x_hat = (xb - mu_b.view(bshape)) / sigma_b.view(bshape) * r.view(bshape) + d.view(bshape)
+        ys.append(gamma.view(bshape) * x_hat + beta.view(bshape))
+        mus.append(mu_b.detach())
+        sigmas.append(sigma_b.detach())
+        rs.append(r)
+        ds.append(d)
+        raw_rs.append(raw_r)
+        raw_ds.append(raw_d)
+    mu_bar = torch.stack(mus).mean(0)
+    sigma_bar = torch.stack(sigmas).mean(0)
+    new_mu = mu + alpha * (mu_bar - mu)
+    new_sigma = sigma + alpha * (sigma_bar - sigma)
+    return torch.cat(ys), new_mu, new_sigma, torch.stack(rs), torch.stack(ds), torch.stack(raw_rs), torch.stack(raw_ds)
+
+
+def _clipping_batches(steps, n, c, spatial, seed=0):
+    """Batches whose per-channel scale/offset push r and d past their bounds in both directions."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([8.0, 0.05, 1.0, 1.0, 1.3, 0.9][:c], dtype=torch.float64)
+    shift = torch.tensor([0.0, 0.0, 9.0, -9.0, 0.2, -0.1][:c], dtype=torch.float64)
+    shape = (n, c) + spatial
+    bshape = (1, c) + (1,) * len(spatial)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) * scale.view(bshape) + shift.view(bshape) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 4])
+@pytest.mark.parametrize(
+    "spatial, memory_format",
+    [
+        ((5, 3), "contiguous"),
+        ((5, 3), "channels_last"),
+        ((), "contiguous"),
+        ((7,), "contiguous"),
+        ((2, 3, 2), "contiguous"),
+        ((2, 3, 2), "channels_last"),
+    ],
+    ids=["2d", "2d-channels_last", "1d-flat", "1d-seq", "3d", "3d-channels_last"],
+)
+def test_matches_literal_algorithm1_float64(microbatch_size, spatial, memory_format):
+    c, n = 6, 8
+    rmax, dmax, alpha = 2.0, 1.5, 0.3
+    torch.manual_seed(0)
+    gamma = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(c, dtype=torch.float64).requires_grad_()
+    running_mean = torch.zeros(c, dtype=torch.float64)
+    running_var = torch.ones(c, dtype=torch.float64)
+    mu = running_mean.clone()
+    sigma = torch.sqrt(running_var + EPS)
+    saw_r_hi = saw_r_lo = saw_d_hi = saw_d_lo = saw_free = False
+    for x in _clipping_batches(5, n, c, spatial):
+        if memory_format == "channels_last":
+            x = x.to(memory_format=torch.channels_last if len(spatial) == 2 else torch.channels_last_3d)
+        x_ref = x.clone().requires_grad_()
+        x_ours = x.clone().requires_grad_()
+        y_ref, mu, sigma, r, d, raw_r, raw_d = literal_algorithm1(
+            x_ref, mu, sigma, gamma, beta, rmax, dmax, alpha, EPS, microbatch_size
+        )
+        saw_r_hi |= bool((raw_r > rmax).any())
+        saw_r_lo |= bool((raw_r < 1 / rmax).any())
+        saw_d_hi |= bool((raw_d > dmax).any())
+        saw_d_lo |= bool((raw_d < -dmax).any())
+        saw_free |= bool(((raw_r < rmax) & (raw_r > 1 / rmax) & (raw_d.abs() < dmax)).any())
+        y = batch_renorm(
+            x_ours, running_mean, running_var, gamma, beta, True, alpha, EPS, rmax, dmax, microbatch_size
+        )
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(y)
+        g_ref = torch.autograd.grad(y_ref, (x_ref, gamma, beta), grad)
+        g_ours = torch.autograd.grad(y, (x_ours, gamma, beta), grad)
+        for a, b, name in zip(g_ours, g_ref, ("input", "weight", "bias")):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+        torch.testing.assert_close(running_mean, mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(running_var, sigma**2 - EPS, rtol=1e-10, atol=1e-12)
+        if memory_format == "channels_last":
+            assert y.stride() == x.stride()
+    assert saw_r_hi and saw_r_lo and saw_d_hi and saw_d_lo and saw_free, "the data must exercise every clipping case"
+
+
+def test_moving_average_tracks_std_not_variance():
+    """One step from sigma=1 towards sigma_B=3 with alpha=0.5 gives sigma=2 (variance averaging would give sqrt(5))."""
+    x = torch.tensor([[-3.0], [3.0]], dtype=torch.float64)  # mean 0, biased var 9
+    running_mean = torch.zeros(1, dtype=torch.float64)
+    running_var = torch.full((1,), 1.0 - EPS, dtype=torch.float64)  # sigma = 1 exactly
+    batch_renorm(x, running_mean, running_var, training=True, momentum=0.5, eps=EPS)
+    sigma_b = (9.0 + EPS) ** 0.5
+    expected_sigma = 1.0 + 0.5 * (sigma_b - 1.0)
+    torch.testing.assert_close(running_var, torch.tensor([expected_sigma**2 - EPS], dtype=torch.float64))
+
+
+def test_r_and_d_use_statistics_before_the_update():
+    x = torch.randn(16, 3, dtype=torch.float64) * 4 + 2
+    running_mean = torch.zeros(3, dtype=torch.float64)
+    running_var = torch.ones(3, dtype=torch.float64)
+    y = batch_renorm(x, running_mean, running_var, training=True, momentum=1.0, rmax=100.0, dmax=100.0)
+    # With alpha = 1 the moving averages become the batch's; r, d must still come from (0, 1).
+    mu_b, var_b = x.mean(0), x.var(0, unbiased=False)
+    sigma_b = (var_b + EPS).sqrt()
+    sigma = (1 + torch.tensor(EPS, dtype=torch.float64)).sqrt()
+    expected = (x - mu_b) / sigma_b * (sigma_b / sigma) + mu_b / sigma
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(running_mean, mu_b)
+
+
+def test_rmax1_dmax0_is_batchnorm_forward_and_backward():
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 4, 4, dtype=torch.float64) * 3 + 1
+    w = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.1
+    y = batch_renorm(xa, rm.clone(), rv.clone(), w, b, True, 0.1, EPS, 1.0, 0.0)
+    y_bn = torch.nn.functional.batch_norm(xb, None, None, w, b, True, 0.1, EPS)
+    torch.testing.assert_close(y, y_bn)
+    g = torch.randn_like(y)
+    for a, c in zip(torch.autograd.grad(y, (xa, w, b), g), torch.autograd.grad(y_bn, (xb, w, b), g)):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+@pytest.mark.parametrize("case", ["bn", "clipped"])
+def test_gradcheck(case, microbatch_size):
+    """r and d are constants for autograd, so finite differences agree where r, d are locally constant:
+    rmax=1/dmax=0 (batchnorm) or every channel clipped (both directions)."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    if case == "bn":
+        rm, rv, rmax, dmax = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 1.0, 0.0
+    else:
+        rm = torch.tensor([10.0, -10.0, 10.0, -10.0], dtype=torch.float64)
+        rv = torch.tensor([100.0, 100.0, 1e-4, 1e-4], dtype=torch.float64)
+        rmax, dmax = 1.3, 0.5
+
+    def fn(x, w, b):
+        return batch_renorm(x, rm.clone(), rv.clone(), w, b, True, 0.1, EPS, rmax, dmax, microbatch_size)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_renorm_correction_clips_both_ways():
+    r, d = renorm_correction(
+        torch.tensor([0.0, 0.0, 5.0, -5.0]),
+        torch.tensor([10.0, 0.1, 1.0, 1.0]),
+        torch.zeros(4),
+        torch.ones(4),
+        rmax=torch.tensor(2.0, dtype=torch.float64),
+        dmax=torch.tensor(1.0, dtype=torch.float64),
+    )
+    torch.testing.assert_close(r, torch.tensor([2.0, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(d, torch.tensor([0.0, 0.0, 1.0, -1.0]))
+
+
+def test_inference_is_batchnorm_inference():
+    x = torch.randn(3, 4, 5, 5)
+    rm, rv = torch.randn(4), torch.rand(4)
+    w, b = torch.randn(4), torch.randn(4)
+    torch.testing.assert_close(
+        batch_renorm(x, rm, rv, w, b, training=False),
+        torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, EPS),
+    )
+
+
+def test_microbatch_errors_name_the_sizes():
+    x = torch.randn(6, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"microbatch_size=4 does not divide the batch size 6"):
+        batch_renorm(x, torch.zeros(3), torch.ones(3), training=True, microbatch_size=4)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[6, 3\].*microbatch_size=1"):
+        batch_renorm(torch.randn(6, 3), torch.zeros(3), torch.ones(3), training=True, microbatch_size=1)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[1, 3\]"):
+        batch_renorm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
+
+
+def test_correction_stats_are_recorded():
+    stats = torch.zeros(5)
+    x = torch.randn(64, 4, dtype=torch.float64) * torch.tensor([10.0, 0.01, 1.0, 1.0], dtype=torch.float64)
+    x = x - x.mean(0)  # d = 0 exactly on channels 0-2
+    x[:, 3] += 50
+    batch_renorm(x, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), training=True,
+                 rmax=2.0, dmax=3.0, correction_stats=stats)
+    r_clipped, d_clipped, abs_r, abs_d, count = stats.tolist()
+    assert count == 4
+    assert r_clipped == 2  # channels 0 (too wide) and 1 (too narrow)
+    assert d_clipped == 1  # channel 3 (shifted)
+    assert abs_d == pytest.approx(3.0, rel=1e-5)
+    assert abs_r >= 1.5  # |2-1| + |0.5-1| + two small terms

@@ -1,0 +1,421 @@
+"""lightning_brn.layers: batchnorm-compatible state, validation, dtypes, memory formats, compile, sync."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PAIRS = [
+    (BatchRenorm1d, nn.BatchNorm1d, (8, 5)),
+    (BatchRenorm1d, nn.BatchNorm1d, (8, 5, 7)),
+    (BatchRenorm2d, nn.BatchNorm2d, (8, 5, 4, 3)),
+    (BatchRenorm3d, nn.BatchNorm3d, (4, 5, 2, 3, 3)),
+]
+IDS = ["1d-NC", "1d-NCL", "2d", "3d"]
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(0.5, 1.5)
+        module.running_mean.normal_()
+        module.running_var.uniform_(0.5, 2.0)
+        module.num_batches_tracked.fill_(7)
+    return module
+
+
+# --------------------------------------------------------------------------- batchnorm equivalence
+@pytest.mark.parametrize("brn_cls, bn_cls, shape", PAIRS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rmax1_dmax0_equals_batchnorm_training(brn_cls, bn_cls, shape, dtype):
+    torch.manual_seed(0)
+    bn = _randomize(bn_cls(5, momentum=0.01, dtype=dtype))
+    brn = brn_cls(5, dtype=dtype)
+    brn.load_state_dict(bn.state_dict())
+    x = torch.randn(*shape, dtype=dtype) * 2 + 1
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_bn = brn(xa), bn(xb)
+    torch.testing.assert_close(y, y_bn)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_bn.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(brn.weight.grad, bn.weight.grad)
+    torch.testing.assert_close(brn.bias.grad, bn.bias.grad)
+    assert brn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 8
+
+
+@pytest.mark.parametrize("brn_cls, bn_cls, shape", PAIRS, ids=IDS)
+def test_state_dict_round_trip_with_batchnorm_strict(brn_cls, bn_cls, shape):
+    bn = _randomize(bn_cls(5)).eval()
+    brn = brn_cls(5, rmax=3.0, dmax=5.0, momentum=0.05, microbatch_size=2).eval()
+    brn.load_state_dict(bn.state_dict(), strict=True)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(brn(x), bn(x), rtol=0, atol=0)
+    # and back, after renorm training has moved the statistics
+    brn.train()(torch.randn(*shape) * 3)
+    bn2 = bn_cls(5)
+    bn2.load_state_dict(brn.state_dict(), strict=True)
+    assert set(brn.state_dict()) == set(bn.state_dict())
+    torch.testing.assert_close(bn2.eval()(x), brn.eval()(x), rtol=0, atol=0)
+    # the hyper-parameters are not state: they survive loading
+    assert (brn.rmax, brn.dmax, brn.momentum) == (3.0, 5.0, 0.05)
+
+
+def test_loads_old_batchnorm_checkpoint_without_num_batches_tracked():
+    bn = _randomize(nn.BatchNorm2d(5))
+    sd = bn.state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    brn = BatchRenorm2d(5)
+    brn.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(brn.running_var, bn.running_var)
+
+
+def test_eval_is_batchnorm_inference_with_moving_averages():
+    brn = _randomize(BatchRenorm2d(5, rmax=3.0, dmax=5.0)).eval()
+    x = torch.randn(3, 5, 4, 4)
+    expected = nn.functional.batch_norm(x, brn.running_mean, brn.running_var, brn.weight, brn.bias, False, 0.0, brn.eps)
+    torch.testing.assert_close(brn(x), expected, rtol=0, atol=0)
+    before = (brn.running_mean.clone(), brn.running_var.clone(), brn.num_batches_tracked.clone())
+    brn(x)
+    for a, b in zip(before, (brn.running_mean, brn.running_var, brn.num_batches_tracked)):
+        assert torch.equal(a, b), "eval must not touch the running statistics"
+
+
+# --------------------------------------------------------------------------- hyper-parameters
+def test_hyperparameters_read_back_as_floats_and_apply_at_next_forward():
+    layer = BatchRenorm2d(3, rmax=2.0, dmax=1.0, momentum=0.1)
+    assert isinstance(layer.rmax, float) and layer.rmax == 2.0
+    assert isinstance(layer.dmax, float) and layer.dmax == 1.0
+    assert isinstance(layer.momentum, float) and layer.momentum == 0.1
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4) * 5 + 3  # far from the initial (0, 1) statistics: r, d clip
+    y_before = layer(x)
+    layer.reset_running_stats()
+    layer.rmax, layer.dmax, layer.momentum = 1.0, 0.0, 0.5
+    y_after = layer(x)
+    torch.testing.assert_close(y_after, nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
+    assert not torch.allclose(y_before, y_after)
+    sigma_b = (x.var(dim=(0, 2, 3), unbiased=False) + layer.eps).sqrt()
+    expected_sigma = (1 + layer.eps) ** 0.5 * 0.5 + 0.5 * sigma_b
+    torch.testing.assert_close(layer.running_var, expected_sigma**2 - layer.eps)
+
+
+def test_repr_names_every_hyperparameter():
+    text = repr(BatchRenorm2d(8, eps=1e-3, momentum=0.02, affine=False, rmax=3.0, dmax=5.0, microbatch_size=4))
+    for part in ("8", "eps=0.001", "momentum=0.02", "affine=False", "track_running_stats=True", "rmax=3.0", "dmax=5.0",
+                 "microbatch_size=4"):
+        assert part in text
+
+
+def test_dtype_conversion_keeps_schedule_values_exact():
+    layer = BatchRenorm2d(3, rmax=1.0001, dmax=0.0003).half()
+    assert layer.weight.dtype == torch.float16
+    assert layer.rmax == 1.0001 and layer.dmax == 0.0003
+    layer.double()
+    assert layer.running_mean.dtype == torch.float64 and layer.rmax == 1.0001
+
+
+def test_deepcopy_and_pickle():
+    layer = _randomize(BatchRenorm2d(4, rmax=2.5, dmax=0.5, microbatch_size=2))
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert (clone.rmax, clone.dmax, clone.microbatch_size) == (2.5, 0.5, 2)
+        torch.testing.assert_close(clone.running_var, layer.running_var)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False).rmax == 2.5
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"rmax": 0.5}, ValueError, r"rmax must be >= 1.*rmax=0.5"),
+        ({"dmax": -1.0}, ValueError, r"dmax must be >= 0.*dmax=-1.0"),
+        ({"momentum": 1.5}, ValueError, r"momentum .* must be in \[0, 1\].*momentum=1.5"),
+        ({"momentum": -0.1}, ValueError, r"momentum=-0.1"),
+        ({"momentum": None}, ValueError, r"momentum=None"),
+        ({"eps": 0.0}, ValueError, r"eps must be > 0.*eps=0.0"),
+        ({"eps": -1e-5}, ValueError, r"eps=-1e-05"),
+        ({"microbatch_size": 0}, ValueError, r"microbatch_size must be >= 1.*microbatch_size=0"),
+        ({"microbatch_size": 2.5}, TypeError, r"microbatch_size must be a positive int.*2.5"),
+        ({"rmax": float("nan")}, ValueError, r"rmax must be finite"),
+        ({"rmax": "3"}, TypeError, r"rmax must be a real number.*'3'"),
+        ({"affine": "yes"}, TypeError, r"affine must be a bool.*'yes'"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        BatchRenorm2d(4, **kwargs)
+
+
+@pytest.mark.parametrize("num_features", [0, -3, 2.0, True])
+def test_bad_num_features(num_features):
+    with pytest.raises(ValueError, match=rf"num_features must be a positive int, got num_features={num_features!r}"):
+        BatchRenorm2d(num_features)
+
+
+def test_bad_assignment_keeps_old_value():
+    layer = BatchRenorm2d(4, rmax=2.0, dmax=1.0)
+    with pytest.raises(ValueError, match=r"rmax=0.9"):
+        layer.rmax = 0.9
+    with pytest.raises(ValueError, match=r"dmax=-0.1"):
+        layer.dmax = -0.1
+    with pytest.raises(ValueError, match=r"momentum=2.0"):
+        layer.momentum = 2.0
+    with pytest.raises(ValueError, match=r"microbatch_size=-1"):
+        layer.microbatch_size = -1
+    assert (layer.rmax, layer.dmax, layer.momentum, layer.microbatch_size) == (2.0, 1.0, 0.01, None)
+
+
+@pytest.mark.parametrize(
+    "layer, shape, match",
+    [
+        (BatchRenorm1d(4), (2, 4, 3, 3), r"expected 2D or 3D input.*got 4D input of shape \(2, 4, 3, 3\)"),
+        (BatchRenorm2d(4), (2, 4, 3), r"expected 4D input.*got 3D input of shape \(2, 4, 3\)"),
+        (BatchRenorm3d(4), (2, 4, 3, 3), r"expected 5D input.*got 4D input"),
+        (BatchRenorm2d(4), (2, 3, 5, 5), r"BatchRenorm2d\(4\) got input with 3 channels.*expected 4 channels"),
+        (BatchRenorm1d(4), (8, 6), r"BatchRenorm1d\(4\) got input with 6 channels"),
+    ],
+)
+def test_bad_inputs(layer, shape, match):
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(*shape))
+    assert layer.num_batches_tracked.item() == 0, "a rejected input must not count as a step"
+
+
+def test_microbatch_errors_before_any_state_changes():
+    layer = BatchRenorm2d(3, microbatch_size=4)
+    before = layer.running_mean.clone()
+    with pytest.raises(ValueError, match=r"microbatch_size=4 does not divide the batch size 6"):
+        layer(torch.randn(6, 3, 2, 2) + 5)
+    assert torch.equal(layer.running_mean, before)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel"):
+        BatchRenorm1d(3, microbatch_size=1)(torch.randn(4, 3))
+    # eval mode ignores microbatches (inference uses moving averages)
+    layer.eval()(torch.randn(6, 3, 2, 2))
+
+
+# --------------------------------------------------------------------------- options
+def test_microbatches_are_normalized_independently():
+    torch.manual_seed(0)
+    layer = BatchRenorm2d(3, microbatch_size=2)
+    x = torch.randn(6, 3, 4, 4) * torch.arange(1, 7).view(6, 1, 1, 1)
+    y = layer(x)
+    for g in range(3):
+        xg = x[2 * g : 2 * g + 2]
+        torch.testing.assert_close(y[2 * g : 2 * g + 2], nn.functional.batch_norm(xg, None, None, training=True))
+
+
+@pytest.mark.parametrize("brn_cls, bn_cls, shape", PAIRS, ids=IDS)
+def test_affine_false_and_no_running_stats_behave_as_batchnorm(brn_cls, bn_cls, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3 + 2
+    for kwargs in ({"affine": False}, {"track_running_stats": False}, {"affine": False, "track_running_stats": False}):
+        brn, bn = brn_cls(5, rmax=3.0, dmax=5.0, **kwargs), bn_cls(5, **kwargs)
+        assert set(brn.state_dict()) == set(bn.state_dict())
+        if brn.affine:
+            assert brn.weight is not None
+        else:
+            assert brn.weight is None and brn.bias is None
+        if not brn.track_running_stats:
+            assert brn.running_mean is None and brn.num_batches_tracked is None
+            # no running statistics: nothing to renormalize against -> batchnorm with batch statistics, in both modes
+            torch.testing.assert_close(brn(x), bn(x))
+            torch.testing.assert_close(brn.eval()(x), bn.eval()(x))
+        else:
+            brn(x)
+            bn.momentum = None  # (only to reach the same place; compare eval on loaded stats)
+            bn.load_state_dict(brn.state_dict())
+            torch.testing.assert_close(brn.eval()(x), bn.eval()(x))
+
+
+def test_track_running_stats_switched_off_after_construction_freezes_statistics():
+    layer = BatchRenorm2d(3, rmax=3.0, dmax=5.0)
+    layer.track_running_stats = False  # what Lightning's BaseFinetuning.freeze does to batchnorm
+    before = layer.running_mean.clone()
+    x = torch.randn(4, 3, 2, 2) + 4
+    torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
+    assert torch.equal(layer.running_mean, before)
+
+
+def test_channels_last_in_channels_last_out():
+    for mb in (None, 2):
+        layer = BatchRenorm2d(8, rmax=3.0, dmax=5.0, microbatch_size=mb)
+        ref = copy.deepcopy(layer)
+        x = torch.randn(4, 8, 5, 6)
+        xc = x.to(memory_format=torch.channels_last).requires_grad_()
+        y = layer(xc)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        y.sum().backward()
+        assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref(x))
+    y3 = BatchRenorm3d(4)(torch.randn(2, 4, 3, 3, 3).to(memory_format=torch.channels_last_3d))
+    assert y3.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_half_statistics_in_float32(dtype):
+    torch.manual_seed(0)
+    layer = BatchRenorm2d(4, rmax=2.0, dmax=1.0)
+    ref = copy.deepcopy(layer)
+    x = (torch.randn(8, 4, 6, 6) * 3 + 100).to(dtype)  # a large mean: half-precision statistics would be off
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x.requires_grad_())
+    assert y.dtype == dtype
+    assert layer.running_mean.dtype == torch.float32
+    y_ref = ref(x.detach().float())
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == dtype
+
+
+def test_act_layer_applies_drop_and_act_like_timm():
+    timm_layers = pytest.importorskip("timm.layers")
+    bn_act = timm_layers.BatchNormAct2d(6, act_layer="gelu", drop_layer=nn.Dropout)
+    brn_act = BatchRenormAct2d(6, act_layer="gelu", drop_layer=nn.Dropout, rmax=2.0)
+    assert type(brn_act.act) is type(bn_act.act) and type(brn_act.drop) is nn.Dropout
+    brn_act.load_state_dict(_randomize(bn_act).state_dict(), strict=True)
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(brn_act.eval()(x), bn_act.eval()(x))
+    assert isinstance(BatchRenormAct2d(6, apply_act=False).act, nn.Identity)
+    assert is_batch_renorm(brn_act) and not is_batch_renorm(bn_act)
+
+
+# --------------------------------------------------------------------------- compile
+class _CompileCounter:
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def _net(mb=None):
+    return nn.Sequential(nn.Conv2d(3, 8, 3), BatchRenorm2d(8, microbatch_size=mb), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                         BatchRenormAct2d(4, act_layer="silu"), nn.Flatten(), nn.Linear(4 * 6 * 6, 10),
+                         BatchRenorm1d(10))
+
+
+def test_compile_changing_hyperparameters_every_step_does_not_recompile():
+    torch._dynamo.reset()
+    counter = _CompileCounter()
+    model = _net()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for step in range(6):
+        for m in model.modules():
+            if is_batch_renorm(m):
+                m.rmax = 1.0 + 0.3 * step
+                m.dmax = 0.5 * step
+                m.momentum = 0.01 * (step + 1)
+                m.track_correction = True
+        compiled(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert counter.graphs == 1, f"recompiled {counter.graphs - 1} times"
+
+
+@pytest.mark.parametrize("mb", [None, 2])
+def test_compiled_inductor_matches_eager(mb):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = _net(mb)
+    for m in eager.modules():
+        if is_batch_renorm(m):
+            m.rmax, m.dmax, m.momentum = 1.5, 0.5, 0.2
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(4, 3, 8, 8) * 2 + 1
+        y_e, y_c = eager(x), compiled(x)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(y_e)
+        y_e.backward(g)
+        y_c.backward(g)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    # the moving averages moved (so a backward that re-read the updated buffers would have been caught)
+    assert eager[1].num_batches_tracked.item() == 2
+
+
+# --------------------------------------------------------------------------- sync batchnorm
+def test_convert_sync_batchnorm_never_touches_renorm_layers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), BatchRenorm2d(4, rmax=3.0), BatchRenormAct2d(4))
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], nn.SyncBatchNorm)  # plain batchnorm is synchronized
+    assert type(converted[2]) is BatchRenorm2d and converted[2].rmax == 3.0
+    assert type(converted[3]) is BatchRenormAct2d
+    assert not isinstance(BatchRenorm2d(4), nn.modules.batchnorm._BatchNorm)
+
+
+def test_trainer_sync_batchnorm_keeps_renorm_layers(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+
+    class Model(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Sequential(nn.Linear(32, 8), BatchRenorm1d(8, rmax=2.0), nn.Linear(8, 2))
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(RandomDataset(32, 64), batch_size=4)
+
+    model = Model()
+    trainer = lightning.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, strategy="ddp", sync_batchnorm=True, max_steps=2,
+        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model)
+    kinds = [type(m) for m in trainer.model.modules()]
+    assert BatchRenorm1d in kinds and nn.SyncBatchNorm not in kinds
+    assert model.layer[1].num_batches_tracked.item() == 2
+
+
+# --------------------------------------------------------------------------- cuda
+@CUDA
+@pytest.mark.parametrize("mb", [None, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_cpu(mb, channels_last):
+    torch.manual_seed(0)
+    cpu = _randomize(BatchRenorm2d(16, rmax=2.0, dmax=1.0, momentum=0.1, microbatch_size=mb))
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(8, 16, 9, 9) * 2 + 1
+    xg = x.cuda()
+    if channels_last:
+        xg = xg.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    xg.requires_grad_()
+    y, yg = cpu(x), gpu(xg)
+    torch.testing.assert_close(yg.cpu(), y, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yg.backward(g.cuda())
+    torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var, rtol=1e-5, atol=1e-6)
+
+
+@CUDA
+def test_cuda_autocast_float16():
+    layer = BatchRenorm2d(8, rmax=2.0, dmax=1.0).cuda()
+    x = torch.randn(4, 8, 5, 5, device="cuda") * 3 + 50
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = layer(x.half())
+    assert y.dtype == torch.float16 and layer.running_mean.dtype == torch.float32
+    y.float().sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
