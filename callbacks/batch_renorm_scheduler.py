@@ -67,7 +67,8 @@ class BatchRenormScheduler(Callback):
 
     Args:
         schedule: the schedule; ``None`` means ``RenormSchedule()``, the paper's 130k-step schedule
-            (use :meth:`RenormSchedule.for_run` for shorter runs). Default: ``None``.
+            (use :meth:`RenormSchedule.for_run` for shorter runs). Any object with RenormSchedule's
+            ``values(step)`` and ``to_dict()`` methods works. Default: ``None``.
         convert: convert the model's batchnorm layers in ``setup`` (stage ``"fit"``). Default: ``False``.
         log_every_n_steps: log every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``, ``0`` disables logging and recording. Default: ``None``.
@@ -102,9 +103,11 @@ class BatchRenormScheduler(Callback):
     ) -> None:
         if schedule is None:
             schedule = RenormSchedule()
-        if not isinstance(schedule, RenormSchedule):
+        # Duck-typed (``values(step)`` and ``to_dict()``), so custom schedules with RenormSchedule's interface work too.
+        if not (callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))):
             raise MisconfigurationException(
-                f"`schedule` must be a lightning_brn.RenormSchedule or None, got {schedule!r} of type {type(schedule).__name__}"
+                f"`schedule` must be a lightning_brn.RenormSchedule (or have its `values(step)` and `to_dict()` methods) "
+                f"or None, got {schedule!r} of type {type(schedule).__name__}"
             )
         if not isinstance(convert, bool):
             raise MisconfigurationException(f"`convert` must be a bool, got convert={convert!r}")
@@ -176,7 +179,7 @@ class BatchRenormScheduler(Callback):
         from lightning_brn.convert import convert_model
 
         before = sum(1 for m in pl_module.modules() if is_batch_renorm(m))
-        values = self._schedule.values(trainer.global_step)
+        values = self._values(trainer.global_step)
         converted = convert_model(
             pl_module,
             rmax=values.rmax,
@@ -258,8 +261,11 @@ class BatchRenormScheduler(Callback):
         self._set_tracking(False)
 
     # ----------------------------------------------------------------- helpers
+    def _values(self, step: int) -> RenormValues:
+        return RenormValues(*self._schedule.values(step))
+
     def _apply(self, trainer: "pl.Trainer") -> RenormValues:
-        values = self._schedule.values(trainer.global_step)
+        values = self._values(trainer.global_step)
         if values != self._applied:  # write only when a value changes (constant during warm-up and after the ramps)
             for m in self._layers:
                 m.rmax = values.rmax
@@ -297,15 +303,22 @@ class BatchRenormScheduler(Callback):
         counts = collections.Counter(type(m).__name__ for m in self._layers)
         s = self._schedule
         step = trainer.global_step
-        values = self._schedule.values(step)
+        values = self._values(step)
         layer_text = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
         rows = [
             ("renorm layers", f"{len(self._layers)} ({layer_text})"),
             ("converted in setup", "no" if self._converted is None else str(self._converted["converted"])),
-            ("warm-up (rmax=1, dmax=0)", f"steps 0..{s.warmup_steps}"),
-            ("rmax", f"1 -> {s.rmax:g} at step {s.rmax_steps} ({s.shape})"),
-            ("dmax", f"0 -> {s.dmax:g} at step {s.dmax_steps} ({s.shape})"),
-            ("momentum (alpha)", f"{s.momentum:g}"),
+        ]
+        if isinstance(s, RenormSchedule):
+            rows += [
+                ("warm-up (rmax=1, dmax=0)", f"steps 0..{s.warmup_steps}"),
+                ("rmax", f"1 -> {s.rmax:g} at step {s.rmax_steps} ({s.shape})"),
+                ("dmax", f"0 -> {s.dmax:g} at step {s.dmax_steps} ({s.shape})"),
+            ]
+        else:
+            rows.append(("schedule", repr(s)))
+        rows += [
+            ("momentum (alpha)", f"{values.momentum:g}"),
             ("now", f"step {step}: rmax={values.rmax:.4g}, dmax={values.dmax:.4g}"),
         ]
         from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar

@@ -397,7 +397,7 @@ class _TensorImages(Dataset):
     """uint8 images (N, H, W) in memory -> normalized float (1, H, W), label."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, augment: bool) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True))
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.mean, self.std, self.augment = mean, std, augment
 

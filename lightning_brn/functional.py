@@ -58,80 +58,98 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return mean, var
 
 
-class _RenormBN(torch.autograd.Function):
-    """Batchnorm training forward/backward with given batch statistics and per-channel weight/bias.
+def _group_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(G, C) means and biased variances of G consecutive groups of the batch, without autograd."""
+    k = x.shape[0] // groups
+    with torch.no_grad():
+        if x.is_cuda or x.dtype in _REDUCED_PRECISION:
+            stats = [_batch_stats(x[g * k : (g + 1) * k]) for g in range(groups)]
+            return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+        mean = x.new_empty((groups, x.shape[1]))
+        var = x.new_empty((groups, x.shape[1]))
+        for g in range(groups):
+            torch.ops.aten.batch_norm_update_stats.out(x[g * k : (g + 1) * k], None, None, 0.0, out0=mean[g], out1=var[g])
+        return mean, var
 
-    ``weight`` and ``bias`` already fold in r and d (``gamma * r`` and ``beta + gamma * d``); the
-    gradient with respect to them flows back to gamma and beta through ordinary autograd.
+
+class _RenormBN(torch.autograd.Function):
+    """Batchnorm's training forward and backward, fed the batch statistics and the constants r and d.
+
+    With ``w = gamma * r`` and ``b = beta + gamma * d`` per channel (and per group), the training output
+    of Algorithm 1 is eval-mode batchnorm of the batch statistics with weight ``w`` and bias ``b``, and
+    since r and d are constants, the input gradient is batchnorm's training backward with weight ``w``.
+    The gradients of gamma and beta follow by the chain rule: ``r * dL/dw + d * dL/db`` and ``dL/db``.
+    Saved for backward: the input and four per-channel vectors, as batchnorm.
+
+    ``mean``, ``var``, ``r``, ``d`` have shape (C,), or (G, C) for G groups of consecutive examples.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        # Eval-mode batchnorm with the *batch* statistics is exactly the training output.
-        out = torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        var: Tensor,
+        r: Tensor,
+        d: Tensor,
+        eps: float,
+    ) -> Tensor:
+        if weight is None:
+            w_eff, b_eff = r, d
+        else:
+            w_eff = weight * r
+            b_eff = weight * d
+        if bias is not None:
+            b_eff = b_eff + bias
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        if mean.dim() == 1:
+            # Eval-mode batchnorm with the *batch* statistics is exactly the training output.
+            out = torch.nn.functional.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
+        else:
+            groups = mean.shape[0]
+            scale = w_eff * invstd
+            shift = b_eff - mean * scale
+            bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
+            xg = x.view(groups, x.shape[0] // groups, *x.shape[1:])
+            out = torch.addcmul(shift.to(x.dtype).view(bshape), xg, scale.to(x.dtype).view(bshape)).view(x.shape)
+        ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
         ctx.eps = eps
+        ctx.has_weight = weight is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)),
-            x,
-            weight,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            ctx.eps,
-            [need_x, need_w, need_b],
-        )
-        return grad_x, grad_w, grad_b, None, None, None
-
-
-class _RenormBNGroups(torch.autograd.Function):
-    """Like :class:`_RenormBN`, with G consecutive groups of the batch normalized on their own.
-
-    ``weight``, ``bias``, ``mean`` and ``var`` have shape (G, C).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        groups = weight.shape[0]
-        invstd = torch.rsqrt(var + eps)
-        scale = weight * invstd
-        shift = bias - mean * scale
-        bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
-        xg = x.view(groups, x.shape[0] // groups, *x.shape[1:])
-        out = torch.addcmul(shift.to(x.dtype).view(bshape), xg, scale.to(x.dtype).view(bshape))
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
-        return out.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
-        groups = weight.shape[0]
-        k = x.shape[0] // groups
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        x, w_eff, mean, invstd, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_affine = need_w or need_b
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-        grad_x = torch.empty_like(x) if mask[0] else None
-        grad_w = torch.empty_like(weight)
-        grad_b = torch.empty_like(weight)
-        for g in range(groups):
-            sl = slice(g * k, (g + 1) * k)
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad_out[sl], x[sl], weight[g], None, None, mean[g], invstd[g], True, ctx.eps, [mask[0], True, True]
+        if mean.dim() == 1:
+            grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [need_x, need_affine, need_affine]
             )
-            if grad_x is not None:
-                grad_x[sl] = gx
-            grad_w[g] = gw
-            grad_b[g] = gb
-        return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None, None, None, None
+        else:
+            # batchnorm's backward kernel per group, writing straight into slices of the outputs (no copies)
+            groups = mean.shape[0]
+            k = x.shape[0] // groups
+            grad_x = torch.empty_like(x)
+            grad_w_eff = torch.empty_like(w_eff)
+            grad_b_eff = torch.empty_like(w_eff)
+            for g in range(groups):
+                sl = slice(g * k, (g + 1) * k)
+                torch.ops.aten.native_batch_norm_backward.out(
+                    grad_out[sl], x[sl], w_eff[g], None, None, mean[g], invstd[g], True, ctx.eps, [True, True, True],
+                    out0=grad_x[sl], out1=grad_w_eff[g], out2=grad_b_eff[g],
+                )
+        grad_weight = grad_bias = None
+        if need_w and ctx.has_weight:
+            grad_weight = torch.addcmul(grad_w_eff * r, grad_b_eff, d)
+            if grad_weight.dim() == 2:
+                grad_weight = grad_weight.sum(0)
+        if need_b:
+            grad_bias = grad_b_eff if grad_b_eff.dim() == 1 else grad_b_eff.sum(0)
+        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -274,10 +292,7 @@ def batch_renorm(
     if groups == 1:
         mean_b, var_b = _batch_stats(input)
     else:
-        k = n // groups
-        stats = [_batch_stats(input[g * k : (g + 1) * k]) for g in range(groups)]
-        mean_b = torch.stack([s[0] for s in stats])
-        var_b = torch.stack([s[1] for s in stats])
+        mean_b, var_b = _group_stats(input, groups)
 
     param_dtype = weight.dtype if weight is not None else stat_dtype
     if param_dtype in _REDUCED_PRECISION:
@@ -298,13 +313,11 @@ def batch_renorm(
             r = torch.ones(shape, dtype=param_dtype, device=input.device)
             d = torch.zeros(shape, dtype=param_dtype, device=input.device)
 
-    w_eff = r if weight is None else weight.to(param_dtype) * r
-    b_eff = d if weight is None else weight.to(param_dtype) * d
-    if bias is not None:
-        b_eff = b_eff + bias.to(param_dtype)
-    if groups == 1:
-        return _RenormBN.apply(input, w_eff, b_eff, mean_b.to(param_dtype), var_b.to(param_dtype), eps)
-    return _RenormBNGroups.apply(input, w_eff, b_eff, mean_b.to(param_dtype), var_b.to(param_dtype), eps)
+    if weight is not None and weight.dtype != param_dtype:
+        weight = weight.to(param_dtype)
+    if bias is not None and bias.dtype != param_dtype:
+        bias = bias.to(param_dtype)
+    return _RenormBN.apply(input, weight, bias, mean_b.to(param_dtype), var_b.to(param_dtype), r, d, eps)
 
 
 def _update_running(

@@ -267,6 +267,11 @@ class TimmClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and not trainer.sanity_checking:
+            self._last_val_step = trainer.global_step
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "test")
 

@@ -201,13 +201,13 @@ def test_crash_and_resume_at_epoch_end_gives_identical_values_and_weights(tmp_pa
 
     pl.seed_everything(7, verbose=False)
     model = TinyModule(n=24)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)  # at every epoch end
     crashing = trainer(
         tmp_path / "a", [BatchRenormScheduler(SMALL, verbose=False), ckpt, CrashAt(step=6)], max_epochs=3, enable_checkpointing=True
     )
     with pytest.raises(RuntimeError, match="simulated crash at step 6"):
         crashing.fit(model)
-    last = tmp_path / "ckpt" / "last.ckpt"
+    last = tmp_path / "ckpt" / "epoch=0-step=6.ckpt"
     assert last.exists()
 
     pl.seed_everything(99, verbose=False)  # a different init: everything must come from the checkpoint
@@ -353,7 +353,8 @@ def test_convert_true_converts_in_setup_before_optimizers(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(schedule={"warmup_steps": 3}), "`schedule` must be a lightning_brn.RenormSchedule"),
+        (dict(schedule={"warmup_steps": 3}), "`schedule` must be a lightning_brn.RenormSchedule.*warmup_steps"),
+        (dict(schedule=0.01), "`schedule` must be a lightning_brn.RenormSchedule.*got 0.01 of type float"),
         (dict(convert="yes"), "`convert` must be a bool, got convert='yes'"),
         (dict(log_every_n_steps=-1), "log_every_n_steps=-1"),
         (dict(log_every_n_steps=2.5), "log_every_n_steps=2.5"),

@@ -1,0 +1,298 @@
+"""``lightning-brn``: train timm models with batchnorm or Batch Renorm from YAML recipes.
+
+A thin :class:`lightning.pytorch.cli.LightningCLI` (``fit / validate / test / predict``,
+``--config``, ``--print_config``, dotted overrides) with three additions:
+
+* recipes by name: ``--recipe NAME`` (or ``--config NAME`` when no such file exists) loads
+  ``NAME.yaml`` shipped inside the package (:mod:`lightning_brn.recipes`), so recipes work
+  from a wheel as well as from a checkout;
+* a bare ``lightning-brn fit`` (no ``--config`` / ``--recipe``) runs the embedded default
+  recipe ``default``: Batch Renorm on Fashion-MNIST, a few minutes on a laptop CPU;
+* logging to a CSV logger (plus TensorBoard when it is installed) under ``runs/<recipe>/``,
+  and a short summary at the end of ``fit``.
+
+Examples::
+
+    $ lightning-brn fit                                    # the embedded default
+    $ lightning-brn fit --recipe fmnist_noniid_brn --trainer.max_steps 500
+    $ lightning-brn fit --config recipes/imagenet_4.1_iid_brn.yaml --data.init_args.data_dir /data/imagenet
+    $ lightning-brn fit --recipe default --print_config > my_recipe.yaml
+    $ lightning-brn validate --recipe default --ckpt_path runs/default/version_0/checkpoints/last.ckpt
+
+    >>> from lightning_brn.cli import available_recipes
+    >>> "default" in available_recipes()
+    True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from lightning_brn.data import ClassificationDataModule
+from lightning_brn.module import TimmClassifier, check_batch_config
+
+__all__ = ["BatchRenormCLI", "available_recipes", "recipe_path", "expand_recipe_args", "cli_main", "main"]
+
+#: The recipe a bare ``lightning-brn fit`` runs.
+DEFAULT_RECIPE = "default"
+#: Root folder of the default loggers.
+DEFAULT_LOG_DIR = "runs"
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_HELP_FLAGS = ("-h", "--help")
+
+
+# --------------------------------------------------------------------------------------
+# Recipes shipped as package data
+# --------------------------------------------------------------------------------------
+def _recipe_dir() -> Any:
+    return resources.files("lightning_brn.recipes")
+
+
+def available_recipes() -> dict[str, str]:
+    """Shipped recipe names mapped to the first line of their header comment.
+
+    Examples::
+
+        >>> sorted(available_recipes())[:2]
+        ['default', 'fmnist_iid_bn']
+    """
+    out: dict[str, str] = {}
+    for entry in sorted(_recipe_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            summary = ""
+            for line in entry.read_text(encoding="utf-8").splitlines():
+                if line.startswith("#"):
+                    summary = line.lstrip("#").strip()
+                    if summary:
+                        break
+            out[entry.name[: -len(".yaml")]] = summary
+    return out
+
+
+def recipe_path(name: str) -> str:
+    """The file of the shipped recipe ``name`` (with or without ``.yaml``).
+
+    Raises:
+        ValueError: ``name`` is not a shipped recipe (the message lists them).
+
+    Examples::
+
+        >>> recipe_path("default").endswith("default.yaml")
+        True
+    """
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    entry = _recipe_dir() / f"{stem}.yaml"
+    if not entry.is_file():
+        import difflib
+
+        names = list(available_recipes())
+        close = difflib.get_close_matches(stem, names, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown recipe {name!r}.{hint} Shipped recipes: {', '.join(names)}")
+    # Installed packages (wheel or editable) are plain folders, so the entry is a real file.
+    return os.fspath(entry)
+
+
+def expand_recipe_args(argv: Sequence[str]) -> tuple[list[str], str]:
+    """Rewrite ``--recipe NAME`` / ``--config NAME`` into ``--config <file>``; add the default recipe.
+
+    Returns the new argument list and the run name (the last recipe or config file's stem),
+    used for the log folder. A subcommand without any ``--config``/``--recipe`` gets
+    ``--config <default recipe>`` inserted right after it, so dotted overrides still apply.
+
+    Examples::
+
+        >>> args, name = expand_recipe_args(["fit", "--trainer.max_steps", "5"])
+        >>> args[1], args[2].endswith("default.yaml"), args[3:], name
+        ('--config', True, ['--trainer.max_steps', '5'], 'default')
+    """
+    argv = list(argv)
+    out: list[str] = []
+    name: Optional[str] = None
+    has_config = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--recipe", "--config", "-c"):
+            if eq:
+                i += 1
+            elif i + 1 < len(argv):
+                value = argv[i + 1]
+                i += 2
+            else:
+                raise SystemExit(f"lightning-brn: {key} needs a value (recipes: {', '.join(available_recipes())})")
+            if key == "--recipe" or (not Path(value).exists() and not value.lstrip().startswith("{")):
+                try:
+                    value = recipe_path(value)
+                except ValueError as err:
+                    if key == "--recipe" or not Path(value).suffix or Path(value).name == value:
+                        raise SystemExit(f"lightning-brn: {err}") from None
+                    # a path that does not exist: let jsonargparse report it
+            out += ["--config", value]
+            has_config = True
+            if not value.lstrip().startswith("{"):
+                name = Path(value).stem
+            continue
+        out.append(arg)
+        i += 1
+    if out and out[0] in _SUBCOMMANDS and not has_config:
+        out[1:1] = ["--config", recipe_path(DEFAULT_RECIPE)]
+        name = DEFAULT_RECIPE
+    return out, name or "lightning_brn"
+
+
+def _recipes_help() -> str:
+    lines = ["Recipes (run one with --recipe NAME, or --config NAME / --config FILE.yaml):"]
+    recipes = available_recipes()
+    width = max((len(n) for n in recipes), default=0)
+    for n, summary in recipes.items():
+        lines.append(f"  {n.ljust(width)}  {summary}")
+    lines.append(f"A subcommand without --config/--recipe runs the '{DEFAULT_RECIPE}' recipe.")
+    lines.append("Show or copy a recipe: lightning-brn fit --recipe NAME --print_config")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------------------
+def _raw_formatter() -> type:
+    from jsonargparse import DefaultHelpFormatter
+
+    class _Formatter(DefaultHelpFormatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep the recipe table's lines
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return _Formatter
+
+
+def _default_loggers(run_name: str, save_dir: str = DEFAULT_LOG_DIR) -> list[Logger]:
+    """A CSV logger, plus TensorBoard when installed, sharing ``<save_dir>/<run_name>/version_N``."""
+    csv = CSVLogger(save_dir=save_dir, name=run_name)
+    loggers: list[Logger] = [csv]
+    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=save_dir, name=run_name, version=csv.version, default_hp_metric=False))
+    return loggers
+
+
+class BatchRenormCLI(LightningCLI):
+    """LightningCLI for :class:`~lightning_brn.module.TimmClassifier` and the recipe data modules.
+
+    Adds default loggers (CSV, plus TensorBoard when installed) when the config gives none,
+    checks the batch configuration before any training, and prints a summary after ``fit``.
+    """
+
+    def __init__(self, *args: Any, run_name: str = "lightning_brn", **kwargs: Any) -> None:
+        self.run_name = run_name
+        self._start_time = time.perf_counter()
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def after_instantiate_classes(self) -> None:
+        if self.datamodule is not None and isinstance(self.model, TimmClassifier):
+            check_batch_config(self.model, self.datamodule)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = _default_loggers(self.run_name)
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        self._start_time = time.perf_counter()
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.interrupted or not trainer.is_global_zero and trainer.world_size > 1:
+            return
+        if trainer.fast_dev_run:
+            return
+        last_val = getattr(self.model, "_last_val_step", None)
+        if last_val != trainer.global_step and trainer.limit_val_batches != 0:
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if trainer.is_global_zero:
+            print_summary(trainer, time.perf_counter() - self._start_time)
+
+
+def print_summary(trainer: Trainer, seconds: float) -> None:
+    """Print validation accuracy, checkpoint and log locations of a finished ``fit``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    table = Table(title="lightning-brn fit: done", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("steps", f"{trainer.global_step} optimizer steps, {trainer.current_epoch} epoch(s), {seconds:.0f} s")
+    if "val/acc1" in metrics:
+        acc = f"top-1 {100 * metrics['val/acc1']:.2f}%"
+        if "val/acc5" in metrics:
+            acc += f", top-5 {100 * metrics['val/acc5']:.2f}%"
+        if "val/loss" in metrics:
+            acc += f", loss {metrics['val/loss']:.4f}"
+        table.add_row("validation", acc)
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None:
+        best = getattr(ckpt, "best_model_path", "") or ""
+        last = getattr(ckpt, "last_model_path", "") or ""
+        if best:
+            table.add_row("best checkpoint", best)
+        if last and last != best:
+            table.add_row("last checkpoint", last)
+        if not best and not last:
+            table.add_row("checkpoints", str(getattr(ckpt, "dirpath", "")))
+    for logger in trainer.loggers:
+        table.add_row(f"{type(logger).__name__} logs", str(logger.log_dir))
+    Console().print(table)
+
+
+def cli_main(args: Optional[Sequence[str]] = None, **kwargs: Any) -> BatchRenormCLI:
+    """Run the CLI on ``args`` (default: ``sys.argv[1:]``) and return it (for tests and notebooks)."""
+    argv, run_name = expand_recipe_args(sys.argv[1:] if args is None else args)
+    help_text = _recipes_help()
+    subcommand_kwargs = {
+        sub: {"description": f"lightning-brn {sub}\n\n{help_text}", "formatter_class": _raw_formatter()}
+        for sub in _SUBCOMMANDS
+    }
+    parser_kwargs: dict[str, Any] = {
+        "prog": "lightning-brn",
+        "description": "Train timm image classifiers with batchnorm or Batch Renorm (Ioffe 2017).\n\n" + help_text,
+        "formatter_class": _raw_formatter(),
+        **subcommand_kwargs,
+    }
+    parser_kwargs.update(kwargs.pop("parser_kwargs", {}))
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    return BatchRenormCLI(
+        TimmClassifier,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs=parser_kwargs,
+        args=argv,
+        run_name=run_name,
+        **kwargs,
+    )
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``lightning-brn`` console script and ``python -m lightning_brn``."""
+    cli_main(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
