@@ -1,0 +1,59 @@
+"""Packaging: the wheel installs everything inside the lightning_brn namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    pytest.importorskip("setuptools")
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    (whl,) = out.glob("lightning_brn-*.whl")
+    return zipfile.ZipFile(whl)
+
+
+def test_wheel_installs_nothing_outside_the_namespace(wheel):
+    tops = {name.split("/")[0] for name in wheel.namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"lightning_brn"}
+    assert "callbacks" not in tops and "recipes" not in tops
+
+
+def test_wheel_carries_callbacks_recipes_and_types(wheel):
+    names = set(wheel.namelist())
+    assert "lightning_brn/callbacks/__init__.py" in names
+    assert "lightning_brn/recipes/__init__.py" in names
+    assert "lightning_brn/py.typed" in names
+    recipes = {Path(n).name for n in names if n.startswith("lightning_brn/recipes/") and n.endswith(".yaml")}
+    shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    assert shipped and recipes == shipped
+    (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+    assert "lightning-brn = lightning_brn.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_subpackages_import_from_the_namespace():
+    import lightning_brn.callbacks
+    import lightning_brn.recipes
+
+    assert Path(lightning_brn.callbacks.__file__).parent == ROOT / "callbacks" or "site-packages" in lightning_brn.callbacks.__file__
+    assert Path(lightning_brn.recipes.__file__).parent == ROOT / "recipes" or "site-packages" in lightning_brn.recipes.__file__
+
+
+def test_version_is_defined_once():
+    import lightning_brn
+
+    about = (ROOT / "lightning_brn" / "__about__.py").read_text()
+    assert f'__version__ = "{lightning_brn.__version__}"' in about
+    assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()
