@@ -15,6 +15,7 @@ keys are batchnorm's, so checkpoints load with ``strict=True`` either way.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import warnings
 from collections import Counter
@@ -53,8 +54,10 @@ _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 # conversion_summary) and batchnorm's own momentum (restored by revert_model).
 _SOURCE_ATTR = "_bn_source"
 _BN_MOMENTUM_ATTR = "_bn_momentum"
+_MISSING = object()
 
 
+@functools.lru_cache(maxsize=None)
 def _timm_norm_act() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(BatchNormAct2d, SyncBatchNormAct) and timm's frozen classes, or empty tuples without timm."""
     try:
@@ -64,6 +67,7 @@ def _timm_norm_act() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return (BatchNormAct2d, SyncBatchNormAct), (FrozenBatchNormAct2d,)
 
 
+@functools.lru_cache(maxsize=None)
 def _frozen_classes() -> tuple[type, ...]:
     classes: list[type] = list(_timm_norm_act()[1])
     try:
@@ -169,30 +173,39 @@ def _move_state(src: nn.Module, dst: nn.Module) -> None:
 def _make_renorm(
     module: _BatchNorm, cls: type[_BatchRenorm], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
 ) -> _BatchRenorm:
-    device = _state_device(module)
+    # Built without weight, bias or running statistics (registered as None, nothing allocated, nothing
+    # initialized), on the device of the original state so that the 0-dim schedule buffers live there;
+    # then the original tensors move in and the flags are set to the original's.
     kwargs = dict(
         eps=module.eps,
         momentum=momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
+        affine=False,
+        track_running_stats=False,
         rmax=rmax,
         dmax=dmax,
         microbatch_size=microbatch_size,
-        device="meta",  # nothing is allocated: the original tensors are moved in below
+        device=_state_device(module),
     )
     if cls is BatchRenormAct2d:
         kwargs["apply_act"] = False  # the original act/drop children are re-attached by the caller
     new = cls(module.num_features, **kwargs)  # type: ignore[arg-type]
+    new.affine = module.affine
+    new.track_running_stats = module.track_running_stats
     _move_state(module, new)
-    # The 0-dim schedule buffers and the correction accumulator live on the layer's real device.
-    sched_dtype = new._schedule_dtype(device)
-    for name, value in (("_rmax", rmax), ("_dmax", dmax), ("_momentum", momentum)):
-        new._buffers[name] = torch.tensor(value, dtype=sched_dtype, device=device)
-    corr = new._buffers["_correction"]
-    assert corr is not None
-    new._buffers["_correction"] = torch.zeros(corr.shape, dtype=corr.dtype, device=device)
     setattr(new, _SOURCE_ATTR, type(module).__name__)
     setattr(new, _BN_MOMENTUM_ATTR, module.momentum)
+    return new
+
+
+def _make_batchnorm(module: _BatchRenorm, cls: type[_BatchNorm], momentum: Optional[float]) -> _BatchNorm:
+    # As _make_renorm: nothing allocated, then the renorm layer's tensors move in.
+    kwargs: dict[str, object] = dict(eps=module.eps, momentum=momentum, affine=False, track_running_stats=False)
+    if cls in _timm_norm_act()[0]:
+        kwargs["apply_act"] = False  # the act/drop children are re-attached by the caller
+    new = cls(module.num_features, **kwargs)  # type: ignore[arg-type]
+    new.affine = module.affine
+    new.track_running_stats = module.track_running_stats
+    _move_state(module, new)
     return new
 
 
@@ -381,7 +394,11 @@ def convert_model(
         out = module
         if isinstance(module, _BatchNorm):
             cls = _target_class(name, module, sync_batchnorm_dim)
-            out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
+            try:
+                out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
+            except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
+                where = f"module {name!r}" if name else "the root module"
+                raise ValueError(f"convert_model cannot convert {where} ({module!r}): {err}") from err
             converted[f"{type(module).__name__} -> {cls.__name__}"] += 1
         elif isinstance(module, _BatchRenorm):
             already[type(module).__name__] += 1
@@ -414,7 +431,7 @@ def convert_model(
 
 # --------------------------------------------------------------------------------------------- revert
 def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
-    for renorm_cls, bn_cls in _REVERT_TABLE():
+    for renorm_cls, bn_cls in _revert_table():
         if isinstance(module, renorm_cls):
             if type(module).forward is not renorm_cls.forward:
                 where = f"module {name!r}" if name else "the root module"
@@ -426,13 +443,15 @@ def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
     raise TypeError(f"revert_model does not know the Batch Renorm class {type(module).__qualname__} of {name!r}")
 
 
-def _REVERT_TABLE() -> list[tuple[type[_BatchRenorm], type[_BatchNorm]]]:
+@functools.lru_cache(maxsize=None)
+def _revert_table() -> tuple[tuple[type[_BatchRenorm], type[_BatchNorm]], ...]:
+    """(renorm class, batchnorm class) pairs, most specific first."""
     table: list[tuple[type[_BatchRenorm], type[_BatchNorm]]] = []
     act = _timm_norm_act()[0]
     if act:
         table.append((BatchRenormAct2d, act[0]))
     table += [(BatchRenorm1d, nn.BatchNorm1d), (BatchRenorm2d, nn.BatchNorm2d), (BatchRenorm3d, nn.BatchNorm3d)]
-    return table
+    return tuple(table)
 
 
 def revert_model(model: nn.Module) -> nn.Module:
@@ -476,19 +495,7 @@ def revert_model(model: nn.Module) -> nn.Module:
             bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
             if bn_momentum is _MISSING:
                 bn_momentum = module.momentum if module._momentum.device.type != "meta" else 0.1
-            kwargs = dict(
-                eps=module.eps,
-                momentum=bn_momentum,
-                affine=module.affine,
-                track_running_stats=module.track_running_stats,
-                device="meta",
-            )
-            if bn_cls in _timm_norm_act()[0]:  # timm BatchNormAct2d: act/drop children re-attached below
-                kwargs["apply_act"] = False
-            elif module.affine and module.bias is None:
-                kwargs["bias"] = False
-            out = bn_cls(module.num_features, **kwargs)  # type: ignore[arg-type]
-            _move_state(module, out)
+            out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
             reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
         for child_name, child in module.named_children():
             out.add_module(child_name, revert(child, f"{name}.{child_name}" if name else child_name))
@@ -505,5 +512,3 @@ def revert_model(model: nn.Module) -> nn.Module:
         )
     return model
 
-
-_MISSING = object()

@@ -581,6 +581,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         if self.img_size is not None:
             in_chans = getattr(model, "in_chans", 3) if model is not None else 3
             args["input_size"] = (in_chans, self.img_size, self.img_size)
+        elif model is None:  # used outside a Trainer: timm's generic default
+            args["input_size"] = (3, 224, 224)
         return resolve_data_config(args, model=model)
 
     def _folder(self, sub: str, transform: Callable) -> Dataset:

@@ -81,7 +81,8 @@ class _RenormBN(torch.autograd.Function):
     The gradients of gamma and beta follow by the chain rule: ``r * dL/dw + d * dL/db`` and ``dL/db``.
     Saved for backward: the input and four per-channel vectors, as batchnorm.
 
-    ``mean``, ``var``, ``r``, ``d`` have shape (C,), or (G, C) for G groups of consecutive examples.
+    ``mean``, ``var``, ``std`` (= sqrt(var + eps)), ``r``, ``d`` have shape (C,), or (G, C) for G groups of
+    consecutive examples.
     """
 
     @staticmethod
@@ -92,18 +93,18 @@ class _RenormBN(torch.autograd.Function):
         bias: Optional[Tensor],
         mean: Tensor,
         var: Tensor,
+        std: Tensor,
         r: Tensor,
         d: Tensor,
         eps: float,
     ) -> Tensor:
         if weight is None:
-            w_eff, b_eff = r, d
+            w_eff = r
+            b_eff = d if bias is None else d + bias
         else:
             w_eff = weight * r
-            b_eff = weight * d
-        if bias is not None:
-            b_eff = b_eff + bias
-        invstd = torch.rsqrt(var + eps)
+            b_eff = weight * d if bias is None else torch.addcmul(bias, weight, d)
+        invstd = std.reciprocal()
         if mean.dim() == 1:
             # Eval-mode batchnorm with the *batch* statistics is exactly the training output.
             out = torch.nn.functional.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
@@ -149,7 +150,7 @@ class _RenormBN(torch.autograd.Function):
                 grad_weight = grad_weight.sum(0)
         if need_b:
             grad_bias = grad_b_eff if grad_b_eff.dim() == 1 else grad_b_eff.sum(0)
-        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -297,61 +298,77 @@ def batch_renorm(
     param_dtype = weight.dtype if weight is not None else stat_dtype
     if param_dtype in _REDUCED_PRECISION:
         param_dtype = torch.float32
-    shape = mean_b.shape
     with torch.no_grad():
+        std_b = var_b.add(eps).sqrt_()
         if use_running:
             assert running_mean is not None and running_var is not None
-            std_b = torch.sqrt(var_b + eps)
-            running_std = torch.sqrt(running_var.to(stat_dtype) + eps)
-            r, d = renorm_correction(mean_b, std_b, running_mean.to(stat_dtype), running_std, rmax, dmax)
-            if correction_stats is not None:
-                _record_correction(correction_stats, mean_b, std_b, running_mean.to(stat_dtype), running_std, rmax, dmax)
-            _update_running(running_mean, running_var, mean_b, std_b, running_std, momentum, eps)
-            r = r.to(param_dtype)
-            d = d.to(param_dtype)
+            r, d = _renorm_step(
+                mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats
+            )
+            if r.dtype != param_dtype:
+                r, d = r.to(param_dtype), d.to(param_dtype)
         else:
-            r = torch.ones(shape, dtype=param_dtype, device=input.device)
-            d = torch.zeros(shape, dtype=param_dtype, device=input.device)
+            r = torch.ones(mean_b.shape, dtype=param_dtype, device=input.device)
+            d = torch.zeros(mean_b.shape, dtype=param_dtype, device=input.device)
+        if mean_b.dtype != param_dtype:
+            mean_b, var_b, std_b = mean_b.to(param_dtype), var_b.to(param_dtype), std_b.to(param_dtype)
 
     if weight is not None and weight.dtype != param_dtype:
         weight = weight.to(param_dtype)
     if bias is not None and bias.dtype != param_dtype:
         bias = bias.to(param_dtype)
-    return _RenormBN.apply(input, weight, bias, mean_b.to(param_dtype), var_b.to(param_dtype), r, d, eps)
+    return _RenormBN.apply(input, weight, bias, mean_b, var_b, std_b, r, d, eps)
 
 
-def _update_running(
-    running_mean: Tensor, running_var: Tensor, mean_b: Tensor, std_b: Tensor, running_std: Tensor, momentum: Number, eps: float
-) -> None:
-    """mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma); stored as running_var = sigma^2 - eps."""
+def _renorm_step(
+    mean_b: Tensor,
+    std_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    rmax: Number,
+    dmax: Number,
+    momentum: Number,
+    eps: float,
+    correction_stats: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """r and d from the moving averages as they are, then the moving-average update, in place.
+
+    ``mean_b`` and ``std_b`` (:math:`\sigma_B`, eps included) are (C,) or (G, C) for G microbatches; the moving
+    averages then move once towards the mean over groups. Hyper-parameters may be Python floats (eager: no
+    conversions) or 0-dim tensors (compiled graphs). Returns r and d in the statistics' dtype.
+    """
+    sd = mean_b.dtype
+    rm = running_mean if running_mean.dtype == sd else running_mean.to(sd)
+    rv = running_var if running_var.dtype == sd else running_var.to(sd)
+    running_std = rv.add(eps).sqrt_()
+    r_raw = std_b / running_std
+    d_raw = (mean_b - rm).div_(running_std)
+    rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
+    r = r_raw.clamp(rmin, rmax)
+    d = d_raw.clamp(-dmax, dmax)
+    if correction_stats is not None:
+        correction_stats.copy_(
+            torch.stack(
+                [
+                    ((r_raw > rmax) | (r_raw < rmin)).sum().to(correction_stats.dtype),
+                    (d_raw.abs() > dmax).sum().to(correction_stats.dtype),
+                    (r - 1).abs_().sum().to(correction_stats.dtype),
+                    d.abs().sum().to(correction_stats.dtype),
+                    torch.full((), r.numel(), dtype=correction_stats.dtype, device=correction_stats.device),
+                ]
+            )
+        )
     if mean_b.dim() == 2:  # microbatches: move towards the mean over groups
         mean_b = mean_b.mean(0)
         std_b = std_b.mean(0)
-    new_mean = torch.lerp(running_mean.to(mean_b.dtype), mean_b, momentum if isinstance(momentum, float) else momentum.to(mean_b.dtype))
-    new_std = torch.lerp(running_std, std_b, momentum if isinstance(momentum, float) else momentum.to(std_b.dtype))
-    running_mean.copy_(new_mean)
-    running_var.copy_((new_std.square() - eps).clamp_min_(0.0))
-
-
-def _record_correction(
-    out: Tensor, mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_std: Tensor, rmax: Number, dmax: Number
-) -> None:
-    """Writes [#r clipped, #d clipped, sum |r-1|, sum |d|, #values] (r, d after clipping) into ``out``."""
-    r_raw = std_b / running_std
-    d_raw = (mean_b - running_mean) / running_std
-    r_clipped = (r_raw > rmax) | (r_raw * rmax < 1)
-    d_clipped = d_raw.abs() > dmax
-    r, d = renorm_correction(mean_b, std_b, running_mean, running_std, rmax, dmax)
-    vals = torch.stack(
-        [
-            r_clipped.sum().to(out.dtype),
-            d_clipped.sum().to(out.dtype),
-            (r - 1).abs().sum().to(out.dtype),
-            d.abs().sum().to(out.dtype),
-            torch.tensor(r.numel(), dtype=out.dtype, device=out.device),
-        ]
-    )
-    out.copy_(vals)
+    alpha = momentum.to(sd) if isinstance(momentum, Tensor) else momentum
+    # mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma), stored as running_var = sigma^2 - eps
+    if rm is running_mean:
+        running_mean.lerp_(mean_b, alpha)
+    else:
+        running_mean.copy_(rm.lerp(mean_b, alpha))
+    running_var.copy_(running_std.lerp_(std_b, alpha).square_().sub_(eps).clamp_min_(0.0))
+    return r, d
 
 
 def _as_tensor(value: Number) -> Tensor:
@@ -378,15 +395,10 @@ def _renorm_update_op(
     backward graph from the running buffers *after* this step's in-place update, which silently
     corrupts the gradients. As an operator, its outputs are saved, never recomputed.
     """
-    running_std = torch.sqrt(running_var.to(mean_b.dtype) + eps)
-    rm = running_mean.to(mean_b.dtype)
-    rmax = rmax.to(mean_b.device)
-    dmax = dmax.to(mean_b.device)
-    r, d = renorm_correction(mean_b, std_b, rm, running_std, rmax, dmax)
-    if correction_stats is not None:
-        _record_correction(correction_stats, mean_b, std_b, rm, running_std, rmax, dmax)
-    _update_running(running_mean, running_var, mean_b, std_b, running_std, momentum.to(mean_b.device), eps)
-    return r, d
+    return _renorm_step(
+        mean_b, std_b, running_mean, running_var,
+        rmax.to(mean_b.device), dmax.to(mean_b.device), momentum.to(mean_b.device), eps, correction_stats,
+    )
 
 
 @_renorm_update_op.register_fake

@@ -149,6 +149,8 @@ class _BatchRenorm(nn.Module):
         sched_dtype = self._schedule_dtype(device)
         for name, value in zip(_SCHEDULE_BUFFERS, (rmax_v, dmax_v, momentum_v)):
             self.register_buffer(name, torch.tensor(value, dtype=sched_dtype, device=device), persistent=False)
+        # Python mirrors of the buffers: eager forwards read these (no tensor conversions, no device sync).
+        self._rmax_value, self._dmax_value, self._momentum_value = rmax_v, dmax_v, momentum_v
         self.register_buffer(
             "_correction", torch.zeros(len(_CORRECTION_FIELDS), dtype=torch.float32, device=device), persistent=False
         )
@@ -162,29 +164,35 @@ class _BatchRenorm(nn.Module):
     @property
     def rmax(self) -> float:
         """Upper clip of r (r in [1/rmax, rmax]); assign a float >= 1 at any time."""
-        return float(self._rmax.item())
+        return self._rmax_value
 
     @rmax.setter
     def rmax(self, value: float) -> None:
-        self._rmax.fill_(_check_rmax(value))
+        v = _check_rmax(value)
+        self._rmax.fill_(v)
+        self._rmax_value = v
 
     @property
     def dmax(self) -> float:
         """Clip of d (d in [-dmax, dmax]); assign a float >= 0 at any time."""
-        return float(self._dmax.item())
+        return self._dmax_value
 
     @dmax.setter
     def dmax(self, value: float) -> None:
-        self._dmax.fill_(_check_dmax(value))
+        v = _check_dmax(value)
+        self._dmax.fill_(v)
+        self._dmax_value = v
 
     @property
     def momentum(self) -> float:
         """The moving-average rate alpha in [0, 1]; assign at any time."""
-        return float(self._momentum.item())
+        return self._momentum_value
 
     @momentum.setter
     def momentum(self, value: float) -> None:
-        self._momentum.fill_(_check_momentum(value))
+        v = _check_momentum(value)
+        self._momentum.fill_(v)
+        self._momentum_value = v
 
     @property
     def microbatch_size(self) -> Optional[int]:
@@ -289,6 +297,11 @@ class _BatchRenorm(nn.Module):
         # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
+        if torch.compiler.is_compiling():
+            # tensors: graph inputs, so new values never trigger a recompilation
+            rmax, dmax, momentum = self._rmax, self._dmax, self._momentum
+        else:
+            rmax, dmax, momentum = self._rmax_value, self._dmax_value, self._momentum_value
         return F.batch_renorm(
             input,
             self.running_mean if pass_running else None,
@@ -296,10 +309,10 @@ class _BatchRenorm(nn.Module):
             self.weight,
             self.bias,
             use_batch_stats,
-            self._momentum,
+            momentum,
             self.eps,
-            self._rmax,
-            self._dmax,
+            rmax,
+            dmax,
             self._microbatch_size,
             self._correction if (self.track_correction and self.training) else None,
         )
