@@ -44,45 +44,40 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, *) without autograd, in stat dtype."""
-    with torch.no_grad():
-        if x.is_cuda and x.dtype in (torch.float32, *_REDUCED_PRECISION):
-            # CUDA's batchnorm statistics kernel: float32 accumulation, returns (mean, invstd).
-            mean, invstd = torch.batch_norm_stats(x, 0.0)
-            var = invstd.reciprocal().square()
-            return mean, var
-        if x.dtype in _REDUCED_PRECISION:
-            x = x.float()
-        # batchnorm's own CPU statistics kernel; running stats None: nothing is updated.
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-        return mean, var
+    """Per-channel mean and biased variance of ``x`` (N, C, *), in stat dtype (call without autograd)."""
+    if x.is_cuda and x.dtype in (torch.float32, *_REDUCED_PRECISION):
+        # CUDA's batchnorm statistics kernel: float32 accumulation, returns (mean, invstd).
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+        return mean, invstd.reciprocal().square_()
+    if x.dtype in _REDUCED_PRECISION:
+        x = x.float()
+    # batchnorm's own CPU statistics kernel; running stats None: nothing is updated.
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
 def _group_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """(G, C) means and biased variances of G consecutive groups of the batch, without autograd."""
+    """(G, C) means and biased variances of G consecutive groups of the batch (call without autograd)."""
     k = x.shape[0] // groups
-    with torch.no_grad():
-        if x.is_cuda or x.dtype in _REDUCED_PRECISION:
-            stats = [_batch_stats(x[g * k : (g + 1) * k]) for g in range(groups)]
-            return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
-        mean = x.new_empty((groups, x.shape[1]))
-        var = x.new_empty((groups, x.shape[1]))
-        for g in range(groups):
-            torch.ops.aten.batch_norm_update_stats.out(x[g * k : (g + 1) * k], None, None, 0.0, out0=mean[g], out1=var[g])
-        return mean, var
+    if x.is_cuda or x.dtype in _REDUCED_PRECISION:
+        stats = [_batch_stats(x[g * k : (g + 1) * k]) for g in range(groups)]
+        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+    mean = x.new_empty((groups, x.shape[1]))
+    var = x.new_empty((groups, x.shape[1]))
+    for g in range(groups):
+        torch.ops.aten.batch_norm_update_stats.out(x[g * k : (g + 1) * k], None, None, 0.0, out0=mean[g], out1=var[g])
+    return mean, var
 
 
 class _RenormBN(torch.autograd.Function):
-    """Batchnorm's training forward and backward, fed the batch statistics and the constants r and d.
+    """Training-mode Batch Renorm on batchnorm's own kernels.
 
-    With ``w = gamma * r`` and ``b = beta + gamma * d`` per channel (and per group), the training output
-    of Algorithm 1 is eval-mode batchnorm of the batch statistics with weight ``w`` and bias ``b``, and
-    since r and d are constants, the input gradient is batchnorm's training backward with weight ``w``.
-    The gradients of gamma and beta follow by the chain rule: ``r * dL/dw + d * dL/db`` and ``dL/db``.
-    Saved for backward: the input and four per-channel vectors, as batchnorm.
-
-    ``mean``, ``var``, ``std`` (= sqrt(var + eps)), ``r``, ``d`` have shape (C,), or (G, C) for G groups of
-    consecutive examples.
+    Forward (autograd off): batch statistics with batchnorm's statistics kernel, r and d and the in-place
+    moving-average update (:func:`_renorm_step`), then, with ``w = gamma * r`` and ``b = beta + gamma * d``
+    per channel (and per group), the output is eval-mode batchnorm of the *batch* statistics with weight
+    ``w`` and bias ``b``: one elementwise pass. Since r and d are constants, the input gradient is
+    batchnorm's training backward with weight ``w``, and by the chain rule the gradients of gamma and
+    beta are ``r * dL/dw + d * dL/db`` and ``dL/db``. Saved for backward: the input and per-channel vectors,
+    as batchnorm. With ``groups`` > 1, each group of consecutive examples has its own statistics, r and d.
     """
 
     @staticmethod
@@ -91,25 +86,43 @@ class _RenormBN(torch.autograd.Function):
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
-        mean: Tensor,
-        var: Tensor,
-        std: Tensor,
-        r: Tensor,
-        d: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        rmax: Number,
+        dmax: Number,
+        momentum: Number,
         eps: float,
+        groups: int,
+        correction_stats: Optional[Tensor],
     ) -> Tensor:
+        mean, var = _batch_stats(x) if groups == 1 else _group_stats(x, groups)
+        std = var.add(eps).sqrt_()
+        param_dtype = torch.float32 if mean.dtype in _REDUCED_PRECISION else mean.dtype
+        if weight is not None and weight.dtype in (torch.float32, torch.float64):
+            param_dtype = weight.dtype
+        if running_mean is not None and running_var is not None:
+            r, d = _renorm_step(mean, std, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        else:
+            r = torch.ones_like(mean)
+            d = torch.zeros_like(mean)
+        if mean.dtype != param_dtype:
+            mean, var, std, r, d = (t.to(param_dtype) for t in (mean, var, std, r, d))
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        if weight is not None and weight.dtype != param_dtype:
+            weight = weight.to(param_dtype)
+        if bias is not None and bias.dtype != param_dtype:
+            bias = bias.to(param_dtype)
         if weight is None:
             w_eff = r
             b_eff = d if bias is None else d + bias
         else:
             w_eff = weight * r
             b_eff = weight * d if bias is None else torch.addcmul(bias, weight, d)
-        invstd = std.reciprocal()
-        if mean.dim() == 1:
+        invstd = std.reciprocal_()
+        if groups == 1:
             # Eval-mode batchnorm with the *batch* statistics is exactly the training output.
-            out = torch.nn.functional.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
+            out = torch.batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
         else:
-            groups = mean.shape[0]
             scale = w_eff * invstd
             shift = b_eff - mean * scale
             bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
@@ -117,7 +130,6 @@ class _RenormBN(torch.autograd.Function):
             out = torch.addcmul(shift.to(x.dtype).view(bshape), xg, scale.to(x.dtype).view(bshape)).view(x.shape)
         ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
         ctx.eps = eps
-        ctx.has_weight = weight is not None
         return out
 
     @staticmethod
@@ -144,13 +156,17 @@ class _RenormBN(torch.autograd.Function):
                     out0=grad_x[sl], out1=grad_w_eff[g], out2=grad_b_eff[g],
                 )
         grad_weight = grad_bias = None
-        if need_w and ctx.has_weight:
+        if need_w and ctx.weight_dtype is not None:
             grad_weight = torch.addcmul(grad_w_eff * r, grad_b_eff, d)
             if grad_weight.dim() == 2:
                 grad_weight = grad_weight.sum(0)
         if need_b:
             grad_bias = grad_b_eff if grad_b_eff.dim() == 1 else grad_b_eff.sum(0)
-        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None
+        if grad_weight is not None and grad_weight.dtype != ctx.weight_dtype:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        if grad_bias is not None and grad_bias.dtype != ctx.weight_dtype:
+            grad_bias = grad_bias.to(ctx.weight_dtype)
+        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -289,35 +305,11 @@ def batch_renorm(
             input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
         )
 
-    stat_dtype = _stat_dtype(input)
-    if groups == 1:
-        mean_b, var_b = _batch_stats(input)
-    else:
-        mean_b, var_b = _group_stats(input, groups)
-
-    param_dtype = weight.dtype if weight is not None else stat_dtype
-    if param_dtype in _REDUCED_PRECISION:
-        param_dtype = torch.float32
-    with torch.no_grad():
-        std_b = var_b.add(eps).sqrt_()
-        if use_running:
-            assert running_mean is not None and running_var is not None
-            r, d = _renorm_step(
-                mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats
-            )
-            if r.dtype != param_dtype:
-                r, d = r.to(param_dtype), d.to(param_dtype)
-        else:
-            r = torch.ones(mean_b.shape, dtype=param_dtype, device=input.device)
-            d = torch.zeros(mean_b.shape, dtype=param_dtype, device=input.device)
-        if mean_b.dtype != param_dtype:
-            mean_b, var_b, std_b = mean_b.to(param_dtype), var_b.to(param_dtype), std_b.to(param_dtype)
-
-    if weight is not None and weight.dtype != param_dtype:
-        weight = weight.to(param_dtype)
-    if bias is not None and bias.dtype != param_dtype:
-        bias = bias.to(param_dtype)
-    return _RenormBN.apply(input, weight, bias, mean_b, var_b, std_b, r, d, eps)
+    if not use_running:
+        running_mean = running_var = None
+    return _RenormBN.apply(
+        input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats
+    )
 
 
 def _renorm_step(
