@@ -93,8 +93,28 @@ def main(argv: Optional[list[str]] = None) -> str:
                 times[on].append(time.perf_counter() - t0)
     stats = next(m for m in net.modules() if lightning_brn.is_batch_renorm(m)).correction_stats()
 
+    # The layer on its own (forward only, training mode): where the recording's extra ops show most.
+    layer = BatchRenorm2d(args.width, rmax=3.0, dmax=5.0).to(device).train()
+    xl = torch.randn(args.batch, args.width, args.size, args.size, device=device)
+    with torch.no_grad():
+        for _ in range(20):
+            layer(xl)
+    layer_times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.no_grad():
+        for _ in range(args.blocks):
+            for on in (False, True):
+                layer.track_correction = on
+                for _ in range(args.reps * 5):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    layer(xl)
+                    sync(device)
+                    layer_times[on].append(time.perf_counter() - t0)
+
     off_ms = statistics.median(times[False]) * 1e3
     on_ms = statistics.median(times[True]) * 1e3
+    l_off = statistics.median(layer_times[False]) * 1e6
+    l_on = statistics.median(layer_times[True]) * 1e6
     rel = lambda v: 100.0 * (v - off_ms) / off_ms  # noqa: E731
     q = lambda v, k: statistics.quantiles(v, n=4)[k] * 1e3  # noqa: E731
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
@@ -108,6 +128,15 @@ def main(argv: Optional[list[str]] = None) -> str:
         "|---|---|---|---|",
         f"| off | {off_ms:.3f} | {q(times[False], 0):.3f} - {q(times[False], 2):.3f} | - |",
         f"| on (every step) | {on_ms:.3f} | {q(times[True], 0):.3f} - {q(times[True], 2):.3f} | {rel(on_ms):+.1f}% |",
+        "",
+        f"One BatchRenorm2d({args.width}) forward alone, input {args.batch}x{args.width}x{args.size}x{args.size}, "
+        f"training mode, median of {len(layer_times[False])} calls per setting:",
+        "",
+        "| track_correction | median us | quartiles us | vs off |",
+        "|---|---|---|---|",
+        f"| off | {l_off:.1f} | {q(layer_times[False], 0) * 1e3:.1f} - {q(layer_times[False], 2) * 1e3:.1f} | - |",
+        f"| on | {l_on:.1f} | {q(layer_times[True], 0) * 1e3:.1f} - {q(layer_times[True], 2) * 1e3:.1f} | "
+        f"{100.0 * (l_on - l_off) / l_off:+.1f}% ({l_on - l_off:+.1f} us) |",
         "",
         f"Last recorded stats of the first layer: {', '.join(f'{k}={v:.3f}' for k, v in stats.items())}.  ",
         f"torch {torch.__version__}; command: `python bench/bench_correction.py {' '.join(argv) if argv else ''}`",

@@ -63,7 +63,8 @@ class BatchRenormScheduler(Callback):
     clipped, and no d". The correction statistics are recorded only in the logged steps (the
     layers' ``track_correction`` is switched on for those batches), summed over layers on device
     and read with a single ``.tolist()``. Switching ``track_correction`` costs a ``torch.compile``'d
-    model one extra graph; the callback itself runs outside the compiled region.
+    model one extra graph; the callback itself runs outside the compiled region. The callback owns
+    ``track_correction`` during fit: it is off outside the logged steps and after training.
 
     Args:
         schedule: the schedule; ``None`` means ``RenormSchedule()``, the paper's 130k-step schedule
@@ -74,7 +75,8 @@ class BatchRenormScheduler(Callback):
             ``Trainer(log_every_n_steps=...)``, ``0`` disables logging and recording. Default: ``None``.
         microbatch_size: with ``convert=True``, ``microbatch_size`` of the converted layers. Default: ``None``.
         exclude: with ``convert=True``, batchnorm layers to keep (passed to ``convert_model``:
-            module-name pattern(s) or a predicate). Default: ``None``.
+            ``fnmatch`` pattern(s) of module names relative to the LightningModule, e.g.
+            ``"model.head.*"``, or a predicate ``(name, module) -> bool``). Default: ``None``.
         verbose: print a one-time summary of the renorm layers and the schedule at fit start (a rich
             table when the Trainer uses ``RichProgressBar``, an info log line otherwise). Default: ``True``.
 

@@ -164,6 +164,7 @@ def test_for_run_scales_the_paper_points():
     assert (s.warmup_steps, s.dmax_steps, s.rmax_steps) == (500, 2500, 4000)
     assert (s.rmax, s.dmax, s.shape) == (2.0, 1.0, "cosine")
     assert RenormSchedule.for_run(1000, momentum=0.3).momentum == 0.3
+    assert RenormSchedule.for_run(1000).momentum == RenormSchedule.momentum_for_run(1000) == 0.1
     tiny = RenormSchedule.for_run(10)
     assert tiny.warmup_steps <= tiny.dmax_steps <= tiny.rmax_steps <= 10
     s = RenormSchedule.for_run(5000, reference_steps=10_000)
@@ -174,7 +175,9 @@ def test_momentum_rule():
     rule = RenormSchedule.momentum_for_run
     assert rule(130_000) == 0.01
     assert rule(1_000_000) == 0.01
-    assert rule(1) == rule(500) == 0.1
+    assert rule(1) == rule(500) == rule(13_000) == 0.1
+    assert rule(26_000) == pytest.approx(0.05)  # horizon 1/alpha = 20 steps = 100/130k of the run
+    assert rule(5_000, reference_steps=10_000) == pytest.approx(0.02)
     values = [rule(t) for t in (100, 1000, 2000, 5000, 10_000, 20_000)]
     assert all(b <= a for a, b in zip(values, values[1:]))
     assert all(0.01 <= v <= 0.1 for v in values)

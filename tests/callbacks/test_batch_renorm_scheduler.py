@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -109,7 +110,6 @@ def trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trai
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
-        deterministic=True,
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **defaults)
@@ -129,6 +129,19 @@ def deterministic():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_leak():
+    # ``seed_everything`` writes PL_GLOBAL_SEED / PL_SEED_WORKERS: keep them out of other tests.
+    keys = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 # --------------------------------------------------------------------------- values per step
@@ -297,6 +310,19 @@ def test_logged_metric_names_and_values_in_csv(tmp_path):
     assert not any(m.track_correction for m in renorm_layers(model))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_values_and_logging_on_gpu(tmp_path):
+    model = TinyModule(n=40)
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = BatchRenormScheduler(SMALL, log_every_n_steps=2, verbose=False)
+    trainer(tmp_path, [cb], max_steps=8, logger=logger, log_every_n_steps=2, accelerator="gpu").fit(model)
+    assert all(m._rmax.device.type == "cuda" for m in renorm_layers(model))
+    assert layer_values(model) == [tuple(SMALL.values(7))] * 2
+    rows = [r for r in _read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("brn/rmax")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
+    assert all(r["brn/mean_abs_r_minus_1"] for r in rows)
+
+
 def test_logging_follows_trainer_cadence_and_accumulation(tmp_path):
     model = TinyModule(n=40)
     logger = CSVLogger(tmp_path, name="csv")
@@ -348,6 +374,29 @@ def test_convert_true_converts_in_setup_before_optimizers(tmp_path):
     assert all(id(p) in probe.opt_params for m in layers for p in m.parameters())
     assert layer_values(model) == [tuple(SMALL.values(4))] * 2
     assert model.seen[3][2] == [tuple(SMALL.values(3))] * 2
+
+
+def test_convert_passes_microbatch_size_and_exclude(tmp_path):
+    model = TinyModule(norm="bn")
+    cb = BatchRenormScheduler(SMALL, convert=True, microbatch_size=2, exclude="net.4.*", verbose=False)
+    trainer(tmp_path, [cb], max_steps=2).fit(model)
+    layers = renorm_layers(model)
+    assert len(layers) == 1 and layers[0] is model.net[1] and layers[0].microbatch_size == 2
+    assert isinstance(model.net[4][0], nn.BatchNorm2d)  # excluded by name pattern
+    assert cb.layers == layers
+
+
+def test_custom_schedule_with_the_same_interface(tmp_path):
+    class StepSchedule:
+        def values(self, step):
+            return (1.0 + step, 0.5 * step, 0.2)
+
+        def to_dict(self):
+            return {"kind": "step"}
+
+    model = TinyModule()
+    trainer(tmp_path, [BatchRenormScheduler(StepSchedule(), verbose=False)], max_steps=3).fit(model)
+    assert [v[0] for _, _, v in model.seen] == [(1.0, 0.0, 0.2), (2.0, 0.5, 0.2), (3.0, 1.0, 0.2)]
 
 
 @pytest.mark.parametrize(
