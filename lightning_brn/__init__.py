@@ -11,8 +11,8 @@ Examples::
 from lightning_brn.__about__ import __version__
 from lightning_brn import functional
 from lightning_brn.layers import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
-from lightning_brn.convert import convert_model, revert_model
-from lightning_brn.schedule import RenormSchedule
+from lightning_brn.convert import ConversionSummary, conversion_summary, convert_model, revert_model
+from lightning_brn.schedule import RenormSchedule, RenormValues
 
 __all__ = [
     "__version__",
@@ -24,5 +24,8 @@ __all__ = [
     "is_batch_renorm",
     "convert_model",
     "revert_model",
+    "conversion_summary",
+    "ConversionSummary",
     "RenormSchedule",
+    "RenormValues",
 ]

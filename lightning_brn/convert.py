@@ -19,9 +19,9 @@ import functools
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ __all__ = ["convert_model", "revert_model", "conversion_summary", "ConversionSum
 log = logging.getLogger("lightning_brn")
 
 #: ``exclude`` accepts a glob pattern, a list of patterns, or a predicate ``(name, module) -> bool``.
-ExcludeType = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+ExcludeType = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 # The state every batchnorm and every renorm layer has, under the same names.
 _PARAM_NAMES = ("weight", "bias")
@@ -88,25 +88,22 @@ def _is_frozen(module: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------------- exclude
 def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
+    expected = "exclude must be a module-name pattern (str), a list of patterns or a predicate (name, module) -> bool"
     if exclude is None:
         return lambda name, module: False
+    if isinstance(exclude, (nn.Module, Tensor, bytes, bytearray)):
+        raise TypeError(f"{expected}; got {exclude!r} of type {type(exclude).__name__}")
     if isinstance(exclude, str):
         patterns: tuple[str, ...] = (exclude,)
-    elif isinstance(exclude, Sequence) and not isinstance(exclude, (bytes, bytearray)):
-        bad = [p for p in exclude if not isinstance(p, str)]
-        if bad:
-            raise TypeError(
-                f"exclude must be a module-name pattern, a list of patterns (str) or a predicate "
-                f"(name, module) -> bool; got a sequence holding {bad[0]!r} of type {type(bad[0]).__name__}"
-            )
-        patterns = tuple(exclude)
-    elif callable(exclude) and not isinstance(exclude, nn.Module):
+    elif callable(exclude):
         return exclude
+    elif isinstance(exclude, Iterable):
+        patterns = tuple(exclude)
+        bad = [p for p in patterns if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"{expected}; got a collection holding {bad[0]!r} of type {type(bad[0]).__name__}")
     else:
-        raise TypeError(
-            f"exclude must be a module-name pattern, a list of patterns (str) or a predicate "
-            f"(name, module) -> bool; got {exclude!r} of type {type(exclude).__name__}"
-        )
+        raise TypeError(f"{expected}; got {exclude!r} of type {type(exclude).__name__}")
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -299,18 +296,18 @@ def convert_model(
     momentum: float = 0.01,
     microbatch_size: Optional[int] = None,
     exclude: ExcludeType = None,
-    sync_batchnorm_dim: int = 2,
+    sync_batchnorm_dim: Literal[1, 2, 3] = 2,
 ) -> nn.Module:
     r"""Replace every batchnorm of ``model`` by the matching Batch Renorm layer.
 
-    ============================================  ====================================
-    batchnorm                                     becomes
-    ============================================  ====================================
-    ``torch.nn.BatchNorm1d`` / ``2d`` / ``3d``    :class:`BatchRenorm1d` / ``2d`` / ``3d``
-    ``torch.nn.SyncBatchNorm``                    ``BatchRenorm{sync_batchnorm_dim}d``
-    timm ``BatchNormAct2d``, ``SyncBatchNormAct`` :class:`BatchRenormAct2d` (same ``act``, ``drop``)
-    subclasses of the above                       as their base, if they keep its ``forward``
-    ============================================  ====================================
+    =============================================  ======================================================
+    batchnorm                                      becomes
+    =============================================  ======================================================
+    ``torch.nn.BatchNorm1d`` / ``2d`` / ``3d``     :class:`BatchRenorm1d` / ``2d`` / ``3d``
+    ``torch.nn.SyncBatchNorm``                     ``BatchRenorm{sync_batchnorm_dim}d`` (default 2d)
+    timm ``BatchNormAct2d``, ``SyncBatchNormAct``  :class:`BatchRenormAct2d` (the same ``act``, ``drop``)
+    subclasses of the above                        as their base, if they keep its ``forward``
+    =============================================  ======================================================
 
     Frozen batchnorms (timm's ``FrozenBatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, which timm
     uses as its ``FrozenBatchNorm2d``) are left alone and reported. A batchnorm that cannot be converted
@@ -353,7 +350,7 @@ def convert_model(
     Raises:
         TypeError: ``model`` is not a module, ``exclude`` has the wrong type, or a batchnorm cannot be
             converted faithfully (the message names the module).
-        ValueError: a hyper-parameter is out of range.
+        ValueError: a hyper-parameter is out of range, or a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``).
 
     Examples::
 
@@ -385,8 +382,13 @@ def convert_model(
     excluded: Counter[str] = Counter()
     already: Counter[str] = Counter()
 
+    done: dict[int, nn.Module] = {}  # a module shared by several parents is converted once
+
     def convert(module: nn.Module, name: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
         if is_excluded(name, module):
+            done[id(module)] = module
             for m in module.modules():
                 if isinstance(m, (_BatchNorm, _BatchRenorm)):
                     excluded[type(m).__name__] += 1
@@ -404,8 +406,11 @@ def convert_model(
             already[type(module).__name__] += 1
         elif _is_frozen(module):
             frozen[type(module).__name__] += 1
-        for child_name, child in module.named_children():
-            out.add_module(child_name, convert(child, f"{name}.{child_name}" if name else child_name))
+        done[id(module)] = out
+        # (not named_children(): it skips a module's second appearance, which must be replaced too)
+        for child_name, child in list(module._modules.items()):
+            if child is not None:
+                out.add_module(child_name, convert(child, f"{name}.{child_name}" if name else child_name))
         return out
 
     model = convert(model, "")
@@ -487,8 +492,11 @@ def revert_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
     reverted: Counter[str] = Counter()
+    done: dict[int, nn.Module] = {}  # a module shared by several parents is reverted once
 
     def revert(module: nn.Module, name: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
         out = module
         if isinstance(module, _BatchRenorm):
             bn_cls = _bn_target(name, module)
@@ -497,8 +505,11 @@ def revert_model(model: nn.Module) -> nn.Module:
                 bn_momentum = module.momentum if module._momentum.device.type != "meta" else 0.1
             out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
             reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
-        for child_name, child in module.named_children():
-            out.add_module(child_name, revert(child, f"{name}.{child_name}" if name else child_name))
+        done[id(module)] = out
+        # (not named_children(): it skips a module's second appearance, which must be replaced too)
+        for child_name, child in list(module._modules.items()):
+            if child is not None:
+                out.add_module(child_name, revert(child, f"{name}.{child_name}" if name else child_name))
         return out
 
     model = revert(model, "")

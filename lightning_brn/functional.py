@@ -323,7 +323,7 @@ def _renorm_step(
     eps: float,
     correction_stats: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """r and d from the moving averages as they are, then the moving-average update, in place.
+    r"""r and d from the moving averages as they are, then the moving-average update, in place.
 
     ``mean_b`` and ``std_b`` (:math:`\sigma_B`, eps included) are (C,) or (G, C) for G microbatches; the moving
     averages then move once towards the mean over groups. Hyper-parameters may be Python floats (eager: no
