@@ -15,7 +15,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_brn import functional as F
+from lightning_brn.functional import batch_renorm
+
+# torch.fx (and timm's fx feature extraction) records batch_renorm as one call instead of tracing into it.
+torch.fx.wrap("batch_renorm")
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
 
@@ -73,6 +76,13 @@ def _check_microbatch_size(value: Any) -> Optional[int]:
     if value < 1:
         raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={value}")
     return int(value)
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, "is_fx_symbolic_tracing"):
+        return fx.is_fx_symbolic_tracing()
+    return fx.is_fx_tracing()  # pragma: no cover - older torch
 
 
 class _BatchRenorm(nn.Module):
@@ -286,23 +296,20 @@ class _BatchRenorm(nn.Module):
         raise NotImplementedError
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} channels "
-                f"(shape {tuple(input.shape)}): expected {self.num_features} channels in dim 1"
-            )
+        tracing = _is_fx_symbolic_tracing()
+        if not tracing:
+            self._check_input(input)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        if torch.compiler.is_compiling():
-            # tensors: graph inputs, so new values never trigger a recompilation
+        if tracing or torch.compiler.is_compiling():
+            # tensors: graph inputs, so new values never trigger a recompilation (nor go stale in an fx graph)
             rmax, dmax, momentum = self._rmax, self._dmax, self._momentum
         else:
             rmax, dmax, momentum = self._rmax_value, self._dmax_value, self._momentum_value
-        return F.batch_renorm(
+        return batch_renorm(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
@@ -316,6 +323,14 @@ class _BatchRenorm(nn.Module):
             self._microbatch_size,
             self._correction if (self.track_correction and self.training) else None,
         )
+
+    def _check_input(self, input: Tensor) -> None:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} channels "
+                f"(shape {tuple(input.shape)}): expected {self.num_features} channels in dim 1"
+            )
 
 
 class BatchRenorm1d(_BatchRenorm):

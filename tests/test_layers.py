@@ -419,3 +419,23 @@ def test_cuda_autocast_float16():
     assert y.dtype == torch.float16 and layer.running_mean.dtype == torch.float32
     y.float().sum().backward()
     assert torch.isfinite(layer.weight.grad).all()
+
+
+# --------------------------------------------------------------------------- fx
+def test_fx_symbolic_trace_records_one_call_per_layer_and_follows_new_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchRenormAct2d(4, rmax=2.0, dmax=1.0), nn.Flatten(), nn.Linear(36, 5),
+                          BatchRenorm1d(5))
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)  # shares parameters and buffers with ``model``
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "batch_renorm"]
+    assert len(calls) == 2
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    torch.testing.assert_close(traced(x), reference(x))
+    for m in list(model.modules()) + list(reference.modules()):
+        if is_batch_renorm(m):
+            m.rmax, m.dmax = 1.0, 0.0  # the traced graph reads the shared 0-dim buffers: no stale constants
+    torch.testing.assert_close(traced(x), reference(x))
+    # like any fx trace, the graph is specialized to the mode it was traced in: trace eval separately
+    traced_eval = torch.fx.symbolic_trace(model.eval())
+    torch.testing.assert_close(traced_eval(x), reference.eval()(x))
