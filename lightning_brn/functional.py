@@ -126,8 +126,10 @@ class _RenormBN(torch.autograd.Function):
             scale = w_eff * invstd
             shift = b_eff - mean * scale
             bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
-            xg = x.view(groups, x.shape[0] // groups, *x.shape[1:])
-            out = torch.addcmul(shift.to(x.dtype).view(bshape), xg, scale.to(x.dtype).view(bshape)).view(x.shape)
+            gshape = (groups, x.shape[0] // groups, *x.shape[1:])
+            # write into a tensor of the input's shape and memory format: the output must not be a view
+            out = torch.empty_like(x)
+            torch.addcmul(shift.to(x.dtype).view(bshape), x.view(gshape), scale.to(x.dtype).view(bshape), out=out.view(gshape))
         ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
         ctx.eps = eps
         return out

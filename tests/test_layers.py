@@ -439,3 +439,19 @@ def test_fx_symbolic_trace_records_one_call_per_layer_and_follows_new_values():
     # like any fx trace, the graph is specialized to the mode it was traced in: trace eval separately
     traced_eval = torch.fx.symbolic_trace(model.eval())
     torch.testing.assert_close(traced_eval(x), reference.eval()(x))
+
+
+@pytest.mark.parametrize("mb", [None, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_can_be_modified_in_place(mb, channels_last):
+    """An in-place activation after the layer (ReLU(inplace=True), timm's default) must work in training."""
+    x = torch.randn(4, 3, 5, 5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    model = nn.Sequential(BatchRenorm2d(3, rmax=2.0, microbatch_size=mb), nn.ReLU(inplace=True))
+    reference = nn.Sequential(copy.deepcopy(model[0]), nn.ReLU())
+    y = model(x)
+    torch.testing.assert_close(y, reference(x))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
