@@ -1,0 +1,107 @@
+"""Every shipped recipe parses and runs a ``fast_dev_run`` on tiny generated data.
+
+Only the data path, the input/batch size and (for the ImageNet recipes, written for GPUs with DDP)
+the device are overridden.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lightning_brn import is_batch_renorm
+from lightning_brn.cli import available_recipes, cli_main, recipe_path
+
+RECIPES = sorted(available_recipes())
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
+
+
+def make_fmnist(folder: Path, n: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "t10k"):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.astype(np.uint8).tobytes())
+    return folder
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+                img.save(d / (f"{i}.JPEG" if i % 2 == 0 else f"{i}.png"), format="JPEG" if i % 2 == 0 else "PNG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"fmnist": make_fmnist(root / "fmnist"), "imagenet": make_image_folder(root / "imagenet")}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_header_and_settings(name: str) -> None:
+    text = Path(recipe_path(name)).read_text()
+    assert text.startswith("# "), "each recipe starts with a header comment"
+    cfg = yaml.safe_load(text)
+    model, trainer = cfg["model"], cfg["trainer"]
+    assert trainer["use_distributed_sampler"] is False
+    assert trainer["gradient_clip_val"] == 2.0 and model["label_smoothing"] == 0.1
+    assert model["optimizer"]["class_path"] == "timm.optim.RMSpropTF"
+    opt = model["optimizer"]["init_args"]
+    assert (opt["lr"], opt["alpha"], opt["eps"]) == (0.045, 0.9, 1.0)
+    ema = [c for c in trainer["callbacks"] if c["class_path"].endswith("EMAWeightAveraging")]
+    assert ema and ema[0]["init_args"]["use_buffers"] is True
+    if name.startswith("imagenet"):
+        assert "targets" in text.splitlines()[0]
+        assert model["model_name"] == "inception_v3" and trainer["strategy"] == "ddp"
+        assert cfg["data"]["init_args"]["batch_size"] == 32
+        assert model["lr_scheduler"]["init_args"] == {"step_size": 2, "gamma": 0.94}
+        assert model["lr_scheduler_interval"] == "epoch"
+        if model["normalization"] == "brn":
+            assert model["renorm_schedule"]["init_args"] == {
+                "warmup_steps": 5000, "rmax": 3.0, "rmax_steps": 40000, "dmax": 5.0, "dmax_steps": 25000, "momentum": 0.01
+            }
+        expected_steps = 210_000 if name == "imagenet_microbatch_bn" else 130_000
+        assert trainer["max_steps"] == expected_steps
+    if "microbatch" in name:
+        assert model["microbatch_size"] == 4
+    if "noniid" in name:
+        assert cfg["data"]["init_args"]["sampling"] == "non_iid"
+        assert cfg["data"]["init_args"]["examples_per_label"] == 2
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_fast_dev_run(name: str, tiny_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--recipe", name, "--trainer.fast_dev_run", "true", "--trainer.enable_model_summary", "false"]
+    if name.startswith("imagenet"):
+        batch = "4" if "microbatch" in name else "2"
+        args += [
+            "--data.init_args.data_dir", str(tiny_data["imagenet"]),
+            "--data.init_args.img_size", "75",  # inception_v3's smallest valid input
+            "--data.init_args.batch_size", batch,
+            "--data.init_args.num_workers", "0",
+            *ON_CPU,
+        ]
+    else:
+        args += ["--data.init_args.data_dir", str(tiny_data["fmnist"]), "--data.init_args.batch_size", "8"]
+    torch.manual_seed(0)
+    cli = cli_main(args)
+    assert cli.trainer.global_step == 1
+    has_renorm = any(is_batch_renorm(m) for m in cli.model.modules())
+    assert has_renorm == (name.endswith("brn") or "microbatch" in name or name == "default")
+    assert "val/acc1" in cli.trainer.callback_metrics

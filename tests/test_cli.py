@@ -1,0 +1,167 @@
+"""The ``lightning-brn`` command: recipes by name, the embedded default, resume, bad configs."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expand_recipe_args, recipe_path
+
+QUIET = ["--trainer.enable_model_summary", "false"]
+
+
+def make_fmnist(folder: Path, n_train: int = 64, n_test: int = 20) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
+            header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.astype(np.uint8).tobytes())
+    return folder
+
+
+@pytest.fixture()
+def fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # runs/ lands in tmp_path
+    return make_fmnist(tmp_path / "fmnist")
+
+
+# ----------------------------------------------------------------------------- recipe names
+def test_recipes_ship_as_package_data() -> None:
+    names = available_recipes()
+    assert DEFAULT_RECIPE in names
+    for setting in ("iid", "microbatch", "noniid"):
+        for norm in ("bn", "brn"):
+            assert f"imagenet_{setting}_{norm}" in names and f"fmnist_{setting}_{norm}" in names
+    assert all(summary for summary in names.values()), "every recipe starts with a header comment"
+    assert Path(recipe_path("fmnist_iid_brn")).is_file()
+
+
+def test_expand_recipe_args() -> None:
+    args, name = expand_recipe_args(["fit", "--recipe", "fmnist_iid_bn", "--trainer.max_steps=3"])
+    assert args == ["fit", "--config", recipe_path("fmnist_iid_bn"), "--trainer.max_steps=3"] and name == "fmnist_iid_bn"
+    args, _ = expand_recipe_args(["fit", "--config=fmnist_noniid_brn.yaml"])
+    assert args == ["fit", "--config", recipe_path("fmnist_noniid_brn")]
+    args, name = expand_recipe_args(["test", "--ckpt_path", "x.ckpt"])
+    assert args[:3] == ["test", "--config", recipe_path(DEFAULT_RECIPE)] and name == DEFAULT_RECIPE
+    assert expand_recipe_args(["--help"])[0] == ["--help"]
+    with pytest.raises(SystemExit, match=r"unknown recipe 'fmnist_iid_brnn'.*Did you mean fmnist_iid_brn"):
+        expand_recipe_args(["fit", "--recipe", "fmnist_iid_brnn"])
+
+
+def test_config_file_path_is_kept(tmp_path: Path) -> None:
+    cfg = tmp_path / "mine.yaml"
+    shutil.copy(recipe_path("default"), cfg)
+    args, name = expand_recipe_args(["fit", "--config", str(cfg)])
+    assert args == ["fit", "--config", str(cfg)] and name == "mine"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"]])
+def test_help_lists_recipes(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in available_recipes():
+        assert name in out
+    assert "--recipe NAME" in out
+
+
+def test_print_config_of_a_recipe(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--recipe", "imagenet_noniid_brn", "--print_config"])
+    out = capsys.readouterr().out
+    assert "model_name: inception_v3" in out and "sampling: non_iid" in out and "RMSpropTF" in out
+
+
+def test_python_dash_m_and_console_script() -> None:
+    out = subprocess.run([sys.executable, "-m", "lightning_brn", "--help"], capture_output=True, text=True, check=True)
+    assert "fmnist_iid_brn" in out.stdout and "fit" in out.stdout
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-brn"]
+    assert script.value == "lightning_brn.cli:main"
+
+
+# ----------------------------------------------------------------------------- the embedded default
+def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    """A bare ``fit`` (plus a cut-down budget and tiny data) trains, validates, checkpoints, logs and resumes."""
+    budget = ["--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8", "--trainer.log_every_n_steps", "2", *QUIET]
+    cli = cli_main(["fit", *budget, "--trainer.max_steps", "6"])
+    trainer = cli.trainer
+    assert trainer.global_step == 6
+    assert cli.model.normalization == "brn"
+    out = capsys.readouterr().out
+    assert "lightning-brn fit: done" in out and "top-1" in out
+    assert "val/acc1" in trainer.callback_metrics
+    last = Path("runs/default/version_0/checkpoints/last.ckpt")
+    assert last.is_file()
+    assert Path("runs/default/version_0/metrics.csv").is_file()
+    metrics = Path("runs/default/version_0/metrics.csv").read_text()
+    assert "val/acc1" in metrics and "brn/rmax" in metrics
+
+    cli2 = cli_main(["fit", *budget, "--trainer.max_steps", "9", "--ckpt_path", str(last)])
+    assert cli2.trainer.global_step == 9
+    assert Path("runs/default/version_1").is_dir()
+
+    cli3 = cli_main(["validate", *budget, "--ckpt_path", str(last)])
+    assert "val/acc1" in cli3.trainer.callback_metrics
+
+
+# ----------------------------------------------------------------------------- bad configs fail before training
+def _fails(argv: list[str], exc: Any, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        cli_main(argv)
+
+
+def test_unknown_model_fails_with_suggestion(fmnist: Path) -> None:
+    _fails(
+        ["fit", "--data.init_args.data_dir", str(fmnist), "--model.model_name", "test_resnett", *QUIET],
+        ValueError,
+        r"unknown timm model 'test_resnett'; did you mean 'test_resnet'",
+    )
+
+
+def test_missing_data_folder_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    # jsonargparse may re-raise the data module's FileNotFoundError as a ValueError quoting it
+    missing = (FileNotFoundError, ValueError)
+    _fails(["fit", "--data.init_args.data_dir", str(tmp_path / "none")], missing, "apt-get install dataset-fashion-mnist")
+    _fails(
+        ["fit", "--recipe", "imagenet_iid_brn", "--data.init_args.data_dir", str(tmp_path / "none")],
+        missing,
+        "ImageNet layout",
+    )
+    assert not Path("runs").exists(), "nothing may start before the config is validated"
+
+
+def test_batch_not_divisible_by_microbatch_fails(fmnist: Path) -> None:
+    _fails(
+        ["fit", "--recipe", "fmnist_microbatch_brn", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "30"],
+        ValueError,
+        r"batch_size=30 is not divisible by microbatch_size=4.*--data.init_args.batch_size to a multiple of 4",
+    )
+    assert not Path("runs").exists()
+
+
+def test_batch_not_divisible_by_k_fails(fmnist: Path) -> None:
+    _fails(
+        ["fit", "--recipe", "fmnist_noniid_brn", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "31"],
+        ValueError,
+        r"batch_size=31 is not divisible by examples_per_label=2.*multiple of 2",
+    )
+
+
+def test_bad_normalization_is_rejected_by_the_parser(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--data.init_args.data_dir", str(fmnist), "--model.normalization", "gn"])
+    assert "normalization" in capsys.readouterr().err

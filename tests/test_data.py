@@ -1,0 +1,207 @@
+"""Data modules and the paper's non-i.i.d. batch sampler."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_brn.data import (
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    NonIIDBatchSampler,
+    read_idx,
+)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def make_fmnist(folder: Path, n_train: int = 64, n_test: int = 20, compress: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    return folder
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8))
+                img.save(d / (f"{i}.JPEG" if i % 2 == 0 else f"{i}.png"), format="JPEG" if i % 2 == 0 else "PNG")
+    return root
+
+
+# ----------------------------------------------------------------------------- IDX
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_roundtrip(tmp_path: Path, compress: bool) -> None:
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    write_idx(tmp_path / "x-idx3-ubyte", arr, compress)
+    name = "x-idx3-ubyte.gz" if compress else "x-idx3-ubyte"
+    np.testing.assert_array_equal(read_idx(tmp_path / name), arr)
+
+
+def test_read_idx_rejects_garbage(tmp_path: Path) -> None:
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x56\x78rest")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_datamodule(tmp_path: Path, compress: bool) -> None:
+    dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm", compress=compress), batch_size=8, val_batch_size=7)
+    dm.setup("fit")
+    assert (dm.num_classes, dm.in_chans) == (10, 1)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert len(dm.train_dataloader()) == 64 // 8
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape == (7, 1, 28, 28)
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == 20  # every test image once
+
+
+def test_fashion_mnist_limits_and_noniid(tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm"), batch_size=8, sampling="non_iid", limit_train=40)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, NonIIDBatchSampler) and len(loader) == 40 // 8
+    for _, y in loader:
+        assert torch.equal(y[0::2], y[1::2])
+
+
+def test_fashion_mnist_missing_folder_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--data.init_args.data_dir"):
+        FashionMNISTDataModule(tmp_path / "nowhere")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "train-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="lacks train-labels-idx1-ubyte"):
+        FashionMNISTDataModule(tmp_path / "partial")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_default_folder() -> None:
+    dm = FashionMNISTDataModule(limit_train=100, limit_val=50)
+    dm.setup("fit")
+    assert len(dm.train_set) == 100 and len(dm.val_set) == 50
+
+
+def test_batch_size_not_divisible_by_k() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=33 is not divisible by examples_per_label=2.*e.g. 34"):
+        FashionMNISTDataModule.__new__(FashionMNISTDataModule).__init__(batch_size=33, sampling="non_iid")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        NonIIDBatchSampler(torch.arange(40) % 4, batch_size=6, examples_per_label=4)
+
+
+# ----------------------------------------------------------------------------- image folders
+def test_image_folder_datamodule(tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(make_image_folder(tmp_path / "inet"), batch_size=4, num_workers=0, img_size=32)
+    assert dm.num_classes == 3 and dm.classes[0] == "n00000000"
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.max() < 3
+    xv, yv = next(iter(dm.val_dataloader()))
+    assert xv.shape == (3, 3, 32, 32) and sorted(yv.tolist()) == [0, 1, 2]
+    assert Counter(dm.train_labels()) == {0: 4, 1: 4, 2: 4}
+
+
+def test_image_folder_uses_model_input_size(tmp_path: Path) -> None:
+    dm = ImageFolderDataModule(make_image_folder(tmp_path / "inet"), batch_size=2, num_workers=0)
+    assert dm._data_config()["input_size"] == (3, 224, 224)  # no model attached: timm's default
+
+
+def test_image_folder_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"ImageNet layout.*--data.init_args.data_dir"):
+        ImageFolderDataModule(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------- non-i.i.d. sampler
+def _check_composition(batch: list[int], labels: np.ndarray, k: int, batch_size: int) -> None:
+    assert len(batch) == batch_size
+    assert len(set(batch)) == batch_size, "an image appears twice in one batch"
+    groups = [batch[i : i + k] for i in range(0, batch_size, k)]
+    for g in groups:
+        assert len({int(labels[i]) for i in g}) == 1, f"group {g} mixes labels"
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_noniid_composition_single_process(k: int) -> None:
+    labels = np.repeat(np.arange(10), 30)
+    sampler = NonIIDBatchSampler(labels, batch_size=4 * k, examples_per_label=k, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 300 // (4 * k)
+    for b in batches:
+        _check_composition(b, labels, k, 4 * k)
+    # labels are drawn with replacement: some batch repeats a label (2+ groups of it)
+    drawn = [[int(labels[b[i]]) for i in range(0, len(b), k)] for b in batches]
+    assert any(len(set(d)) < len(d) for d in drawn)
+    # every class appears over the epoch
+    assert set(sum(drawn, [])) == set(range(10))
+
+
+def test_noniid_two_ranks_disjoint_and_deterministic() -> None:
+    labels = np.repeat(np.arange(5), 20)
+    kw = dict(batch_size=8, examples_per_label=2, num_replicas=2, seed=7)
+    r0 = list(NonIIDBatchSampler(labels, rank=0, **kw))
+    r1 = list(NonIIDBatchSampler(labels, rank=1, **kw))
+    assert len(r0) == len(r1) == 100 // 16
+    for a, b in zip(r0, r1):
+        _check_composition(a, labels, 2, 8)
+        _check_composition(b, labels, 2, 8)
+        assert not set(a) & set(b), "two ranks got the same image in one step"
+    assert r0 != r1
+    assert r0 == list(NonIIDBatchSampler(labels, rank=0, **kw))  # same (seed, epoch) -> same batches
+    s = NonIIDBatchSampler(labels, rank=0, **kw)
+    s.set_epoch(1)
+    assert list(s) != r0
+
+
+def test_noniid_no_duplicates_when_classes_are_small() -> None:
+    # 3 classes x 6 images, a global step of 2 ranks x 6 = 12 images: classes run out within a step
+    labels = np.repeat(np.arange(3), 6)
+    for seed in range(20):
+        kw = dict(batch_size=6, examples_per_label=2, num_replicas=2, seed=seed, num_batches=5)
+        for a, b in zip(NonIIDBatchSampler(labels, rank=0, **kw), NonIIDBatchSampler(labels, rank=1, **kw)):
+            _check_composition(a, labels, 2, 6)
+            _check_composition(b, labels, 2, 6)
+            assert not set(a) & set(b)
+
+
+def test_noniid_errors() -> None:
+    with pytest.raises(ValueError, match="too small for non-i.i.d. batches"):
+        NonIIDBatchSampler([0, 1, 2, 3], batch_size=4)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        NonIIDBatchSampler(np.repeat(np.arange(4), 4), batch_size=4, num_replicas=2, rank=2)
+
+
+def test_iid_sampler_two_ranks_disjoint(tmp_path: Path) -> None:
+    dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm"), batch_size=8)
+    dm.setup("fit")
+    samplers = []
+    for rank in (0, 1):
+        dm._replicas = lambda rank=rank: (2, rank)  # type: ignore[method-assign]
+        samplers.append(list(dm.train_sampler()))
+    assert len(samplers[0]) == len(samplers[1]) == 32
+    assert not set(samplers[0]) & set(samplers[1])
