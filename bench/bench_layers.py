@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import os
 import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -246,6 +248,7 @@ def bench_config(
         t_bn = min(t_bn, time.perf_counter() - t0)
     inner = max(1, min(200, round(args.sample_ms / 1000.0 / max(t_bn, 1e-6))))
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
     rng = random.Random(seed)
@@ -254,11 +257,11 @@ def bench_config(
         for name in order:
             st = steps[name]
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 st()
             sync(device)
-            times[name].append((time.perf_counter() - t0) / inner)
+            times[name].append((clock() - t0) / inner)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     mem: dict[str, str] = {}
@@ -350,6 +353,25 @@ def tables(results: list[dict], device: torch.device) -> str:
     return "\n".join(out)
 
 
+def code_version() -> str:
+    """Git commit (and whether the tree is dirty) plus a hash of the layer sources, so a table names its code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_brn"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "unknown", ""
+    pkg = os.path.dirname(lightning_brn.__file__)
+    h = hashlib.sha256()
+    for name in ("functional.py", "layers.py"):
+        try:
+            with open(os.path.join(pkg, name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py + layers.py) {h.hexdigest()[:12]}"
+
+
 def header(args: argparse.Namespace, device: torch.device) -> str:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     cmd = shlex.join(["python"] + sys.argv)
@@ -359,11 +381,12 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         f"- command: `{cmd}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- torch {torch.__version__}, python {platform.python_version()}, lightning_brn from "
-        f"{os.path.dirname(lightning_brn.__file__)}",
+        f"{os.path.dirname(lightning_brn.__file__)} ({code_version()})",
         f"- device: {device.type}: {dev}; torch threads: {torch.get_num_threads()}; os.cpu_count: {os.cpu_count()}",
         f"- renorm: rmax={RMAX}, dmax={DMAX}, momentum={MOMENTUM}, running stats set so r and d clip on some "
         f"channels (see the last columns); repetitions={args.reps} (interleaved, shuffled), warm-up={args.warmup}, "
-        f"one sample ~{args.sample_ms} ms of eager batchnorm",
+        f"one sample ~{args.sample_ms} ms of eager batchnorm; clock: "
+        + ("CPU time of the process (time.process_time)" if args.clock == "cpu" else "wall (time.perf_counter)"),
         "- step = `y = layer(x); torch.autograd.grad(y, [x, weight, bias], fixed_random_grad)`",
     ]
     return "\n".join(lines)
@@ -380,6 +403,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-micro", action="store_true", help=f"skip the microbatch_size={MICRO} columns")
     p.add_argument("--shapes", default=None, help="comma-separated indices into the shape list (0-4 2d, 5 = 1d)")
     p.add_argument("--formats", default="contiguous,channels_last", help="memory formats for the 4d shapes")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter (default); cpu: time.process_time, the CPU time of this process, "
+        "much less disturbed by other processes on a shared machine (CPU device only; use with --threads 1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="also write the output (markdown) to this file")
     args = p.parse_args(argv)
@@ -388,6 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.sample_ms = args.sample_ms or (10.0 if args.quick else 40.0)
 
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        p.error("--clock cpu measures host CPU time: use it with --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda given but torch.cuda.is_available() is False")
     if args.threads:
@@ -395,7 +427,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
 
     all_shapes: list[tuple[int, ...]] = [*SHAPES_2D, SHAPE_1D]
-    idx = range(len(all_shapes)) if args.shapes is None else [int(i) for i in args.shapes.split(",")]
+    try:
+        idx = range(len(all_shapes)) if args.shapes is None else [int(i) for i in args.shapes.split(",")]
+    except ValueError:
+        p.error(f"--shapes: expected comma-separated integers, got {args.shapes!r}")
+    for i in idx:
+        if not 0 <= i < len(all_shapes):
+            p.error(f"--shapes: index {i} out of range 0..{len(all_shapes) - 1} (shapes: {all_shapes})")
     formats = [f.strip() for f in args.formats.split(",")]
     for f in formats:
         if f not in ("contiguous", "channels_last"):
