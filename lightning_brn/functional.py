@@ -400,6 +400,64 @@ def _renorm_update_fake(mean_b, std_b, running_mean, running_var, rmax, dmax, mo
     return torch.empty_like(mean_b), torch.empty_like(mean_b)
 
 
+class _RenormCompiled(torch.autograd.Function):
+    """The compiled-graph twin of :class:`_RenormBN`: the same maths from primitives inductor fuses.
+
+    Statistics, r and d come in as constants; the backward is batchnorm's backward formula written out
+    (what inductor generates for compiled batchnorm), so the compiled graph saves the same tensors and
+    does the same reductions as compiled batchnorm, instead of differentiating through ``var_mean``.
+    Shapes: ``mean``, ``invstd``, ``r``, ``d`` are (G, C); ``weight`` and ``bias`` (C,) or ``None``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        invstd: Tensor,
+        r: Tensor,
+        d: Tensor,
+    ) -> Tensor:
+        groups, c = mean.shape
+        gshape = (groups, x.shape[0] // groups, *x.shape[1:])
+        bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
+        w_eff = r if weight is None else weight.to(r.dtype) * r
+        b_eff = d if weight is None else weight.to(d.dtype) * d
+        if bias is not None:
+            b_eff = b_eff + bias.to(d.dtype)
+        scale = w_eff * invstd
+        shift = b_eff - mean * scale
+        ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
+        ctx.has_weight = weight is not None
+        if groups == 1:
+            cshape = (c,) + (1,) * (x.dim() - 2)
+            return (x.to(mean.dtype) * scale.view(cshape) + shift.view(cshape)).to(x.dtype)
+        out = x.view(gshape).to(mean.dtype) * scale.view(bshape) + shift.view(bshape)
+        # the output must not be a view (an in-place activation may follow); inductor fuses the copy away
+        return out.view(x.shape).to(x.dtype).clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, w_eff, mean, invstd, r, d = ctx.saved_tensors
+        groups, c = mean.shape
+        gshape = (groups, x.shape[0] // groups, *x.shape[1:])
+        bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
+        dims = [1] + list(range(3, x.dim() + 1))
+        m = x.numel() // (groups * c)
+        dy = grad_out.view(gshape).to(mean.dtype)
+        xhat = (x.view(gshape).to(mean.dtype) - mean.view(bshape)) * invstd.view(bshape)
+        sum_dy = dy.sum(dims)
+        sum_dy_xhat = (dy * xhat).sum(dims)
+        grad_x = (w_eff * invstd).view(bshape) * (
+            dy - (sum_dy / m).view(bshape) - xhat * (sum_dy_xhat / m).view(bshape)
+        )
+        grad_weight = (sum_dy_xhat * r + sum_dy * d).sum(0) if ctx.has_weight else None
+        grad_bias = sum_dy.sum(0)
+        return grad_x.view(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None
+
+
 def _batch_renorm_composite(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -413,28 +471,21 @@ def _batch_renorm_composite(
     groups: int,
     correction_stats: Optional[Tensor],
 ) -> Tensor:
-    """Algorithm 1 from differentiable primitives, for compilers (inductor fuses it)."""
+    """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`."""
     n, c = x.shape[0], x.shape[1]
     stat_dtype = _stat_dtype(x)
-    xs = x.to(stat_dtype)
-    xg = xs.reshape(groups, n // groups, c, -1)
-    var_b, mean_b = torch.var_mean(xg, dim=(1, 3), correction=0)  # (G, C), differentiable
-    std_b = torch.sqrt(var_b + eps)
-    if running_mean is not None and running_var is not None:
-        r, d = _renorm_update_op(
-            mean_b.detach(), std_b.detach(), running_mean, running_var,
-            _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum), eps, correction_stats,
-        )
-    else:
-        r = torch.ones_like(mean_b)
-        d = torch.zeros_like(mean_b)
-    scale = r / std_b
-    shift = d - mean_b * scale
-    if weight is not None:
-        scale = scale * weight.to(stat_dtype)
-        shift = shift * weight.to(stat_dtype)
-    if bias is not None:
-        shift = shift + bias.to(stat_dtype)
-    bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
-    out = xs.view(groups, n // groups, *x.shape[1:]) * scale.view(bshape) + shift.view(bshape)
-    return out.view(x.shape).to(x.dtype)
+    dims = [1] + list(range(3, x.dim() + 1))
+    with torch.no_grad():
+        xg = x.detach().view(groups, n // groups, *x.shape[1:]).to(stat_dtype)
+        var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
+        std_b = torch.sqrt(var_b + eps)
+        if running_mean is not None and running_var is not None:
+            r, d = _renorm_update_op(
+                mean_b, std_b, running_mean, running_var,
+                _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum), eps, correction_stats,
+            )
+        else:
+            r = torch.ones_like(mean_b)
+            d = torch.zeros_like(mean_b)
+    out = _RenormCompiled.apply(x, weight, bias, mean_b, std_b.reciprocal(), r, d)
+    return out
