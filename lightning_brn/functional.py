@@ -442,17 +442,24 @@ class _RenormCompiled(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, w_eff, mean, invstd, r, d = ctx.saved_tensors
         groups, c = mean.shape
-        gshape = (groups, x.shape[0] // groups, *x.shape[1:])
-        bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
-        dims = [1] + list(range(3, x.dim() + 1))
+        if groups == 1:  # reduce over (N, *spatial) of the input as it is: no views for the compiler
+            xv, dy = x.to(mean.dtype), grad_out.to(mean.dtype)
+            bshape = (c,) + (1,) * (x.dim() - 2)
+            dims = [0] + list(range(2, x.dim()))
+            w_v, inv_v, mean_v = w_eff[0], invstd[0], mean[0]
+        else:
+            gshape = (groups, x.shape[0] // groups, *x.shape[1:])
+            xv, dy = x.view(gshape).to(mean.dtype), grad_out.view(gshape).to(mean.dtype)
+            bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
+            dims = [1] + list(range(3, x.dim() + 1))
+            w_v, inv_v, mean_v = w_eff, invstd, mean
         m = x.numel() // (groups * c)
-        dy = grad_out.view(gshape).to(mean.dtype)
-        xhat = (x.view(gshape).to(mean.dtype) - mean.view(bshape)) * invstd.view(bshape)
+        xhat = (xv - mean_v.view(bshape)) * inv_v.view(bshape)
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * xhat).sum(dims)
-        grad_x = (w_eff * invstd).view(bshape) * (
-            dy - (sum_dy / m).view(bshape) - xhat * (sum_dy_xhat / m).view(bshape)
-        )
+        grad_x = (w_v * inv_v).view(bshape) * (dy - (sum_dy / m).view(bshape) - xhat * (sum_dy_xhat / m).view(bshape))
+        sum_dy = sum_dy.view(groups, c)
+        sum_dy_xhat = sum_dy_xhat.view(groups, c)
         grad_weight = (sum_dy_xhat * r + sum_dy * d).sum(0) if ctx.has_weight else None
         grad_bias = sum_dy.sum(0)
         return grad_x.view(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None
@@ -476,8 +483,12 @@ def _batch_renorm_composite(
     stat_dtype = _stat_dtype(x)
     dims = [1] + list(range(3, x.dim() + 1))
     with torch.no_grad():
-        xg = x.detach().view(groups, n // groups, *x.shape[1:]).to(stat_dtype)
-        var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
+        if groups == 1:
+            var_b, mean_b = torch.var_mean(x.detach().to(stat_dtype), dim=[0] + list(range(2, x.dim())), correction=0)
+            var_b, mean_b = var_b.view(1, c), mean_b.view(1, c)
+        else:
+            xg = x.detach().view(groups, n // groups, *x.shape[1:]).to(stat_dtype)
+            var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
         std_b = torch.sqrt(var_b + eps)
         if running_mean is not None and running_var is not None:
             r, d = _renorm_update_op(
