@@ -55,7 +55,8 @@ class BatchRenormScheduler(Callback):
 
     - ``brn/rmax``, ``brn/dmax``, ``brn/momentum``: the values used in that step;
     - ``brn/r_clipped_frac``, ``brn/d_clipped_frac``: fraction of channels (over all layers, and
-      microbatch groups) whose r, resp. d, hit its clipping bound;
+      microbatch groups) whose r, resp. d, hit its clipping bound (with gradient accumulation: in the
+      last batch of the step);
     - ``brn/mean_abs_r_minus_1``, ``brn/mean_abs_d``: mean of :math:`|r - 1|` and :math:`|d|` after clipping.
 
     During warm-up (``rmax = 1``, ``dmax = 0``) every r and d sits on its bound, so both fractions are

@@ -15,7 +15,7 @@ Examples::
 
     $ lightning-brn fit                                    # the embedded default
     $ lightning-brn fit --recipe fmnist_noniid_brn --trainer.max_steps 500
-    $ lightning-brn fit --config recipes/imagenet_4.1_iid_brn.yaml --data.init_args.data_dir /data/imagenet
+    $ lightning-brn fit --config recipes/imagenet_iid_brn.yaml --data.init_args.data_dir /data/imagenet
     $ lightning-brn fit --recipe default --print_config > my_recipe.yaml
     $ lightning-brn validate --recipe default --ckpt_path runs/default/version_0/checkpoints/last.ckpt
 
@@ -203,9 +203,30 @@ class BatchRenormCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # ``main`` always passes the (recipe-expanded) command line as ``args``; hide ``sys.argv`` meanwhile so
+        # that LightningCLI does not warn about getting both.
+        argv = sys.argv
+        sys.argv = argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            _mark_config_error(err)
+            raise
+
     def after_instantiate_classes(self) -> None:
         if self.datamodule is not None and isinstance(self.model, TimmClassifier):
-            check_batch_config(self.model, self.datamodule)
+            try:
+                check_batch_config(self.model, self.datamodule)
+            except Exception as err:
+                _mark_config_error(err)
+                raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -218,12 +239,11 @@ class BatchRenormCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        if trainer.interrupted or not trainer.is_global_zero and trainer.world_size > 1:
-            return
-        if trainer.fast_dev_run:
+        if trainer.interrupted or trainer.fast_dev_run:
             return
         last_val = getattr(self.model, "_last_val_step", None)
         if last_val != trainer.global_step and trainer.limit_val_batches != 0:
+            # on every rank: under DDP validation is collective (it syncs metrics and the log folder)
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if trainer.is_global_zero:
             print_summary(trainer, time.perf_counter() - self._start_time)
@@ -289,9 +309,47 @@ def cli_main(args: Optional[Sequence[str]] = None, **kwargs: Any) -> BatchRenorm
     )
 
 
+_CONFIG_ERROR_ATTR = "_lightning_brn_config_error"
+#: Set this environment variable to see the full traceback of a configuration error.
+TRACEBACK_ENV = "LIGHTNING_BRN_TRACEBACK"
+
+
+def _mark_config_error(err: BaseException) -> None:
+    """Tag an exception raised while building the model, data and trainer (before any training)."""
+    try:
+        setattr(err, _CONFIG_ERROR_ATTR, True)
+    except AttributeError:  # pragma: no cover - exceptions without a __dict__
+        pass
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s cause/context chain (the one that says what is wrong)."""
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
+
+
 def main(args: Optional[Sequence[str]] = None) -> None:
-    """Entry point of the ``lightning-brn`` console script and ``python -m lightning_brn``."""
-    cli_main(args)
+    """Entry point of the ``lightning-brn`` console script and ``python -m lightning_brn``.
+
+    A configuration that cannot work (unknown model, missing data folder, batch size not divisible by the
+    microbatch size or by ``examples_per_label``, ...) stops before training with a one-line
+    ``lightning-brn: error: ...`` and exit status 2 instead of a traceback (set ``LIGHTNING_BRN_TRACEBACK=1``
+    to see it). :func:`cli_main` raises the exception itself.
+    """
+    try:
+        cli_main(args)
+    except Exception as err:
+        if not getattr(err, _CONFIG_ERROR_ATTR, False) or os.environ.get(TRACEBACK_ENV):
+            raise
+        cause = _root_cause(err)
+        print(f"lightning-brn: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(f"(nothing was trained; set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -400,6 +400,28 @@ def _renorm_update_fake(mean_b, std_b, running_mean, running_var, rmax, dmax, mo
     return torch.empty_like(mean_b), torch.empty_like(mean_b)
 
 
+def _grouped(x: Tensor, groups: int, channels_last: bool) -> Tensor:
+    """``x`` as (G, k, C, *spatial), or as (G, k * prod(spatial), C) for channels-last data (a plain 3-D
+    layout compilers reduce well). Non-contiguous inputs are reshaped (copied) into that layout."""
+    if channels_last:
+        return x.movedim(1, -1).reshape(groups, -1, x.shape[1])
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+
+
+def _ungrouped(t: Tensor, like: Tensor, channels_last: bool) -> Tensor:
+    if channels_last:
+        return t.view(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
+    return t.view(like.shape)
+
+
+def _group_layout(x: Tensor, groups: int, channels_last: bool) -> tuple[tuple[int, ...], list[int]]:
+    """Broadcast shape of (G, C) statistics against :func:`_grouped` ``x``, and its reduction dims."""
+    c = x.shape[1]
+    if channels_last:
+        return (groups, 1, c), [1]
+    return (groups, 1, c) + (1,) * (x.dim() - 2), [1] + list(range(3, x.dim() + 1))
+
+
 class _RenormCompiled(torch.autograd.Function):
     """The compiled-graph twin of :class:`_RenormBN`: the same maths from primitives inductor fuses.
 
@@ -421,8 +443,6 @@ class _RenormCompiled(torch.autograd.Function):
         d: Tensor,
     ) -> Tensor:
         groups, c = mean.shape
-        gshape = (groups, x.shape[0] // groups, *x.shape[1:])
-        bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
         w_eff = r if weight is None else weight.to(r.dtype) * r
         b_eff = d if weight is None else weight.to(d.dtype) * d
         if bias is not None:
@@ -434,9 +454,12 @@ class _RenormCompiled(torch.autograd.Function):
         if groups == 1:
             cshape = (c,) + (1,) * (x.dim() - 2)
             return (x.to(mean.dtype) * scale.view(cshape) + shift.view(cshape)).to(x.dtype)
-        out = x.view(gshape).to(mean.dtype) * scale.view(bshape) + shift.view(bshape)
+        cl = _memory_format(x) != torch.contiguous_format
+        ctx.channels_last = cl
+        bshape, _ = _group_layout(x, groups, cl)
+        out = _grouped(x, groups, cl).to(mean.dtype) * scale.view(bshape) + shift.view(bshape)
         # the output must not be a view (an in-place activation may follow); inductor fuses the copy away
-        return out.view(x.shape).to(x.dtype).clone()
+        return _ungrouped(out, x, cl).to(x.dtype).clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -448,10 +471,9 @@ class _RenormCompiled(torch.autograd.Function):
             dims = [0] + list(range(2, x.dim()))
             w_v, inv_v, mean_v = w_eff[0], invstd[0], mean[0]
         else:
-            gshape = (groups, x.shape[0] // groups, *x.shape[1:])
-            xv, dy = x.view(gshape).to(mean.dtype), grad_out.view(gshape).to(mean.dtype)
-            bshape = (groups, 1, c) + (1,) * (x.dim() - 2)
-            dims = [1] + list(range(3, x.dim() + 1))
+            cl = ctx.channels_last
+            xv, dy = _grouped(x, groups, cl).to(mean.dtype), _grouped(grad_out, groups, cl).to(mean.dtype)
+            bshape, dims = _group_layout(x, groups, cl)
             w_v, inv_v, mean_v = w_eff, invstd, mean
         m = x.numel() // (groups * c)
         xhat = (xv - mean_v.view(bshape)) * inv_v.view(bshape)
@@ -462,7 +484,8 @@ class _RenormCompiled(torch.autograd.Function):
         sum_dy_xhat = sum_dy_xhat.view(groups, c)
         grad_weight = (sum_dy_xhat * r + sum_dy * d).sum(0) if ctx.has_weight else None
         grad_bias = sum_dy.sum(0)
-        return grad_x.view(x.shape).to(x.dtype), grad_weight, grad_bias, None, None, None, None
+        grad_x = grad_x.view(x.shape) if groups == 1 else _ungrouped(grad_x, x, ctx.channels_last)
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
 
 
 def _batch_renorm_composite(
@@ -487,8 +510,9 @@ def _batch_renorm_composite(
             var_b, mean_b = torch.var_mean(x.detach().to(stat_dtype), dim=[0] + list(range(2, x.dim())), correction=0)
             var_b, mean_b = var_b.view(1, c), mean_b.view(1, c)
         else:
-            xg = x.detach().view(groups, n // groups, *x.shape[1:]).to(stat_dtype)
-            var_b, mean_b = torch.var_mean(xg, dim=dims, correction=0)  # (G, C)
+            cl = _memory_format(x) != torch.contiguous_format
+            xg = _grouped(x.detach(), groups, cl).to(stat_dtype)
+            var_b, mean_b = torch.var_mean(xg, dim=_group_layout(x, groups, cl)[1], correction=0)  # (G, C)
         std_b = torch.sqrt(var_b + eps)
         if running_mean is not None and running_var is not None:
             r, d = _renorm_update_op(

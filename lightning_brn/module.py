@@ -64,12 +64,25 @@ def check_batch_config(model: "TimmClassifier", datamodule: Any) -> None:
 
     Checks that ``microbatch_size`` divides the per-process batch size, that the data has no
     more classes than the model outputs, and that the channel counts agree.
+
+    Raises:
+        ValueError: naming the mismatch and the option to change.
+
+    Examples::
+
+        >>> from types import SimpleNamespace
+        >>> model = TimmClassifier("test_resnet", num_classes=10, in_chans=1, microbatch_size=4)
+        >>> check_batch_config(model, SimpleNamespace(batch_size=32, num_classes=10, in_chans=1))  # fits
+        >>> check_batch_config(model, SimpleNamespace(batch_size=30, num_classes=10, in_chans=1))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size=30 is not divisible by microbatch_size=4: ...
     """
     batch_size = getattr(datamodule, "batch_size", None)
     mb = model.microbatch_size
     if mb is not None and batch_size is not None and batch_size % mb:
         multiple = -(-batch_size // mb) * mb
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        divisors = [d for d in range(2, batch_size + 1) if batch_size % d == 0]
         raise ValueError(
             f"batch_size={batch_size} is not divisible by microbatch_size={mb}: each batch is split into groups of "
             f"{mb}. Set --data.init_args.batch_size to a multiple of {mb} (e.g. {multiple}) or --model.microbatch_size "
@@ -87,6 +100,27 @@ def check_batch_config(model: "TimmClassifier", datamodule: Any) -> None:
             f"the data has {c_data} channel(s) but the model takes in_chans={model.in_chans}; set "
             f"--model.in_chans {c_data}"
         )
+
+
+class _SharedCallable:
+    """Wraps the optimizer / LR scheduler factory so that ``copy.deepcopy`` of the module shares it.
+
+    ``EMAWeightAveraging`` (``AveragedModel``) deep-copies the LightningModule. A factory made by
+    LightningCLI refers to jsonargparse's instantiators and, through them, to the CLI and its
+    Trainer: copying it copies the whole run, and under DDP fails on the process group's locks.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_SharedCallable":
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
 
 
 class TimmClassifier(pl.LightningModule):
@@ -126,7 +160,8 @@ class TimmClassifier(pl.LightningModule):
 
         >>> import torch
         >>> m = TimmClassifier("resnet10t", num_classes=10, in_chans=1, normalization="brn", microbatch_size=2)
-        >>> m.train(); m(torch.randn(4, 1, 28, 28)).shape
+        >>> _ = m.train()
+        >>> m(torch.randn(4, 1, 28, 28)).shape
         torch.Size([4, 10])
     """
 
@@ -174,14 +209,22 @@ class TimmClassifier(pl.LightningModule):
         self.renorm_schedule = renorm_schedule
         self.microbatch_size = microbatch_size
         self.label_smoothing = label_smoothing
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        # (shared, not copied, by copy.deepcopy: see _SharedCallable)
+        self.optimizer_factory = _SharedCallable(optimizer) if optimizer is not None else None
+        self.lr_scheduler_factory = _SharedCallable(lr_scheduler) if lr_scheduler is not None else None
         self.lr_scheduler_interval = lr_scheduler_interval
         self.weight_decay_norm_and_bias = weight_decay_norm_and_bias
         self.log_renorm_every_n_steps = log_renorm_every_n_steps
 
         model = create_timm_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
         if self.uses_renorm_layers:
+            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                what = "normalization='brn'" if normalization == "brn" else f"microbatch_size={microbatch_size}"
+                raise ValueError(
+                    f"timm model {model_name!r} has no batchnorm layer, so {what} has nothing to act on "
+                    f"(Batch Renorm replaces batchnorm); pick a batchnorm model (e.g. resnet18, inception_v3, "
+                    f"test_resnet) or set --model.normalization bn and --model.microbatch_size null"
+                )
             momentum = renorm_schedule.momentum if renorm_schedule is not None else 0.01
             model = convert_model(model, rmax=1.0, dmax=0.0, momentum=momentum, microbatch_size=microbatch_size)
         self.model = model
@@ -224,8 +267,15 @@ class TimmClassifier(pl.LightningModule):
         return schedule
 
     def configure_callbacks(self) -> list[Callback]:
-        """A :class:`~lightning_brn.callbacks.BatchRenormScheduler` when the model holds renorm layers."""
+        """A :class:`~lightning_brn.callbacks.BatchRenormScheduler` when the model holds renorm layers.
+
+        Only for ``fit``: validate, test and predict run the layers in eval mode, where the schedule
+        plays no part (and a run length need not be known).
+        """
         if not self.uses_renorm_layers:
+            return []
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn is not None and trainer.state.fn != "fit":
             return []
         from lightning_brn.callbacks import BatchRenormScheduler
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expand_recipe_args, recipe_path
+from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expand_recipe_args, main, recipe_path
 
 QUIET = ["--trainer.enable_model_summary", "false"]
 
@@ -88,6 +88,7 @@ def test_print_config_of_a_recipe(capsys: pytest.CaptureFixture) -> None:
 def test_python_dash_m_and_console_script() -> None:
     out = subprocess.run([sys.executable, "-m", "lightning_brn", "--help"], capture_output=True, text=True, check=True)
     assert "fmnist_iid_brn" in out.stdout and "fit" in out.stdout
+    assert "args parameter" not in out.stderr  # no LightningCLI warning about argv on every command line
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-brn"]
     assert script.value == "lightning_brn.cli:main"
 
@@ -165,3 +166,49 @@ def test_bad_normalization_is_rejected_by_the_parser(fmnist: Path, capsys: pytes
     with pytest.raises(SystemExit):
         cli_main(["fit", "--data.init_args.data_dir", str(fmnist), "--model.normalization", "gn"])
     assert "normalization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--model.model_name", "test_resnett"], "lightning-brn: error: ValueError: unknown timm model 'test_resnett'; did you mean 'test_resnet'"),
+        (["--data.init_args.data_dir", "{missing}"], "lightning-brn: error: FileNotFoundError: Fashion-MNIST not found: the folder '{missing}' does not exist"),
+        (["--recipe", "fmnist_microbatch_brn", "--data.init_args.batch_size", "30"], "lightning-brn: error: ValueError: batch_size=30 is not divisible by microbatch_size=4"),
+    ],
+)
+def test_console_script_reports_config_errors_without_traceback(
+    argv: list[str], match: str, fmnist: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LIGHTNING_BRN_TRACEBACK", raising=False)
+    missing = str(fmnist.parent / "missing")
+    argv = [a.replace("{missing}", missing) for a in argv]
+    if "--data.init_args.data_dir" not in argv:
+        argv += ["--data.init_args.data_dir", str(fmnist)]
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *argv, *QUIET])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert match.replace("{missing}", missing) in err
+    assert "Traceback" not in err and "nothing was trained" in err
+    assert not Path("runs").exists()
+    # with the variable set, the exception itself propagates (for debugging)
+    monkeypatch.setenv("LIGHTNING_BRN_TRACEBACK", "1")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(["fit", *argv, *QUIET])
+
+
+def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path) -> None:
+    """A real 2-process DDP run (gloo, CPU) of a non-i.i.d. recipe with EMA: the EMA copy of the module
+    works under DDP, and the closing validation runs on every rank (it is collective)."""
+    cmd = [
+        sys.executable, "-m", "lightning_brn", "fit", "--recipe", "fmnist_noniid_brn",
+        "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "2", *QUIET,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Starting with 2 processes" in out.stdout + out.stderr
+    assert "lightning-brn fit: done" in out.stdout and "top-1" in out.stdout
+    assert Path("runs/fmnist_noniid_brn/version_0/checkpoints/last.ckpt").is_file()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.optim import RMSpropTF
 from torch import nn
 
@@ -40,6 +42,18 @@ def test_brn_converts_every_batchnorm() -> None:
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     (cb,) = m.configure_callbacks()
     assert isinstance(cb, BatchRenormScheduler) and cb.schedule is sched
+
+
+def test_scheduler_callback_only_for_fit() -> None:
+    """validate / test / predict run in eval mode: no scheduler, no 'overrides existing callbacks' notice."""
+    m = TimmClassifier(**TINY, normalization="brn", renorm_schedule=RenormSchedule())
+    m._trainer = Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    m._trainer.state.fn = TrainerFn.FITTING
+    (cb,) = m.configure_callbacks()
+    assert isinstance(cb, BatchRenormScheduler)
+    for fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING):
+        m._trainer.state.fn = fn
+        assert m.configure_callbacks() == []
 
 
 def test_bn_keeps_batchnorm_and_adds_no_callback() -> None:
@@ -84,6 +98,9 @@ def test_bad_arguments() -> None:
         TimmClassifier(**TINY, microbatch_size=1)
     with pytest.raises(ValueError, match="label_smoothing"):
         TimmClassifier(**TINY, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"timm model 'test_vit' has no batchnorm layer, so normalization='brn'"):
+        TimmClassifier("test_vit", num_classes=10, normalization="brn")
+    assert _count(TimmClassifier("test_vit", num_classes=10, normalization="bn")) == (0, 0)
 
 
 def test_check_batch_config_messages() -> None:
@@ -119,6 +136,16 @@ def test_optimizer_and_scheduler_from_callables() -> None:
     assert isinstance(cfg["optimizer"], torch.optim.SGD) and len(cfg["optimizer"].param_groups) == 1
     assert cfg["lr_scheduler"]["interval"] == "step"
     assert isinstance(cfg["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+def test_deepcopy_shares_the_optimizer_factory() -> None:
+    """EMAWeightAveraging deep-copies the module: the (CLI-made) factories must be shared, not copied."""
+    factory = partial(torch.optim.SGD, lr=0.1)
+    m = TimmClassifier(**TINY, optimizer=factory, lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1))
+    c = copy.deepcopy(m)
+    assert c.optimizer_factory is m.optimizer_factory and c.lr_scheduler_factory is m.lr_scheduler_factory
+    assert c.model.fc.weight is not m.model.fc.weight
+    assert isinstance(c.configure_optimizers()["optimizer"], torch.optim.SGD)
 
 
 def test_training_step_logs_and_backprops() -> None:

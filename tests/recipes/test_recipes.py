@@ -75,7 +75,7 @@ def test_recipe_header_and_settings(name: str) -> None:
             assert model["renorm_schedule"]["init_args"] == {
                 "warmup_steps": 5000, "rmax": 3.0, "rmax_steps": 40000, "dmax": 5.0, "dmax_steps": 25000, "momentum": 0.01
             }
-        expected_steps = 210_000 if name == "imagenet_microbatch_bn" else 130_000
+        expected_steps = {"imagenet_microbatch_bn": 210_000, "imagenet_noniid_brn": 120_000}.get(name, 130_000)
         assert trainer["max_steps"] == expected_steps
     if "microbatch" in name:
         assert model["microbatch_size"] == 4
