@@ -327,8 +327,8 @@ def test_compile_changing_hyperparameters_every_step_does_not_recompile():
     assert counter.graphs == 1, f"recompiled {counter.graphs - 1} times"
 
 
-@pytest.mark.parametrize("mb", [None, 2])
-def test_compiled_inductor_matches_eager(mb):
+@pytest.mark.parametrize("mb, channels_last", [(None, False), (2, False), (2, True)])
+def test_compiled_inductor_matches_eager(mb, channels_last):
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = _net(mb)
@@ -339,6 +339,8 @@ def test_compiled_inductor_matches_eager(mb):
     compiled = torch.compile(compiled_model, fullgraph=True)
     for _ in range(2):
         x = torch.randn(4, 3, 8, 8) * 2 + 1
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
         y_e, y_c = eager(x), compiled(x)
         torch.testing.assert_close(y_c, y_e, rtol=1e-4, atol=1e-4)
         g = torch.randn_like(y_e)
