@@ -145,7 +145,8 @@ class _RenormBN(torch.autograd.Function):
                 grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [need_x, need_affine, need_affine]
             )
         else:
-            # batchnorm's backward kernel per group, writing straight into slices of the outputs (no copies)
+            # batchnorm's backward kernel per group into slices of the outputs (on CPU the kernel still
+            # copies each group's result in; aten has no in-place per-group backward on CPU)
             groups = mean.shape[0]
             k = x.shape[0] // groups
             grad_x = torch.empty_like(x)
@@ -209,14 +210,16 @@ def renorm_correction(
         >>> import torch
         >>> r, d = renorm_correction(torch.tensor([0.5]), torch.tensor([4.0]), torch.tensor([0.0]),
         ...                          torch.tensor([1.0]), rmax=3.0, dmax=0.1)
-        >>> r.item(), d.item()
+        >>> r.item(), round(d.item(), 6)
         (3.0, 0.1)
     """
     with torch.no_grad():
-        rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
-        r = torch.clamp(batch_std / running_std, rmin, rmax)
-        d = torch.clamp((batch_mean - running_mean) / running_std, -dmax, dmax)
-    return r, d
+        return _clip(batch_std / running_std, (batch_mean - running_mean) / running_std, rmax, dmax)
+
+
+def _clip(r_raw: Tensor, d_raw: Tensor, rmax: Number, dmax: Number) -> tuple[Tensor, Tensor]:
+    rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
+    return r_raw.clamp(rmin, rmax), d_raw.clamp(-dmax, dmax)
 
 
 def batch_renorm(
@@ -337,15 +340,13 @@ def _renorm_step(
     running_std = rv.add(eps).sqrt_()
     r_raw = std_b / running_std
     d_raw = (mean_b - rm).div_(running_std)
-    rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
-    r = r_raw.clamp(rmin, rmax)
-    d = d_raw.clamp(-dmax, dmax)
+    r, d = _clip(r_raw, d_raw, rmax, dmax)
     if correction_stats is not None:
         correction_stats.copy_(
             torch.stack(
                 [
-                    ((r_raw > rmax) | (r_raw < rmin)).sum().to(correction_stats.dtype),
-                    (d_raw.abs() > dmax).sum().to(correction_stats.dtype),
+                    (r != r_raw).sum().to(correction_stats.dtype),  # hit a bound
+                    (d != d_raw).sum().to(correction_stats.dtype),
                     (r - 1).abs_().sum().to(correction_stats.dtype),
                     d.abs().sum().to(correction_stats.dtype),
                     torch.full((), r.numel(), dtype=correction_stats.dtype, device=correction_stats.device),
@@ -502,9 +503,8 @@ def _batch_renorm_composite(
     correction_stats: Optional[Tensor],
 ) -> Tensor:
     """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`."""
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     stat_dtype = _stat_dtype(x)
-    dims = [1] + list(range(3, x.dim() + 1))
     with torch.no_grad():
         if groups == 1:
             var_b, mean_b = torch.var_mean(x.detach().to(stat_dtype), dim=[0] + list(range(2, x.dim())), correction=0)

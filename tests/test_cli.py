@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expand_recipe_args, main, recipe_path
@@ -20,19 +17,8 @@ from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expan
 QUIET = ["--trainer.enable_model_summary", "false"]
 
 
-def make_fmnist(folder: Path, n_train: int = 64, n_test: int = 20) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
-            header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + arr.astype(np.uint8).tobytes())
-    return folder
-
-
 @pytest.fixture()
-def fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fmnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_fmnist) -> Path:
     monkeypatch.chdir(tmp_path)  # runs/ lands in tmp_path
     return make_fmnist(tmp_path / "fmnist")
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lightning_brn.data import (
     FashionMNISTDataModule,
@@ -20,40 +17,9 @@ from lightning_brn.data import (
 )
 
 
-def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
-def make_fmnist(folder: Path, n_train: int = 64, n_test: int = 20, compress: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
-    return folder
-
-
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 20) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", 1)):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8))
-                img.save(d / (f"{i}.JPEG" if i % 2 == 0 else f"{i}.png"), format="JPEG" if i % 2 == 0 else "PNG")
-    return root
-
-
 # ----------------------------------------------------------------------------- IDX
 @pytest.mark.parametrize("compress", [True, False])
-def test_read_idx_roundtrip(tmp_path: Path, compress: bool) -> None:
+def test_read_idx_roundtrip(tmp_path: Path, compress: bool, write_idx) -> None:
     arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     write_idx(tmp_path / "x-idx3-ubyte", arr, compress)
     name = "x-idx3-ubyte.gz" if compress else "x-idx3-ubyte"
@@ -71,7 +37,7 @@ def test_read_idx_rejects_garbage(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 @pytest.mark.parametrize("compress", [True, False])
-def test_fashion_mnist_datamodule(tmp_path: Path, compress: bool) -> None:
+def test_fashion_mnist_datamodule(tmp_path: Path, compress: bool, make_fmnist) -> None:
     dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm", compress=compress), batch_size=8, val_batch_size=7)
     dm.setup("fit")
     assert (dm.num_classes, dm.in_chans) == (10, 1)
@@ -83,7 +49,7 @@ def test_fashion_mnist_datamodule(tmp_path: Path, compress: bool) -> None:
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 20  # every test image once
 
 
-def test_fashion_mnist_limits_and_noniid(tmp_path: Path) -> None:
+def test_fashion_mnist_limits_and_noniid(tmp_path: Path, make_fmnist) -> None:
     dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm"), batch_size=8, sampling="non_iid", limit_train=40)
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -116,7 +82,7 @@ def test_batch_size_not_divisible_by_k() -> None:
 
 
 # ----------------------------------------------------------------------------- image folders
-def test_image_folder_datamodule(tmp_path: Path) -> None:
+def test_image_folder_datamodule(tmp_path: Path, make_image_folder) -> None:
     dm = ImageFolderDataModule(make_image_folder(tmp_path / "inet"), batch_size=4, num_workers=0, img_size=32)
     assert dm.num_classes == 3 and dm.classes[0] == "n00000000"
     dm.setup("fit")
@@ -127,7 +93,7 @@ def test_image_folder_datamodule(tmp_path: Path) -> None:
     assert Counter(dm.train_labels()) == {0: 4, 1: 4, 2: 4}
 
 
-def test_image_folder_uses_model_input_size(tmp_path: Path) -> None:
+def test_image_folder_uses_model_input_size(tmp_path: Path, make_image_folder) -> None:
     dm = ImageFolderDataModule(make_image_folder(tmp_path / "inet"), batch_size=2, num_workers=0)
     assert dm._data_config()["input_size"] == (3, 224, 224)  # no model attached: timm's default
 
@@ -196,7 +162,7 @@ def test_noniid_errors() -> None:
         NonIIDBatchSampler(np.repeat(np.arange(4), 4), batch_size=4, num_replicas=2, rank=2)
 
 
-def test_iid_sampler_two_ranks_disjoint(tmp_path: Path) -> None:
+def test_iid_sampler_two_ranks_disjoint(tmp_path: Path, make_fmnist) -> None:
     dm = FashionMNISTDataModule(make_fmnist(tmp_path / "fm"), batch_size=8)
     dm.setup("fit")
     samplers = []

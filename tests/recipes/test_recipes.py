@@ -6,15 +6,11 @@ the device are overridden.
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from lightning_brn import is_batch_renorm
 from lightning_brn.cli import available_recipes, cli_main, recipe_path
@@ -23,33 +19,13 @@ RECIPES = sorted(available_recipes())
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
 
 
-def make_fmnist(folder: Path, n: int = 40) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split in ("train", "t10k"):
-        for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
-            header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
-                f.write(header + arr.astype(np.uint8).tobytes())
-    return folder
-
-
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", 1)):
-        for c in range(classes):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
-                img.save(d / (f"{i}.JPEG" if i % 2 == 0 else f"{i}.png"), format="JPEG" if i % 2 == 0 else "PNG")
-    return root
-
-
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny_data(tmp_path_factory: pytest.TempPathFactory, make_fmnist, make_image_folder) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    return {"fmnist": make_fmnist(root / "fmnist"), "imagenet": make_image_folder(root / "imagenet")}
+    return {
+        "fmnist": make_fmnist(root / "fmnist", n_train=40, n_test=40),
+        "imagenet": make_image_folder(root / "imagenet", size=40),
+    }
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -1,0 +1,61 @@
+"""Shared test data: tiny Fashion-MNIST IDX files and ImageNet-layout image folders, made on the fly."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_idx_file(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """Writes ``array`` (uint8) as an IDX file; ``compress`` appends ``.gz`` to ``path``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def make_fmnist_folder(folder: Path, n_train: int = 64, n_test: int = 20, compress: bool = True) -> Path:
+    """A Fashion-MNIST folder (train/t10k images and labels) with random 28x28 images, labels 0..9 cycling."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx_file(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx_file(folder / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    return folder
+
+
+def make_image_folder_tree(root: Path, classes: int = 3, per_class: int = 4, size: int = 20) -> Path:
+    """An ImageNet-layout folder (train/<class>/*, val/<class>/*) of small JPEG and PNG images."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8))
+                img.save(d / (f"{i}.JPEG" if i % 2 == 0 else f"{i}.png"), format="JPEG" if i % 2 == 0 else "PNG")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_idx() -> Callable[..., None]:
+    return write_idx_file
+
+
+@pytest.fixture(scope="session")
+def make_fmnist() -> Callable[..., Path]:
+    return make_fmnist_folder
+
+
+@pytest.fixture(scope="session")
+def make_image_folder() -> Callable[..., Path]:
+    return make_image_folder_tree
