@@ -502,7 +502,7 @@ def revert_model(model: nn.Module) -> nn.Module:
             bn_cls = _bn_target(name, module)
             bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
             if bn_momentum is _MISSING:
-                bn_momentum = module.momentum if module._momentum.device.type != "meta" else 0.1
+                bn_momentum = module.momentum  # a Python float, also on the meta device
             out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
             reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
         done[id(module)] = out
