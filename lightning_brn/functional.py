@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["batch_renorm", "renorm_correction"]
 
@@ -129,12 +130,16 @@ class _RenormBN(torch.autograd.Function):
             gshape = (groups, x.shape[0] // groups, *x.shape[1:])
             # write into a tensor of the input's shape and memory format: the output must not be a view
             out = torch.empty_like(x)
-            torch.addcmul(shift.to(x.dtype).view(bshape), x.view(gshape), scale.to(x.dtype).view(bshape), out=out.view(gshape))
+            if x.dtype == scale.dtype:
+                torch.addcmul(shift.view(bshape), x.view(gshape), scale.view(bshape), out=out.view(gshape))
+            else:  # half inputs: the affine step in float32 (shift cancels the mean), rounded once
+                out.view(gshape).copy_(torch.addcmul(shift.view(bshape), x.view(gshape).to(scale.dtype), scale.view(bshape)))
         ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
         ctx.eps = eps
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, w_eff, mean, invstd, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -297,7 +302,7 @@ def batch_renorm(
                 f"microbatch_size={microbatch_size} does not divide the batch size {n}: "
                 f"use a batch size that is a multiple of {microbatch_size}"
             )
-        groups = n // microbatch_size
+        groups = max(n // microbatch_size, 1)
     values_per_channel = input.numel() // max(num_features, 1) // groups
     if values_per_channel <= 1:
         raise ValueError(
@@ -357,12 +362,19 @@ def _renorm_step(
         mean_b = mean_b.mean(0)
         std_b = std_b.mean(0)
     alpha = momentum.to(sd) if isinstance(momentum, Tensor) else momentum
-    # mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma), stored as running_var = sigma^2 - eps
+    if isinstance(alpha, float) and alpha == 0.0:
+        return r, d  # the averages stay exactly as they are
+    # mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma) =: sigma + delta, stored as
+    # running_var = sigma^2 - eps, i.e. running_var += delta (2 sigma + delta): exact when delta = 0, and no
+    # cancellation between sigma^2 and eps for channels whose variance is far below eps
+    delta = (std_b - running_std).mul_(alpha)
+    var_step = torch.add(delta, running_std, alpha=2.0).mul_(delta)
     if rm is running_mean:
         running_mean.lerp_(mean_b, alpha)
+        running_var.add_(var_step).clamp_min_(0.0)
     else:
         running_mean.copy_(rm.lerp(mean_b, alpha))
-    running_var.copy_(running_std.lerp_(std_b, alpha).square_().sub_(eps).clamp_min_(0.0))
+        running_var.copy_(rv.add(var_step).clamp_min_(0.0))
     return r, d
 
 

@@ -29,7 +29,7 @@ _SCHEDULE_BUFFERS = ("_rmax", "_dmax", "_momentum")
 _CORRECTION_FIELDS = ("r_clipped", "d_clipped", "abs_r_minus_1", "abs_d", "count")
 
 
-def _check_number(name: str, value: Any) -> float:
+def _check_number(name: str, value: Any, allow_inf: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     if isinstance(value, Tensor):
@@ -37,20 +37,20 @@ def _check_number(name: str, value: Any) -> float:
             raise TypeError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be {'a number' if allow_inf else 'finite'}, got {name}={value}")
     return value
 
 
 def _check_rmax(value: Any) -> float:
-    v = _check_number("rmax", value)
+    v = _check_number("rmax", value, allow_inf=True)  # inf: r is not clipped
     if v < 1.0:
         raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={v}")
     return v
 
 
 def _check_dmax(value: Any) -> float:
-    v = _check_number("dmax", value)
+    v = _check_number("dmax", value, allow_inf=True)  # inf: d is not clipped
     if v < 0.0:
         raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={v}")
     return v
@@ -320,7 +320,7 @@ class _BatchRenorm(nn.Module):
             self.eps,
             rmax,
             dmax,
-            self._microbatch_size,
+            self._microbatch_size if self.training else None,  # microbatches split training batches only
             self._correction if (self.track_correction and self.training) else None,
         )
 
@@ -356,7 +356,10 @@ class BatchRenorm1d(_BatchRenorm):
         rmax: clip of r, >= 1; readable and assignable as ``layer.rmax``. Default: 1.0.
         dmax: clip of d, >= 0; readable and assignable as ``layer.dmax``. Default: 0.0.
         microbatch_size: normalize groups of this many consecutive examples separately in
-            training (paper section 4.2). Default: ``None`` (the whole batch).
+            training (paper section 4.2): each group gets its own statistics, r and d (all from the
+            moving averages before the step), and the moving averages then move once towards the
+            mean over groups of :math:`\mu_B` and of :math:`\sigma_B`. Eval ignores it.
+            Default: ``None`` (the whole batch).
 
     Running statistics are stored as batchnorm does: ``running_mean`` is :math:`\mu` and
     ``running_var`` is :math:`\sigma^2 - \epsilon`, although the average is taken over :math:`\sigma`.

@@ -150,7 +150,8 @@ def test_deepcopy_and_pickle():
         ({"eps": -1e-5}, ValueError, r"eps=-1e-05"),
         ({"microbatch_size": 0}, ValueError, r"microbatch_size must be >= 1.*microbatch_size=0"),
         ({"microbatch_size": 2.5}, TypeError, r"microbatch_size must be a positive int.*2.5"),
-        ({"rmax": float("nan")}, ValueError, r"rmax must be finite"),
+        ({"rmax": float("nan")}, ValueError, r"rmax must be a number, got rmax=nan"),
+        ({"eps": float("inf")}, ValueError, r"eps must be finite, got eps=inf"),
         ({"rmax": "3"}, TypeError, r"rmax must be a real number.*'3'"),
         ({"affine": "yes"}, TypeError, r"affine must be a bool.*'yes'"),
     ],
@@ -457,3 +458,55 @@ def test_output_can_be_modified_in_place(mb, channels_last):
     torch.testing.assert_close(y, reference(x))
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------- edge cases
+def test_infinite_bounds_mean_no_clipping():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, dtype=torch.float64) * 5 + 2
+    layer = BatchRenorm1d(3, rmax=float("inf"), dmax=float("inf"), dtype=torch.float64)
+    assert layer.rmax == float("inf")
+    y = layer(x)
+    mu_b, var_b = x.mean(0), x.var(0, unbiased=False)
+    sigma = (1 + layer.eps) ** 0.5
+    expected = (x - mu_b) / (var_b + layer.eps).sqrt() * ((var_b + layer.eps).sqrt() / sigma) + mu_b / sigma
+    torch.testing.assert_close(y, expected)
+
+
+def test_momentum_zero_leaves_moving_averages_exactly_unchanged():
+    layer = _randomize(BatchRenorm2d(4, rmax=2.0, dmax=1.0, momentum=0.0))
+    before = layer.running_mean.clone(), layer.running_var.clone()
+    for _ in range(3):
+        layer(torch.randn(8, 4, 3, 3) * 3 + 1)
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert layer.num_batches_tracked.item() == 10
+
+
+def test_microbatches_apply_to_training_batches_only():
+    x = torch.randn(3, 3, 4, 4)
+    layer = BatchRenorm2d(3, track_running_stats=False, microbatch_size=2).eval()
+    bn = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(layer(x), bn(x))  # whole-batch statistics, any batch size
+
+
+def test_bfloat16_microbatches_normalize_in_float32():
+    x = (torch.randn(4, 2, 8, 8) + 100).bfloat16()
+    y = BatchRenorm2d(2, microbatch_size=2)(x)
+    assert y.dtype == torch.bfloat16
+    xd = x.double()
+    ref = torch.cat([nn.functional.batch_norm(xd[i : i + 2], None, None, training=True) for i in (0, 2)])
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1.6e-2)  # bfloat16 rounding of the output only
+
+
+def test_empty_batch_is_a_clear_error():
+    for layer in (BatchRenorm2d(3), BatchRenorm2d(3, microbatch_size=2)):
+        with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[0, 3, 2, 2\]"):
+            layer(torch.randn(0, 3, 2, 2))
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    layer = BatchRenorm2d(3, rmax=2.0)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
