@@ -288,6 +288,27 @@ def conversion_summary(model: nn.Module) -> ConversionSummary:
 
 
 # --------------------------------------------------------------------------------------------- convert
+def _map_modules(model: nn.Module, replace: Callable[[nn.Module, str], tuple[nn.Module, bool]]) -> nn.Module:
+    """Rebuilds the module tree top-down: ``replace(module, qualified_name)`` returns the module to put in its
+    place and whether to descend into its children (re-attached with ``add_module``). A module shared by
+    several parents is visited once and replaced by the same object everywhere; the root may be replaced."""
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        out, descend = replace(module, name)
+        done[id(module)] = out
+        if descend:
+            # (not named_children(): it skips a module's second appearance, which must be replaced too)
+            for child_name, child in list(module._modules.items()):
+                if child is not None:
+                    out.add_module(child_name, visit(child, f"{name}.{child_name}" if name else child_name))
+        return out
+
+    return visit(model, "")
+
+
 def convert_model(
     model: nn.Module,
     *,
@@ -382,17 +403,12 @@ def convert_model(
     excluded: Counter[str] = Counter()
     already: Counter[str] = Counter()
 
-    done: dict[int, nn.Module] = {}  # a module shared by several parents is converted once
-
-    def convert(module: nn.Module, name: str) -> nn.Module:
-        if id(module) in done:
-            return done[id(module)]
+    def convert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         if is_excluded(name, module):
-            done[id(module)] = module
             for m in module.modules():
                 if isinstance(m, (_BatchNorm, _BatchRenorm)):
                     excluded[type(m).__name__] += 1
-            return module
+            return module, False
         out = module
         if isinstance(module, _BatchNorm):
             cls = _target_class(name, module, sync_batchnorm_dim)
@@ -406,14 +422,9 @@ def convert_model(
             already[type(module).__name__] += 1
         elif _is_frozen(module):
             frozen[type(module).__name__] += 1
-        done[id(module)] = out
-        # (not named_children(): it skips a module's second appearance, which must be replaced too)
-        for child_name, child in list(module._modules.items()):
-            if child is not None:
-                out.add_module(child_name, convert(child, f"{name}.{child_name}" if name else child_name))
-        return out
+        return out, True
 
-    model = convert(model, "")
+    model = _map_modules(model, convert)
 
     parts = [_fmt(converted) if converted else "nothing converted"]
     if already:
@@ -492,11 +503,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
     reverted: Counter[str] = Counter()
-    done: dict[int, nn.Module] = {}  # a module shared by several parents is reverted once
-
-    def revert(module: nn.Module, name: str) -> nn.Module:
-        if id(module) in done:
-            return done[id(module)]
+    def revert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         out = module
         if isinstance(module, _BatchRenorm):
             bn_cls = _bn_target(name, module)
@@ -505,14 +512,9 @@ def revert_model(model: nn.Module) -> nn.Module:
                 bn_momentum = module.momentum  # a Python float, also on the meta device
             out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
             reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
-        done[id(module)] = out
-        # (not named_children(): it skips a module's second appearance, which must be replaced too)
-        for child_name, child in list(module._modules.items()):
-            if child is not None:
-                out.add_module(child_name, revert(child, f"{name}.{child_name}" if name else child_name))
-        return out
+        return out, True
 
-    model = revert(model, "")
+    model = _map_modules(model, revert)
     if reverted:
         log.info("revert_model: %s", _fmt(reverted))
     else:
