@@ -96,7 +96,16 @@ class _RenormBN(torch.autograd.Function):
         groups: int,
         correction_stats: Optional[Tensor],
     ) -> Tensor:
-        mean, var = _batch_stats(x) if groups == 1 else _group_stats(x, groups)
+        # (N, C) features in microbatches: a few vectorized ops over the (G, k, C) view beat G calls of each
+        # batchnorm kernel on rows this short. Other layouts call the kernels once per group.
+        vectorized = groups > 1 and x.dim() == 2
+        ctx.vectorized = vectorized
+        if vectorized:
+            x3 = x.view(groups, -1, x.shape[1]).to(_stat_dtype(x))
+            mean = x3.mean(1)
+            var = (x3 - mean.unsqueeze(1)).square_().mean(1)
+        else:
+            mean, var = _batch_stats(x) if groups == 1 else _group_stats(x, groups)
         std = var.add(eps).sqrt_()
         param_dtype = torch.float32 if mean.dtype in _REDUCED_PRECISION else mean.dtype
         if weight is not None and weight.dtype in (torch.float32, torch.float64):
@@ -144,12 +153,24 @@ class _RenormBN(torch.autograd.Function):
         x, w_eff, mean, invstd, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_affine = need_w or need_b
-        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-        if mean.dim() == 1:
+        if ctx.vectorized:
+            # batchnorm's backward per (group, channel), written out over the (G, k, C) view
+            groups, c = mean.shape
+            x3 = x.view(groups, -1, c).to(mean.dtype)
+            dy = grad_out.reshape(groups, -1, c).to(mean.dtype)
+            xhat = (x3 - mean.unsqueeze(1)).mul_(invstd.unsqueeze(1))
+            grad_b_eff = dy.sum(1)
+            grad_w_eff = (dy * xhat).sum(1)
+            k = x3.shape[1]
+            grad_x = xhat.mul_((grad_w_eff / k).unsqueeze(1)).add_((grad_b_eff / k).unsqueeze(1))
+            grad_x = torch.sub(dy, grad_x).mul_((w_eff * invstd).unsqueeze(1)).view(x.shape).to(x.dtype)
+        elif mean.dim() == 1:
+            grad_out = grad_out.contiguous(memory_format=_memory_format(x))
             grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [need_x, need_affine, need_affine]
             )
         else:
+            grad_out = grad_out.contiguous(memory_format=_memory_format(x))
             # batchnorm's backward kernel per group into slices of the outputs (on CPU the kernel still
             # copies each group's result in; aten has no in-place per-group backward on CPU)
             groups = mean.shape[0]
