@@ -510,3 +510,23 @@ def test_double_backward_is_refused_not_silently_wrong():
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_1d_microbatches_under_autocast_match_float32(dtype):
+    torch.manual_seed(0)
+    layer = BatchRenorm1d(8, rmax=2.0, dmax=1.0, microbatch_size=4)
+    ref = copy.deepcopy(layer)
+    x = (torch.randn(16, 8) * 3 + 50).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x.requires_grad_())
+    xr = x.detach().float().requires_grad_()
+    y_ref = ref(xr)
+    assert y.dtype == dtype and layer.running_var.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    g = torch.randn(16, 8)
+    y.float().backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=5e-2, atol=5e-2)
