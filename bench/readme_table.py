@@ -1,0 +1,64 @@
+"""Condenses a bench_layers.py result file into the README's speed table (and updates README.md in place).
+
+Usage::
+
+    python bench/bench_layers.py --threads 1 --clock cpu --out bench/results/cpu.md
+    python bench/readme_table.py bench/results/cpu.md            # prints the table and rewrites README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench-table-start -->", "<!-- bench-table-end -->"
+
+
+def _rows(text: str, title: str) -> list[list[str]]:
+    section = next(s for s in text.split("### ") if s.startswith(title))
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("| (")]
+
+
+def _ratio(cell: str, brackets: bool = False) -> str:
+    m = re.search(r"\[(\d+\.\d+)x\]" if brackets else r"\((\d+\.\d+)x\)", cell)
+    return f"{m.group(1)}x" if m else "-"
+
+
+def table(text: str) -> str:
+    main = _rows(text, "Time")
+    micro = {(r[0], r[1]): r for r in _rows(text, "microbatch")}
+    memory = {(r[0], r[1]): r for r in _rows(text, "Saved")}
+    lines = [
+        "| shape | format | batchnorm (ms) | renorm | literal Alg. 1 | renorm, microbatches of 4 "
+        "| compiled renorm / compiled batchnorm | saved for backward, renorm / batchnorm (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in main:
+        key = (r[0], r[1])
+        fmt = "channels_last" if r[1] == "channels_last" else ("NC" if r[0].count(",") == 1 else "NCHW")
+        mb = micro.get(key)
+        mem = memory[key]
+        lines.append(
+            f"| {r[0]} | {fmt} | {r[2]} | {_ratio(r[3])} | {_ratio(r[4])} | {_ratio(mb[3]) if mb else '-'} "
+            f"| {_ratio(r[6], brackets=True)} | {mem[4].split()[0]} / {mem[3].split()[0]} |"
+        )
+    meta = {k: v for k, v in re.findall(r"^- (date|device): (.*)$", text, flags=re.M)}
+    return "\n".join(lines) + f"\n\nRun: {meta.get('date', '?')}; {meta.get('device', '?')}. Full tables: [bench/results/cpu.md](bench/results/cpu.md).\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("result", type=Path, nargs="?", default=ROOT / "bench" / "results" / "cpu.md")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args()
+    out = table(args.result.read_text())
+    print(out)
+    readme = args.readme.read_text()
+    a, b = readme.index(START) + len(START), readme.index(END)
+    args.readme.write_text(readme[:a] + "\n" + out + readme[b:])
+
+
+if __name__ == "__main__":
+    main()
