@@ -13,8 +13,13 @@ Why this is as fast as batchnorm: ``r`` and ``d`` are constants for the backward
 batch statistics in hand the training output is batchnorm's training output with weight
 :math:`\gamma r` and bias :math:`\beta + \gamma d`. The forward pass computes the statistics once
 (with batchnorm's own statistics kernel), normalizes with batchnorm's elementwise kernel, and the
-backward pass is batchnorm's own backward kernel fed those per-channel constants. Saved tensors
-are the same as batchnorm's: the input plus four per-channel vectors.
+backward pass is batchnorm's own backward kernel fed those per-channel constants. Saved for backward:
+the input plus per-channel vectors, the same memory as batchnorm (up to a few vectors of C values).
+
+Under ``torch.compile`` the same maths is written from primitives for inductor to fuse
+(:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
+``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
+forward already updated.
 """
 
 from __future__ import annotations
