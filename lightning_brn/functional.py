@@ -64,14 +64,8 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def _group_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """(G, C) means and biased variances of G consecutive groups of the batch (call without autograd)."""
     k = x.shape[0] // groups
-    if x.is_cuda or x.dtype in _REDUCED_PRECISION:
-        stats = [_batch_stats(x[g * k : (g + 1) * k]) for g in range(groups)]
-        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
-    mean = x.new_empty((groups, x.shape[1]))
-    var = x.new_empty((groups, x.shape[1]))
-    for g in range(groups):
-        torch.ops.aten.batch_norm_update_stats.out(x[g * k : (g + 1) * k], None, None, 0.0, out0=mean[g], out1=var[g])
-    return mean, var
+    stats = [_batch_stats(x[g * k : (g + 1) * k]) for g in range(groups)]
+    return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
 
 
 class _RenormBN(torch.autograd.Function):
@@ -140,14 +134,16 @@ class _RenormBN(torch.autograd.Function):
         else:
             scale = w_eff * invstd
             shift = b_eff - mean * scale
-            bshape = (groups, 1, -1) + (1,) * (x.dim() - 2)
-            gshape = (groups, x.shape[0] // groups, *x.shape[1:])
+            # channels-last data as a plain (G, M, C) view, so the broadcast runs along contiguous channels
+            cl = _memory_format(x) != torch.contiguous_format
+            bshape, _ = _group_layout(x, groups, cl)
             # write into a tensor of the input's shape and memory format: the output must not be a view
             out = torch.empty_like(x)
+            out_g = _grouped(out, groups, cl)  # a view of ``out`` (same memory format as x)
             if x.dtype == scale.dtype:
-                torch.addcmul(shift.view(bshape), x.view(gshape), scale.view(bshape), out=out.view(gshape))
+                torch.addcmul(shift.view(bshape), _grouped(x, groups, cl), scale.view(bshape), out=out_g)
             else:  # half inputs: the affine step in float32 (shift cancels the mean), rounded once
-                out.view(gshape).copy_(torch.addcmul(shift.view(bshape), x.view(gshape).to(scale.dtype), scale.view(bshape)))
+                out_g.copy_(torch.addcmul(shift.view(bshape), _grouped(x, groups, cl).to(scale.dtype), scale.view(bshape)))
         ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
         ctx.eps = eps
         return out
