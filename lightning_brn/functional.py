@@ -37,13 +37,6 @@ Number = Union[float, Tensor]
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - very old torch
-        return False
-
-
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """Statistics are computed in float32 for half inputs, in the input dtype otherwise."""
     return torch.float32 if x.dtype in _REDUCED_PRECISION else x.dtype
@@ -157,14 +150,11 @@ class _RenormBN(torch.autograd.Function):
         if ctx.vectorized:
             # batchnorm's backward per (group, channel), written out over the (G, k, C) view
             groups, c = mean.shape
-            x3 = x.view(groups, -1, c).to(mean.dtype)
-            dy = grad_out.reshape(groups, -1, c).to(mean.dtype)
-            xhat = (x3 - mean.unsqueeze(1)).mul_(invstd.unsqueeze(1))
-            grad_b_eff = dy.sum(1)
-            grad_w_eff = (dy * xhat).sum(1)
-            k = x3.shape[1]
-            grad_x = xhat.mul_((grad_w_eff / k).unsqueeze(1)).add_((grad_b_eff / k).unsqueeze(1))
-            grad_x = torch.sub(dy, grad_x).mul_((w_eff * invstd).unsqueeze(1)).view(x.shape).to(x.dtype)
+            grad_x, grad_b_eff, grad_w_eff = _bn_backward_formula(
+                x.view(groups, -1, c).to(mean.dtype), grad_out.reshape(groups, -1, c).to(mean.dtype),
+                mean, invstd, w_eff, (groups, 1, c), [1],
+            )
+            grad_x = grad_x.view(x.shape).to(x.dtype)
         elif mean.dim() == 1:
             grad_out = grad_out.contiguous(memory_format=_memory_format(x))
             grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
@@ -332,7 +322,7 @@ def batch_renorm(
             + (f" with microbatch_size={microbatch_size}" if groups > 1 else "")
         )
 
-    if _is_compiling():
+    if torch.compiler.is_compiling():
         return _batch_renorm_composite(
             input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
         )
@@ -457,6 +447,22 @@ def _group_layout(x: Tensor, groups: int, channels_last: bool) -> tuple[tuple[in
     return (groups, 1, c) + (1,) * (x.dim() - 2), [1] + list(range(3, x.dim() + 1))
 
 
+def _bn_backward_formula(
+    x: Tensor, dy: Tensor, mean: Tensor, invstd: Tensor, w_eff: Tensor, bshape: tuple[int, ...], dims: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batchnorm's training backward written out, statistics of shape ``bshape`` reduced over ``dims``.
+
+    Returns ``(grad_x, sum(dy), sum(dy * xhat))``; the last two are the gradients of the effective bias and weight.
+    """
+    m = x.numel() // mean.numel()
+    xhat = (x - mean.view(bshape)).mul_(invstd.view(bshape))
+    sum_dy = dy.sum(dims)
+    sum_dy_xhat = (dy * xhat).sum(dims)
+    correction = xhat.mul_((sum_dy_xhat / m).view(bshape)).add_((sum_dy / m).view(bshape))
+    grad_x = torch.sub(dy, correction).mul_((w_eff * invstd).view(bshape))
+    return grad_x, sum_dy, sum_dy_xhat
+
+
 class _RenormCompiled(torch.autograd.Function):
     """The compiled-graph twin of :class:`_RenormBN`: the same maths from primitives inductor fuses.
 
@@ -510,11 +516,7 @@ class _RenormCompiled(torch.autograd.Function):
             xv, dy = _grouped(x, groups, cl).to(mean.dtype), _grouped(grad_out, groups, cl).to(mean.dtype)
             bshape, dims = _group_layout(x, groups, cl)
             w_v, inv_v, mean_v = w_eff, invstd, mean
-        m = x.numel() // (groups * c)
-        xhat = (xv - mean_v.view(bshape)) * inv_v.view(bshape)
-        sum_dy = dy.sum(dims)
-        sum_dy_xhat = (dy * xhat).sum(dims)
-        grad_x = (w_v * inv_v).view(bshape) * (dy - (sum_dy / m).view(bshape) - xhat * (sum_dy_xhat / m).view(bshape))
+        grad_x, sum_dy, sum_dy_xhat = _bn_backward_formula(xv, dy, mean_v, inv_v, w_v, bshape, dims)
         sum_dy = sum_dy.view(groups, c)
         sum_dy_xhat = sum_dy_xhat.view(groups, c)
         grad_weight = (sum_dy_xhat * r + sum_dy * d).sum(0) if ctx.has_weight else None
