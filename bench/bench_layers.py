@@ -11,7 +11,11 @@ random ``grad``), float32. For every shape and memory format it builds, with the
   r and d), what typical third-party implementations do;
 - ``bn compiled`` / ``brn compiled``: ``torch.compile`` of the two modules (default mode);
 - with ``microbatch_size=4`` (shapes whose batch 4 divides): ``brn mb4`` and ``literal mb4`` eager,
-  and ``brn mb4 compiled``.
+  and ``brn mb4 compiled``;
+- ``brn eager, Python path`` (and ``brn mb4 ..., Python path``): the same renorm modules with the C++ CPU
+  kernels switched off (``lightning_brn._ext.use_cpp(False)``), i.e. the pure-PyTorch implementation that
+  CUDA, half precision and machines without a compiler use. Eager ``brn`` is the default path: on CPU,
+  float32, the C++ kernels when they are built (the header says whether they are).
 
 All variants of one shape are timed interleaved (each repetition runs every variant once, in a
 shuffled order) after warm-up; the tables show medians and ratios to eager batchnorm (compiled renorm
@@ -27,6 +31,7 @@ Run ``python bench/bench_layers.py --help`` for the options; ``--quick`` is a sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -44,12 +49,14 @@ import torch
 from torch import Tensor, nn
 
 import lightning_brn
+from lightning_brn import _ext
 
 SHAPES_2D = [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 112, 112), (4, 512, 7, 7), (2, 64, 56, 56)]
 SHAPE_1D = (256, 1024)
 RMAX, DMAX, MOMENTUM, EPS = 3.0, 5.0, 0.01, 1e-5
 MICRO = 4
 MIB = 2.0**20
+PY_VARIANTS = {"brn_py": "brn", "brn_mb_py": "brn_mb"}  # the Python path of these modules (C++ kernels off)
 
 
 class LiteralBatchRenorm(nn.Module):
@@ -118,6 +125,16 @@ def make_step(mod: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
         torch.autograd.grad(y, params, grad)
 
     return step
+
+
+def python_path(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the C++ CPU kernels switched off."""
+
+    def run() -> None:
+        with _ext.use_cpp(False):
+            step()
+
+    return run
 
 
 def saved_bytes(mod: nn.Module, x: Tensor) -> tuple[int, int]:
@@ -209,6 +226,10 @@ def bench_config(
     del probe
 
     steps: dict[str, Callable[[], None]] = {k: make_step(m, x, g) for k, m in mods.items()}
+    if device.type == "cpu" and _ext.available():
+        for name, src in PY_VARIANTS.items():
+            if src in mods:
+                steps[name] = python_path(make_step(mods[src], x, g))
     errors: dict[str, str] = {}
     compile_s: dict[str, float] = {}
     if not args.no_compile:
@@ -268,7 +289,8 @@ def bench_config(
     peak: dict[str, str] = {}
     for name in steps:
         try:
-            nbytes, count = saved_bytes(mods[name], x)
+            with _ext.use_cpp(False) if name in PY_VARIANTS else contextlib.nullcontext():
+                nbytes, count = saved_bytes(mods[PY_VARIANTS.get(name, name)], x)
             mem[name] = f"{nbytes / MIB:.2f} ({count})" if count else "n/a (no hook call)"
         except Exception as e:  # noqa: BLE001
             mem[name] = short_error(e)
@@ -311,25 +333,33 @@ def shape_cell(res: dict) -> str:
 def tables(results: list[dict], device: torch.device) -> str:
     out = []
     out.append("### Time, forward + backward (median ms; (x) = ratio to eager batchnorm; [x] = ratio to compiled batchnorm)\n")
-    out.append("| shape | format | bn eager | brn eager | literal Alg. 1 | bn compiled | brn compiled |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("| shape | format | bn eager | brn eager | literal Alg. 1 | bn compiled | brn compiled | brn eager, Python path |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for r in results:
         out.append(
             f"| {shape_cell(r)} | {r['fmt']} | {fmt_time(r, 'bn', None)} | {fmt_time(r, 'brn')} | "
-            f"{fmt_time(r, 'literal')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_c', 'bn', 'bn_c')} |"
+            f"{fmt_time(r, 'literal')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_c', 'bn', 'bn_c')} | "
+            f"{fmt_time(r, 'brn_py')} |"
         )
     micro = [r for r in results if r["micro"]]
     if micro:
         out.append(f"\n### microbatch_size={MICRO} (median ms; (x) = ratio to eager batchnorm on the whole batch; goal <= 1.3x)\n")
-        out.append(f"| shape | format | bn eager | brn mb{MICRO} eager | literal mb{MICRO} | bn compiled | brn mb{MICRO} compiled |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append(
+            f"| shape | format | bn eager | brn mb{MICRO} eager | literal mb{MICRO} | bn compiled | brn mb{MICRO} compiled "
+            f"| brn mb{MICRO} eager, Python path |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in micro:
             out.append(
                 f"| {shape_cell(r)} | {r['fmt']} | {fmt_time(r, 'bn', None)} | {fmt_time(r, 'brn_mb')} | "
-                f"{fmt_time(r, 'literal_mb')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_mb_c', 'bn', 'bn_c')} |"
+                f"{fmt_time(r, 'literal_mb')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_mb_c', 'bn', 'bn_c')} | "
+                f"{fmt_time(r, 'brn_mb_py')} |"
             )
-    names = ["bn", "brn", "literal", "bn_c", "brn_c", "brn_mb", "literal_mb", "brn_mb_c"]
-    heads = ["bn", "brn", "literal", "bn comp.", "brn comp.", f"brn mb{MICRO}", f"literal mb{MICRO}", f"brn mb{MICRO} comp."]
+    names = ["bn", "brn", "literal", "bn_c", "brn_c", "brn_mb", "literal_mb", "brn_mb_c", "brn_py", "brn_mb_py"]
+    heads = [
+        "bn", "brn", "literal", "bn comp.", "brn comp.", f"brn mb{MICRO}", f"literal mb{MICRO}", f"brn mb{MICRO} comp.",
+        "brn Python path", f"brn mb{MICRO} Python path",
+    ]
     out.append(
         "\n### Saved for backward (MiB of unique storages, input included; (n) = saved tensors)"
         + ("; CUDA peak above baseline (MiB) after the slash" if device.type == "cuda" else "")
@@ -363,13 +393,13 @@ def code_version() -> str:
         head, dirty = "unknown", ""
     pkg = os.path.dirname(lightning_brn.__file__)
     h = hashlib.sha256()
-    for name in ("functional.py", "layers.py"):
+    for name in ("functional.py", "layers.py", "_ext.py", "csrc/renorm_cpu.cpp"):
         try:
             with open(os.path.join(pkg, name), "rb") as f:
                 h.update(f.read())
         except OSError:
             pass
-    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py + layers.py) {h.hexdigest()[:12]}"
+    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py, layers.py, _ext.py, csrc/renorm_cpu.cpp) {h.hexdigest()[:12]}"
 
 
 def header(args: argparse.Namespace, device: torch.device) -> str:
@@ -388,6 +418,12 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         f"one sample ~{args.sample_ms} ms of eager batchnorm; clock: "
         + ("CPU time of the process (time.process_time)" if args.clock == "cpu" else "wall (time.perf_counter)"),
         "- step = `y = layer(x); torch.autograd.grad(y, [x, weight, bias], fixed_random_grad)`",
+        "- eager renorm on this device: "
+        + (
+            f"C++ CPU kernels (lightning_brn/csrc/renorm_cpu.cpp, built with {' '.join(_ext._flags())})"
+            if device.type == "cpu" and _ext.available()
+            else "Python path (torch ops" + (f"; C++ kernels unavailable: {_ext.build_error()}" if _ext.build_error() else "") + ")"
+        ),
     ]
     return "\n".join(lines)
 
@@ -425,6 +461,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if device.type == "cpu":
+        _ext.available()  # build (or load) the C++ kernels before any timing
 
     all_shapes: list[tuple[int, ...]] = [*SHAPES_2D, SHAPE_1D]
     try:

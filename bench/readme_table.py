@@ -32,8 +32,9 @@ def table(text: str) -> str:
     memory = {(r[0], r[1]): r for r in _rows(text, "Saved")}
     lines = [
         "| shape | format | batchnorm (ms) | renorm | literal Alg. 1 | renorm, microbatches of 4 "
-        "| compiled renorm / compiled batchnorm | saved for backward, renorm / batchnorm (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| compiled renorm / compiled batchnorm | saved for backward, renorm / batchnorm (MiB) "
+        "| renorm, Python path (no C++) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in main:
         key = (r[0], r[1])
@@ -42,7 +43,8 @@ def table(text: str) -> str:
         mem = memory[key]
         lines.append(
             f"| {r[0]} | {fmt} | {r[2]} | {_ratio(r[3])} | {_ratio(r[4])} | {_ratio(mb[3]) if mb else '-'} "
-            f"| {_ratio(r[6], brackets=True)} | {mem[4].split()[0]} / {mem[3].split()[0]} |"
+            f"| {_ratio(r[6], brackets=True)} | {mem[4].split()[0]} / {mem[3].split()[0]} "
+            f"| {_ratio(r[7]) if len(r) > 7 else '-'} |"
         )
     meta = {k: v for k, v in re.findall(r"^- (date|device): (.*)$", text, flags=re.M)}
     return "\n".join(lines) + f"\n\nRun: {meta.get('date', '?')}; {meta.get('device', '?')}. Full tables: [bench/results/cpu.md](bench/results/cpu.md).\n"

@@ -16,6 +16,13 @@ batch statistics in hand the training output is batchnorm's training output with
 backward pass is batchnorm's own backward kernel fed those per-channel constants. Saved for backward:
 the input plus per-channel vectors, the same memory as batchnorm (up to a few vectors of C values).
 
+On CPU, for float32/float64 in eager mode, the whole training step runs in one C++ operator with its own
+autograd node (``lightning_brn/csrc/renorm_cpu.cpp``, built once per machine on first use, see
+:mod:`lightning_brn._ext`; ``LIGHTNING_BRN_CPP=0`` turns it off): the same maths without Python in the loop,
+with its own vectorized statistics, elementwise and backward kernels (faster than aten's batchnorm kernels
+on contiguous NCHW data). CUDA, half precision under autocast and machines without a C++ compiler use the
+Python path below; both paths are tested against each other and against a literal Algorithm 1.
+
 Under ``torch.compile`` the same maths is written from primitives for inductor to fuse
 (:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
 ``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
@@ -29,6 +36,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from lightning_brn import _ext
 
 __all__ = ["batch_renorm", "renorm_correction"]
 
@@ -329,9 +338,31 @@ def batch_renorm(
 
     if not use_running:
         running_mean = running_var = None
+    if input.device.type == "cpu" and input.dtype in _CPP_DTYPES and _cpp_eligible(
+        input.dtype, weight, bias, running_mean, running_var, rmax, dmax, momentum
+    ):
+        op = _ext.cpu_op()
+        if op is not None:  # the same maths in one C++ operator (lightning_brn/csrc/renorm_cpu.cpp)
+            return op(
+                input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats
+            )
     return _RenormBN.apply(
         input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats
     )
+
+
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpp_eligible(dtype: torch.dtype, *args: Union[Optional[Tensor], Number]) -> bool:
+    """Per-channel tensors of the input's dtype (or None) and Python-number hyper-parameters."""
+    for a in args:
+        if isinstance(a, Tensor):
+            if a.dtype != dtype or a.dim() != 1 or not a.is_contiguous() or a.device.type != "cpu":
+                return False
+        elif a is not None and not isinstance(a, (float, int)):
+            return False
+    return True
 
 
 def _renorm_step(

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything lightning_brn needs on a fresh Debian machine (idempotent, safe to rerun):
 #   - the Fashion-MNIST data from the Debian package dataset-fashion-mnist (the embedded default's data),
-#   - a virtual environment in .venv with torch 2.14.1 / torchvision 0.29.1 and this package (editable, with dev tools).
+#   - a virtual environment in .venv with torch 2.14.1 / torchvision 0.29.1 and this package (editable, with dev tools),
+#   - the C++ CPU kernels, compiled once for this machine (~20 s; cached in ~/.cache/torch_extensions; without a
+#     compiler the package falls back to its Python path and this step only warns).
 # Override the interpreter with PYTHON=..., the venv folder with VENV=...
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,4 +32,6 @@ if ! "$PY" -c "import torch, torchvision; assert torch.__version__.startswith('2
 fi
 echo "[setup] installing lightning-brn (editable, with the dev extra)"
 "$PY" -m pip install -q -e ".[dev]"
+echo "[setup] building the C++ CPU kernels (once per machine, ~20 s)"
+"$PY" -c "from lightning_brn import _ext; ok = _ext.available(); print('[setup] C++ CPU kernels:', 'ready' if ok else 'unavailable (' + str(_ext.build_error()) + '), using the Python path')" || true
 echo "[setup] done: $("$PY" -c 'import torch, lightning, timm, lightning_brn; print("torch", torch.__version__, "| lightning", lightning.__version__, "| timm", timm.__version__, "| lightning_brn", lightning_brn.__version__)')"

@@ -59,3 +59,14 @@ def make_fmnist() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def make_image_folder() -> Callable[..., Path]:
     return make_image_folder_tree
+
+
+@pytest.fixture(params=["cpp", "python"])
+def eager_backend(request: pytest.FixtureRequest):
+    """Runs a test once with the C++ CPU kernels and once with the pure-PyTorch path (same maths, both tested)."""
+    from lightning_brn import _ext
+
+    if request.param == "cpp" and not _ext.available():
+        pytest.skip(f"C++ CPU kernels unavailable here: {_ext.build_error() or 'disabled by LIGHTNING_BRN_CPP'}")
+    with _ext.use_cpp(request.param == "cpp"):
+        yield request.param

@@ -9,6 +9,9 @@ from lightning_brn.functional import batch_renorm, renorm_correction
 
 EPS = 1e-5
 
+# every test runs with the C++ CPU kernels and with the Python path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 
 def literal_algorithm1(x, mu, sigma, gamma, beta, rmax, dmax, alpha, eps, k=None):
     """Algorithm 1 of the paper, written out literally with autograd ops (paper notation).

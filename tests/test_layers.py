@@ -12,6 +12,9 @@ from torch import nn
 
 from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
 
+# every test runs with the C++ CPU kernels and with the Python path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("eager_backend")
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PAIRS = [

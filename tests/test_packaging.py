@@ -36,6 +36,7 @@ def test_wheel_carries_callbacks_recipes_and_types(wheel):
     assert "lightning_brn/callbacks/__init__.py" in names
     assert "lightning_brn/recipes/__init__.py" in names
     assert "lightning_brn/py.typed" in names
+    assert "lightning_brn/csrc/renorm_cpu.cpp" in names  # the C++ CPU kernels are built from it on first use
     recipes = {Path(n).name for n in names if n.startswith("lightning_brn/recipes/") and n.endswith(".yaml")}
     shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
     assert shipped and recipes == shipped

@@ -1,0 +1,700 @@
+// Batch Renorm training step on the CPU: one operator with its own autograd node.
+//
+// Loaded by lightning_brn/_ext.py (built once per machine with torch.utils.cpp_extension) and called by
+// lightning_brn.functional.batch_renorm for float32/float64 CPU tensors in eager mode. The maths is the
+// same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
+//   per group g (a microbatch, or the whole batch) and channel c:
+//     mean, biased var of x over the group;  sigma_B = sqrt(var + eps)
+//     r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - mu) / sigma, -dmax, dmax)   (constants)
+//     y = (x - mean) / sigma_B * (gamma r) + (beta + gamma d)
+//   then, once per call, mu += alpha (mean over groups of mean - mu) and sigma += alpha (... sigma_B - sigma),
+//   sigma stored as running_var = sigma^2 - eps (see functional.py).
+// The backward is batchnorm's training backward with weight gamma r (r, d constant), per group; the
+// gradients of gamma and beta follow by the chain rule: r dL/dw_eff + d dL/db_eff and dL/db_eff.
+//
+// Data layouts (each group is one contiguous block of numel / G elements in both):
+//   planar: contiguous (N, C, L) with L = prod(spatial) > 1
+//   rows:   M rows of C contiguous channels: channels_last(_3d) data, or (N, C) / L == 1
+// Sums are taken in 16 vector lanes of the input type and flushed into double totals every 64 terms per
+// lane, in two passes (mean, then centred squares): as accurate as a double accumulation, at memory speed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = kLanes * 64;  // values per float partial sum flush (64 per lane)
+constexpr int64_t kRows = 64;            // rows per float partial sum flush in the rows layout
+
+// ---- layout ---------------------------------------------------------------------------------------------
+
+struct Layout {
+  bool rows;      // rows layout (channels last); else planar
+  int64_t N, C, L, G;
+  int64_t per_group() const { return N / G; }  // examples per group
+};
+
+bool channels_last_dense(const at::Tensor& x) {
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+// x as one of the two layouts (a contiguous copy for anything else), and the layout.
+std::tuple<at::Tensor, Layout> as_layout(const at::Tensor& x_in, int64_t groups) {
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  const int64_t L = x_in.numel() / (N * C);
+  if (x_in.is_contiguous()) return {x_in, Layout{L == 1, N, C, L, groups}};
+  if (channels_last_dense(x_in)) return {x_in, Layout{true, N, C, L, groups}};
+  return {x_in.contiguous(), Layout{L == 1, N, C, L, groups}};
+}
+
+// ---- reductions -----------------------------------------------------------------------------------------
+
+enum class Sum { kPlain, kCentredSquares, kCentredProducts };
+
+// Over i < n: sum p[i] (kPlain), sum (p[i] - m)^2 (kCentredSquares) or sum (p[i] - m) q[i] (kCentredProducts),
+// in kLanes float lanes flushed into a double total every kBlock values.
+template <Sum kKind, typename T>
+inline double lane_sum(const T* p, const T* q, int64_t n, T m) {
+  auto term = [&](int64_t i) -> T {
+    if constexpr (kKind == Sum::kPlain) return p[i];
+    const T v = p[i] - m;
+    if constexpr (kKind == Sum::kCentredSquares) return v * v;
+    return v * q[i];
+  };
+  double total = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    T acc[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += term(i + k);
+    double s = 0;
+    for (; i < end; ++i) s += term(i);
+    for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
+    total += s;
+  }
+  return total;
+}
+
+// Per (group, channel) mean and biased variance. mean, var: (G, C).
+template <typename T>
+void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
+  const int64_t C = lay.C, L = lay.L, G = lay.G, k = lay.per_group();
+  const double count = static_cast<double>(k) * static_cast<double>(L);
+  if (!lay.rows) {
+    at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t gc = b; gc < e; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        double s = 0;
+        for (int64_t n = g * k; n < (g + 1) * k; ++n) s += lane_sum<Sum::kPlain>(x + (n * C + c) * L, x, L, T(0));
+        const T m = static_cast<T>(s / count);
+        double ss = 0;
+        for (int64_t n = g * k; n < (g + 1) * k; ++n) ss += lane_sum<Sum::kCentredSquares>(x + (n * C + c) * L, x, L, m);
+        mean[gc] = m;
+        var[gc] = static_cast<T>(ss / count);
+      }
+    });
+    return;
+  }
+  const int64_t M = k * L;  // rows per group
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<double> tot(w);
+    std::vector<T> acc(w), m(w);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* xg = x + g * M * C;
+      if (M <= kRows) {  // small groups: one float partial sum per channel, straight into the outputs
+        T* __restrict__ mo = mean + g * C + c0;
+        T* __restrict__ vo = var + g * C + c0;
+        std::fill(mo, mo + w, T(0));
+        std::fill(vo, vo + w, T(0));
+        for (int64_t i = 0; i < M; ++i) {
+          const T* __restrict__ row = xg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) mo[c] += row[c];
+        }
+        for (int64_t c = 0; c < w; ++c) mo[c] = static_cast<T>(static_cast<double>(mo[c]) / count);
+        for (int64_t i = 0; i < M; ++i) {
+          const T* __restrict__ row = xg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) {
+            const T v = row[c] - mo[c];
+            vo[c] += v * v;
+          }
+        }
+        for (int64_t c = 0; c < w; ++c) vo[c] = static_cast<T>(static_cast<double>(vo[c]) / count);
+        continue;
+      }
+      std::fill(tot.begin(), tot.end(), 0.0);
+      for (int64_t start = 0; start < M; start += kRows) {
+        const int64_t end = std::min(M, start + kRows);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t i = start; i < end; ++i) {
+          const T* row = xg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+        }
+        for (int64_t c = 0; c < w; ++c) tot[c] += acc[c];
+      }
+      for (int64_t c = 0; c < w; ++c) m[c] = static_cast<T>(tot[c] / count);
+      std::fill(tot.begin(), tot.end(), 0.0);
+      for (int64_t start = 0; start < M; start += kRows) {
+        const int64_t end = std::min(M, start + kRows);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t i = start; i < end; ++i) {
+          const T* row = xg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) {
+            const T v = row[c] - m[c];
+            acc[c] += v * v;
+          }
+        }
+        for (int64_t c = 0; c < w; ++c) tot[c] += acc[c];
+      }
+      for (int64_t c = 0; c < w; ++c) {
+        mean[g * C + c0 + c] = m[c];
+        var[g * C + c0 + c] = static_cast<T>(tot[c] / count);
+      }
+    }
+  });
+}
+
+// Per (group, channel) sum of dy and of dy * (x - mean), for the backward pass. sum_dy, sum_dyx: (G, C).
+template <typename T>
+void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, T* sum_dy, T* sum_dyx) {
+  const int64_t C = lay.C, L = lay.L, G = lay.G, k = lay.per_group();
+  if (!lay.rows) {
+    at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t gc = b; gc < e; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        double s = 0, sx = 0;
+        for (int64_t n = g * k; n < (g + 1) * k; ++n) {
+          const int64_t off = (n * C + c) * L;
+          s += lane_sum<Sum::kPlain>(dy + off, dy, L, T(0));
+          sx += lane_sum<Sum::kCentredProducts>(x + off, dy + off, L, mean[gc]);
+        }
+        sum_dy[gc] = static_cast<T>(s);
+        sum_dyx[gc] = static_cast<T>(sx);
+      }
+    });
+    return;
+  }
+  const int64_t M = k * L;
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<double> tot(w), totx(w);
+    std::vector<T> acc(w), accx(w);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* xg = x + g * M * C;
+      const T* dg = dy + g * M * C;
+      const T* mr = mean + g * C + c0;
+      if (M <= kRows) {  // small groups: one float partial sum per channel, straight into the outputs
+        T* __restrict__ so = sum_dy + g * C + c0;
+        T* __restrict__ sxo = sum_dyx + g * C + c0;
+        std::fill(so, so + w, T(0));
+        std::fill(sxo, sxo + w, T(0));
+        for (int64_t i = 0; i < M; ++i) {
+          const T* __restrict__ xr = xg + i * C + c0;
+          const T* __restrict__ dr = dg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) {
+            so[c] += dr[c];
+            sxo[c] += (xr[c] - mr[c]) * dr[c];
+          }
+        }
+        continue;
+      }
+      std::fill(tot.begin(), tot.end(), 0.0);
+      std::fill(totx.begin(), totx.end(), 0.0);
+      for (int64_t start = 0; start < M; start += kRows) {
+        const int64_t end = std::min(M, start + kRows);
+        std::fill(acc.begin(), acc.end(), T(0));
+        std::fill(accx.begin(), accx.end(), T(0));
+        for (int64_t i = start; i < end; ++i) {
+          const T* xr = xg + i * C + c0;
+          const T* dr = dg + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) {
+            acc[c] += dr[c];
+            accx[c] += (xr[c] - mr[c]) * dr[c];
+          }
+        }
+        for (int64_t c = 0; c < w; ++c) {
+          tot[c] += acc[c];
+          totx[c] += accx[c];
+        }
+      }
+      for (int64_t c = 0; c < w; ++c) {
+        sum_dy[g * C + c0 + c] = static_cast<T>(tot[c]);
+        sum_dyx[g * C + c0 + c] = static_cast<T>(totx[c]);
+      }
+    }
+  });
+}
+
+// ---- elementwise passes ---------------------------------------------------------------------------------
+
+// out = x * a[g, c] + b[g, c]
+template <typename T>
+void affine_pass(const T* x, T* out, const Layout& lay, const T* a, const T* b) {
+  const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  if (!lay.rows) {
+    at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+      for (int64_t nc = s; nc < e; ++nc) {
+        const int64_t gc = (nc / C / k) * C + nc % C;
+        const T av = a[gc], bv = b[gc];
+        const T* xp = x + nc * L;
+        T* op = out + nc * L;
+        for (int64_t i = 0; i < L; ++i) op[i] = xp[i] * av + bv;
+      }
+    });
+    return;
+  }
+  const int64_t rows_per_group = k * L;
+  at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
+    for (int64_t m = s; m < e; ++m) {
+      const int64_t g = m / rows_per_group;
+      const T* ap = a + g * C;
+      const T* bp = b + g * C;
+      const T* xp = x + m * C;
+      T* op = out + m * C;
+      for (int64_t c = 0; c < C; ++c) op[c] = xp[c] * ap[c] + bp[c];
+    }
+  });
+}
+
+// grad_x = ((dy - mdy[g, c]) - (x - mean[g, c]) * proj[g, c]) * scale[g, c]   (batchnorm's backward)
+template <typename T>
+void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T* mean, const T* mdy, const T* proj,
+                     const T* scale) {
+  const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  if (!lay.rows) {
+    at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+      for (int64_t nc = s; nc < e; ++nc) {
+        const int64_t gc = (nc / C / k) * C + nc % C;
+        const T m = mean[gc], md = mdy[gc], p = proj[gc], sc = scale[gc];
+        const T* xp = x + nc * L;
+        const T* dp = dy + nc * L;
+        T* op = gx + nc * L;
+        for (int64_t i = 0; i < L; ++i) op[i] = ((dp[i] - md) - (xp[i] - m) * p) * sc;
+      }
+    });
+    return;
+  }
+  const int64_t rows_per_group = k * L;
+  at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
+    for (int64_t m = s; m < e; ++m) {
+      const int64_t off = (m / rows_per_group) * C;
+      const T *mp = mean + off, *mdp = mdy + off, *pp = proj + off, *sp = scale + off;
+      const T* xp = x + m * C;
+      const T* dp = dy + m * C;
+      T* op = gx + m * C;
+      for (int64_t c = 0; c < C; ++c) op[c] = ((dp[c] - mdp[c]) - (xp[c] - mp[c]) * pp[c]) * sp[c];
+    }
+  });
+}
+
+// ---- the per-channel step -------------------------------------------------------------------------------
+
+template <typename T>
+inline T clip(T v, T lo, T hi) {
+  // std::min(v, hi) is (hi < v ? hi : v) and std::max(m, lo) is (m < lo ? lo : m): NaN passes through, as with
+  // torch.clamp, and both map onto the vector min/max instructions
+  return std::max(std::min(v, hi), lo);
+}
+
+template <typename T>
+inline T lerp(T a, T b, T w) {  // as aten's lerp
+  return w < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
+}
+
+// One group's r, d, effective affine and inverse std (C values each).
+template <typename T, bool kRunning, bool kWeight, bool kBias>
+void step_row(const T* __restrict__ mean, const T* __restrict__ var, const T* __restrict__ rs,
+              const T* __restrict__ rm, const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ r,
+              T* __restrict__ d, T* __restrict__ w_eff, T* __restrict__ b_eff, T* __restrict__ invstd, int64_t C, T eps,
+              T rmin, T rmax, T dmax) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T std_b = std::sqrt(var[c] + eps);
+    T ri = T(1), di = T(0);
+    if constexpr (kRunning) {
+      ri = clip(std_b / rs[c], rmin, rmax);
+      di = clip((mean[c] - rm[c]) / rs[c], -dmax, dmax);
+    }
+    T w = T(1), b = T(0);
+    if constexpr (kWeight) w = weight[c];
+    if constexpr (kBias) b = bias[c];
+    r[c] = ri;
+    d[c] = di;
+    w_eff[c] = w * ri;
+    b_eff[c] = b + w * di;
+    invstd[c] = T(1) / std_b;
+  }
+}
+
+// From the (G, C) batch statistics: r, d, the effective affine and inverse std (all (G, C)); then the in-place
+// moving-average update towards the mean over groups. running_mean == nullptr: no running statistics.
+// Loops run over channels innermost (contiguous), so they vectorize for G * C in the tens of thousands.
+// The hyper-parameters and the moving averages as they were before this step (sigma = sqrt(running_var + eps)).
+template <typename T>
+struct Step {
+  T rmin, rmax, dmax, eps, alpha;
+  bool running;           // running statistics present: r, d from them, then the update
+  bool update;            // running && momentum != 0
+  const T* weight;        // (C,) or nullptr
+  const T* bias;          // (C,) or nullptr
+  std::vector<T> rs, rm;  // sigma and mu before the update, (C,)
+
+  Step(double rmax_d, double dmax_d, double momentum_d, double eps_d, const T* w, const T* b, const T* running_mean,
+       const T* running_var, int64_t C)
+      : rmin(static_cast<T>(1.0 / rmax_d)),
+        rmax(static_cast<T>(rmax_d)),
+        dmax(static_cast<T>(dmax_d)),
+        eps(static_cast<T>(eps_d)),
+        alpha(static_cast<T>(momentum_d)),
+        running(running_mean != nullptr),
+        update(running_mean != nullptr && momentum_d != 0.0),
+        weight(w),
+        bias(b),
+        rs(C, T(1)),
+        rm(C, T(0)) {
+    if (running) {
+      for (int64_t c = 0; c < C; ++c) {
+        rs[c] = std::sqrt(running_var[c] + eps);
+        rm[c] = running_mean[c];
+      }
+    }
+  }
+
+  // r, d, effective affine and inverse std of channels [c0, c0 + w) of one group (mean, var, outputs offset to c0)
+  void row(const T* mean, const T* var, int64_t c0, int64_t w, T* r, T* d, T* w_eff, T* b_eff, T* invstd) const {
+    auto call = [&](auto has_running, auto has_weight, auto has_bias) {
+      step_row<T, decltype(has_running)::value, decltype(has_weight)::value, decltype(has_bias)::value>(
+          mean, var, rs.data() + c0, rm.data() + c0, weight ? weight + c0 : nullptr, bias ? bias + c0 : nullptr, r,
+          d, w_eff, b_eff, invstd, w, eps, rmin, rmax, dmax);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    auto with_bias = [&](auto run, auto wt) { bias ? call(run, wt, Yes{}) : call(run, wt, No{}); };
+    auto with_weight = [&](auto run) { weight ? with_bias(run, Yes{}) : with_bias(run, No{}); };
+    running ? with_weight(Yes{}) : with_weight(No{});
+  }
+
+  // adds one group's clipping record of channels [c0, c0 + w): r clipped, d clipped, sum |r - 1|, sum |d|
+  void record(const T* mean, const T* var, const T* r, const T* d, int64_t c0, int64_t w, double* acc) const {
+    for (int64_t c = 0; c < w; ++c) {
+      acc[0] += (r[c] != std::sqrt(var[c] + eps) / rs[c0 + c]);
+      acc[1] += (d[c] != (mean[c] - rm[c0 + c]) / rs[c0 + c]);
+      acc[2] += std::abs(r[c] - T(1));
+      acc[3] += std::abs(d[c]);
+    }
+  }
+
+  // the moving averages of channel c towards mean_b, std_b (the batch's, or the means over groups)
+  void update_channel(T* running_mean, T* running_var, int64_t c, T mean_b, T std_b) const {
+    running_mean[c] = lerp(rm[c], mean_b, alpha);
+    // sigma += alpha (sigma_B - sigma) =: sigma + delta, stored as sigma^2 - eps: var += delta (2 sigma + delta)
+    const T delta = (std_b - rs[c]) * alpha;
+    const T v = running_var[c] + (delta + T(2) * rs[c]) * delta;
+    running_var[c] = v < T(0) ? T(0) : v;
+  }
+};
+
+// mean_sum += mean, std_sum += sqrt(var + eps) over one group's channels (for the update over groups)
+template <typename T>
+void add_group_moments(const T* __restrict__ mean, const T* __restrict__ var, T eps, double* __restrict__ mean_sum,
+                       double* __restrict__ std_sum, int64_t w) {
+  for (int64_t c = 0; c < w; ++c) {
+    mean_sum[c] += mean[c];
+    std_sum[c] += std::sqrt(var[c] + eps);
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// ---- small per-(group, channel) loops, pointers marked non-aliasing so they vectorize ---------------------
+
+// scale = w_eff * invstd, shift = b_eff - mean * scale (the forward's affine form)
+template <typename T>
+void affine_constants(const T* __restrict__ w_eff, const T* __restrict__ b_eff, const T* __restrict__ invstd,
+                      const T* __restrict__ mean, T* __restrict__ scale, T* __restrict__ shift, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    scale[i] = w_eff[i] * invstd[i];
+    shift[i] = b_eff[i] - mean[i] * scale[i];
+  }
+}
+
+// acc_w += (sum_dyx * invstd) * r + sum_dy * d;  acc_b += sum_dy   (one group's contribution)
+template <typename T>
+void affine_grads(const T* __restrict__ sum_dyx, const T* __restrict__ sum_dy, const T* __restrict__ invstd,
+                  const T* __restrict__ r, const T* __restrict__ d, T* __restrict__ acc_w, T* __restrict__ acc_b,
+                  int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc_w[i] += (sum_dyx[i] * invstd[i]) * r[i] + sum_dy[i] * d[i];
+    acc_b[i] += sum_dy[i];
+  }
+}
+
+// in place: sum_dyx -> proj = sum_dyx / m * invstd^2, sum_dy -> mean(dy); scale = invstd * w_eff, w_eff = weight r
+template <typename T>
+void input_grad_constants(T* __restrict__ sum_dyx, T* __restrict__ sum_dy, const T* __restrict__ invstd,
+                          const T* __restrict__ r, const T* __restrict__ weight, T* __restrict__ scale, T m,
+                          int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    sum_dyx[i] = sum_dyx[i] / m * invstd[i] * invstd[i];
+    sum_dy[i] = sum_dy[i] / m;
+    scale[i] = invstd[i] * (weight ? weight[i] * r[i] : r[i]);
+  }
+}
+
+// Rows layout with groups of at most kRows rows ((N, C) features or tiny images in microbatches): per chunk of
+// channels, each group's statistics, step and output in one go while its rows are in cache, so no (G, C)
+// intermediate but the four saved vectors is written. Same arithmetic as the general path.
+template <typename T>
+void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& step, T* running_mean,
+                        T* running_var, T* mean, T* invstd, T* r, T* d) {
+  const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
+  const T count = static_cast<T>(M);  // float partial sums of at most kRows terms, divided in T
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<T> var(w), w_eff(w), b_eff(w), scale(w), shift(w);
+    std::vector<double> mean_sum(step.update ? w : 0, 0.0), std_sum(step.update ? w : 0, 0.0);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* xg = x + g * M * C;
+      T* og = out + g * M * C;
+      T* __restrict__ mo = mean + g * C + c0;
+      T* __restrict__ vo = var.data();
+      std::fill(mo, mo + w, T(0));
+      std::fill(vo, vo + w, T(0));
+      for (int64_t i = 0; i < M; ++i) {
+        const T* __restrict__ row = xg + i * C + c0;
+        for (int64_t c = 0; c < w; ++c) mo[c] += row[c];
+      }
+      for (int64_t c = 0; c < w; ++c) mo[c] = mo[c] / count;
+      for (int64_t i = 0; i < M; ++i) {
+        const T* __restrict__ row = xg + i * C + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          const T v = row[c] - mo[c];
+          vo[c] += v * v;
+        }
+      }
+      for (int64_t c = 0; c < w; ++c) vo[c] = vo[c] / count;
+      const int64_t o = g * C + c0;
+      step.row(mo, vo, c0, w, r + o, d + o, w_eff.data(), b_eff.data(), invstd + o);
+      if (step.update) add_group_moments<T>(mo, vo, step.eps, mean_sum.data(), std_sum.data(), w);
+      affine_constants<T>(w_eff.data(), b_eff.data(), invstd + o, mo, scale.data(), shift.data(), w);
+      const T* __restrict__ sc = scale.data();
+      const T* __restrict__ sh = shift.data();
+      for (int64_t i = 0; i < M; ++i) {
+        const T* __restrict__ xr = xg + i * C + c0;
+        T* __restrict__ orow = og + i * C + c0;
+        for (int64_t c = 0; c < w; ++c) orow[c] = xr[c] * sc[c] + sh[c];
+      }
+    }
+    if (step.update) {
+      for (int64_t c = 0; c < w; ++c) {
+        if (G == 1) {
+          step.update_channel(running_mean, running_var, c0 + c, mean[c0 + c],
+                              std::sqrt(var[c] + step.eps));
+        } else {
+          step.update_channel(running_mean, running_var, c0 + c, static_cast<T>(mean_sum[c] / G),
+                              static_cast<T>(std_sum[c] / G));
+        }
+      }
+    }
+  });
+}
+
+// ---- autograd node --------------------------------------------------------------------------------------
+
+struct RenormTrain : public torch::autograd::Function<RenormTrain> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
+                            double eps, int64_t groups, const std::optional<at::Tensor>& record) {
+    auto [x, lay] = as_layout(x_in, groups);
+    const int64_t G = lay.G, C = lay.C, M = lay.per_group() * lay.L;
+    auto opts = x.options();
+    // saved for backward: (G, C) mean, invstd, r, d in one allocation (plus x and the weight, as batchnorm)
+    auto saved = at::empty({4, G, C}, opts);
+    auto mean = saved[0], invstd = saved[1], r = saved[2], d = saved[3];
+    const bool has_running = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                             running_var->defined();
+    const bool has_weight = weight.has_value() && weight->defined();
+    const bool want_record = has_running && record.has_value() && record->defined();
+    auto out = at::empty_like(x);
+    double rec[4] = {0, 0, 0, 0};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_forward", [&] {
+      using T = scalar_t;
+      T* rmp = has_running ? running_mean->mutable_data_ptr<T>() : nullptr;
+      T* rvp = has_running ? running_var->mutable_data_ptr<T>() : nullptr;
+      const Step<T> step(rmax, dmax, momentum, eps, ptr_or_null<T>(weight), ptr_or_null<T>(bias), rmp, rvp, C);
+      const T* xp = x.const_data_ptr<T>();
+      T* op = out.mutable_data_ptr<T>();
+      T* mp = mean.mutable_data_ptr<T>();
+      T* ip = invstd.mutable_data_ptr<T>();
+      T* rp = r.mutable_data_ptr<T>();
+      T* dp = d.mutable_data_ptr<T>();
+      if (lay.rows && M <= kRows && !want_record) {
+        fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
+        return;
+      }
+      // general: statistics of every group, the step, the update, then one elementwise pass
+      auto scratch = at::empty({5, G, C}, opts);
+      T* vp = scratch[0].mutable_data_ptr<T>();
+      T* wp = scratch[1].mutable_data_ptr<T>();
+      T* bp = scratch[2].mutable_data_ptr<T>();
+      T* sc = scratch[3].mutable_data_ptr<T>();
+      T* sh = scratch[4].mutable_data_ptr<T>();
+      group_stats<T>(xp, lay, mp, vp);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = g * C;
+        step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o);
+        if (want_record) step.record(mp + o, vp + o, rp + o, dp + o, 0, C, rec);
+      }
+      if (step.update) {
+        if (G == 1) {
+          for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], std::sqrt(vp[c] + step.eps));
+        } else {
+          std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
+          for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, vp + g * C, step.eps, mean_sum.data(), std_sum.data(), C);
+          for (int64_t c = 0; c < C; ++c)
+            step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+        }
+      }
+      // y = x * scale + shift with scale = w_eff * invstd and shift = b_eff - mean * scale
+      affine_constants<T>(wp, bp, ip, mp, sc, sh, G * C);
+      affine_pass<T>(xp, op, lay, sc, sh);
+    });
+    if (want_record) {
+      const double full[5] = {rec[0], rec[1], rec[2], rec[3], static_cast<double>(G * C)};
+      record->copy_(at::tensor(c10::ArrayRef<double>(full, 5), at::TensorOptions().dtype(at::kDouble)));
+    }
+    if (has_weight) {
+      ctx->save_for_backward({x, mean, invstd, r, d, *weight});
+    } else {
+      ctx->save_for_backward({x, mean, invstd, r, d});
+    }
+    ctx->saved_data["groups"] = groups;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &r = saved[3], &d = saved[4];
+    const bool has_weight = saved.size() > 5;
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = has_weight && ctx->needs_input_grad(1);
+    const bool need_b = ctx->needs_input_grad(2);
+    auto [xl, lay] = as_layout(x, groups);  // x was saved in one of the two layouts: no copy
+    const at::Tensor dy = grad_outputs[0].contiguous(lay.rows && x.dim() > 2 && lay.L > 1
+                                                         ? x.suggest_memory_format()
+                                                         : at::MemoryFormat::Contiguous);
+    const int64_t G = lay.G, C = lay.C;
+    auto sums = at::empty({2, G, C}, x.options());
+    auto sum_dy = sums[0], sum_dyx = sums[1];
+    at::Tensor grad_x, grad_weight, grad_bias;
+    if (need_x) grad_x = at::empty_like(x);
+    if (need_w) grad_weight = at::empty({C}, x.options());
+    if (need_b) grad_bias = at::empty({C}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_backward", [&] {
+      using T = scalar_t;
+      const T* xp = x.const_data_ptr<T>();
+      const T* dp = dy.const_data_ptr<T>();
+      const T* mp = mean.const_data_ptr<T>();
+      const T* ip = invstd.const_data_ptr<T>();
+      const T* wt = has_weight ? saved[5].const_data_ptr<T>() : nullptr;
+      T* sd = sum_dy.mutable_data_ptr<T>();
+      T* sx = sum_dyx.mutable_data_ptr<T>();
+      group_grad_sums<T>(xp, dp, lay, mp, sd, sx);
+      // dL/dw_eff = sum(dy * xhat) = sum_dyx * invstd;  dL/db_eff = sum_dy
+      if (need_w || need_b) {
+        const T* rp = r.const_data_ptr<T>();
+        const T* dd = d.const_data_ptr<T>();
+        T* gw = need_w ? grad_weight.mutable_data_ptr<T>() : nullptr;
+        T* gb = need_b ? grad_bias.mutable_data_ptr<T>() : nullptr;
+        std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));  // sums over groups, channels innermost
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t o = g * C;
+          affine_grads<T>(sx + o, sd + o, ip + o, rp + o, dd + o, acc_w.data(), acc_b.data(), C);
+        }
+        if (gw) std::copy(acc_w.begin(), acc_w.end(), gw);
+        if (gb) std::copy(acc_b.begin(), acc_b.end(), gb);
+      }
+      if (need_x) {
+        // batchnorm's input gradient per (group, channel): mdy = mean(dy), proj = invstd^2 mean(dy (x - mean)),
+        // scale = invstd * w_eff. Reuse the sums' storage for mdy and proj; scale goes into a new vector.
+        const T m = static_cast<T>(lay.per_group() * lay.L);
+        auto scale_t = at::empty({G, C}, x.options());
+        T* scale = scale_t.mutable_data_ptr<T>();
+        const T* rr = r.const_data_ptr<T>();
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t o = g * C;
+          input_grad_constants<T>(sx + o, sd + o, ip + o, rr + o, wt, scale + o, m, C);
+        }
+        grad_input_pass<T>(xp, dp, grad_x.mutable_data_ptr<T>(), lay, mp, sd, sx, scale);
+      }
+    });
+    variable_list grads = {grad_x, grad_weight, grad_bias};
+    if (at::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
+      // create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients
+      // get an error node, so asking for a second derivative fails loudly instead of being silently wrong.
+      for (auto& g : grads) {
+        if (g.defined()) {
+          g = g.detach();
+          g.set_requires_grad(true);
+        }
+      }
+      auto err = std::make_shared<torch::autograd::DelayedError>(
+          "trying to differentiate twice a function that was marked with @once_differentiable "
+          "(lightning_brn's batch renorm has no double backward)",
+          3);
+      grads = (*err)(std::move(grads));
+    }
+    return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
+                        double eps, int64_t groups, const std::optional<at::Tensor>& record) {
+  TORCH_CHECK(x.device().is_cpu(), "lightning_brn_cpu.renorm_train: CPU tensors only, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lightning_brn_cpu.renorm_train: float32 or float64 input expected, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2 && groups >= 1 && x.size(0) % groups == 0, "lightning_brn_cpu.renorm_train: bad input");
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == x.size(1),
+                  "lightning_brn_cpu.renorm_train: per-channel tensors must be contiguous (C,) of the input dtype");
+    }
+  }
+  return RenormTrain::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lightning_brn_cpu, m) {
+  m.def(
+      "renorm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float rmax, float dmax, float momentum, float eps, int groups, Tensor(c!)? record) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lightning_brn_cpu, CompositeImplicitAutograd, m) { m.impl("renorm_train", &renorm_train); }

@@ -1,0 +1,265 @@
+"""The C++ CPU kernels (lightning_brn/_ext.py, lightning_brn/csrc/renorm_cpu.cpp) against the Python path.
+
+The Python path is itself checked against a literal Algorithm 1 (tests/test_functional.py, which, like
+tests/test_layers.py, runs every test on both paths); here the two paths are compared on every layout and
+option the C++ operator handles, in float64 to rounding level.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _ext
+
+HAS_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and importlib.util.find_spec("ninja") is not None
+needs_cpp = pytest.mark.skipif(not _ext.enabled(), reason="LIGHTNING_BRN_CPP=0")
+
+
+@pytest.fixture(scope="module")
+def cpp() -> None:
+    if not _ext.available():
+        pytest.skip(f"C++ CPU kernels unavailable: {_ext.build_error()}")
+
+
+@needs_cpp
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no C++ compiler or ninja on this machine")
+def test_kernels_build_where_a_compiler_exists():
+    assert _ext.available(), _ext.build_error()
+    assert _ext.build_error() is None
+
+
+def _case(name: str):
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    shapes = {
+        "nchw": ((8, 6, 5, 5), None, BatchRenorm2d),
+        "channels_last": ((8, 6, 5, 5), torch.channels_last, BatchRenorm2d),
+        "nc": ((8, 6), None, BatchRenorm1d),
+        "ncl": ((8, 6, 7), None, BatchRenorm1d),
+        "ncdhw": ((8, 6, 3, 4, 5), None, BatchRenorm3d),
+        "channels_last_3d": ((8, 6, 3, 4, 5), torch.channels_last_3d, BatchRenorm3d),
+        "hw1": ((8, 6, 1, 1), None, BatchRenorm2d),
+        "long_rows": ((8, 6, 40, 41), None, BatchRenorm2d),  # rows longer than one float partial sum block
+        "many_rows_cl": ((8, 6, 40, 41), torch.channels_last, BatchRenorm2d),
+    }
+    shape, fmt, cls = shapes[name]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    return x, cls
+
+
+LAYOUTS = ["nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl"]
+
+
+def _layer(cls, c: int, **kw):
+    layer = cls(c, rmax=1.5, dmax=0.3, **kw).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if layer.running_mean is not None:
+            layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+            layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 4 + 0.1)
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    return layer
+
+
+def _run(layer, x, use_cpp: bool, steps: int = 2):
+    """``steps`` training steps of a copy of ``layer``; outputs, grads, running stats and record of each."""
+    layer = copy.deepcopy(layer)
+    out = []
+    for i in range(steps):
+        xi = (x * (1 + 0.3 * i) + 0.2 * i).detach().requires_grad_()
+        with _ext.use_cpp(use_cpp):
+            y = layer(xi)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(10 + i), dtype=y.dtype)
+        params = [xi] + [p for p in (layer.weight, layer.bias) if p is not None]
+        grads = torch.autograd.grad(y, params, g)
+        state = [t.clone() for t in (layer.running_mean, layer.running_var) if t is not None]
+        out.append((y, y.stride(), grads, state, layer.correction_stats() if layer.track_correction else None))
+    return out
+
+
+def _assert_same(a, b, rtol=1e-12, atol=1e-12):
+    for (ya, sa, ga, sta, ra), (yb, sb, gb, stb, rb) in zip(a, b):
+        torch.testing.assert_close(ya, yb, rtol=rtol, atol=atol)
+        assert sa == sb, "memory format differs"
+        for p, q in zip(ga, gb):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+        for p, q in zip(sta, stb):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+        assert ra == rb
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("microbatch_size", [None, 2, 4])
+def test_cpp_equals_python_path_float64(cpp, layout, microbatch_size):
+    x, cls = _case(layout)
+    layer = _layer(cls, x.shape[1], microbatch_size=microbatch_size)
+    _assert_same(_run(layer, x, True), _run(layer, x, False))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(affine=False),
+        dict(track_running_stats=False),
+        dict(momentum=0.0),
+        dict(momentum=0.7),  # aten's lerp switches formula at 0.5
+        dict(track_correction=True),
+        dict(track_correction=True, microbatch_size=2),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_cpp_equals_python_path_options(cpp, layout, options):
+    x, cls = _case(layout)
+    options = dict(options)
+    track = options.pop("track_correction", False)
+    layer = _layer(cls, x.shape[1], **options)
+    layer.track_correction = track
+    _assert_same(_run(layer, x, True), _run(layer, x, False))
+
+
+def test_infinite_bounds_and_non_contiguous_input(cpp):
+    x = torch.randn(8, 6, 5, 10, dtype=torch.float64)[..., ::2]  # neither contiguous nor channels_last
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    layer = _layer(BatchRenorm2d, 6)
+    layer.rmax, layer.dmax = float("inf"), float("inf")
+    _assert_same(_run(layer, x, True), _run(layer, x, False))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "long_rows"])
+def test_float32_close_to_python_path(cpp, layout):
+    x, cls = _case(layout)
+    layer = _layer(cls, x.shape[1]).float()
+    a, b = _run(layer, x.float(), True), _run(layer, x.float(), False)
+    _assert_same(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_statistics_far_from_zero_are_accurate(cpp):
+    """Large offsets: the two-pass sums with double totals keep float32 statistics at float32 precision."""
+    g = torch.Generator().manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = (torch.randn(16, 8, 30, 30, generator=g) * 0.5 + 3000.0).contiguous(memory_format=fmt)
+        layer = BatchRenorm2d(8, momentum=1.0, rmax=1.0, dmax=0.0)
+        with _ext.use_cpp(True):
+            layer(x)
+        xd = x.double()
+        var = xd.var(dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(layer.running_mean.double(), xd.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
+        # running_var = sigma^2 - eps with sigma = sqrt(var + eps), from the float32 variance
+        torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-4, atol=1e-6)
+
+
+def test_double_backward_is_refused(cpp):
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    layer = BatchRenorm2d(3, rmax=2.0)
+    with _ext.use_cpp(True):
+        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_only_requested_gradients_are_computed(cpp):
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    layer = _layer(BatchRenorm2d, 4)
+    layer.weight.requires_grad_(False)
+    ref = copy.deepcopy(layer)
+    with _ext.use_cpp(True):
+        y = layer(x)
+    with _ext.use_cpp(False):
+        y_ref = ref(x)
+    (gb,) = torch.autograd.grad(y.sum(), [layer.bias])
+    (gb_ref,) = torch.autograd.grad(y_ref.sum(), [ref.bias])
+    torch.testing.assert_close(gb, gb_ref)
+
+
+def test_saved_memory_is_input_plus_per_channel_vectors(cpp):
+    x = torch.randn(16, 32, 8, 8, requires_grad=True)
+    for mb, groups in ((None, 1), (4, 4)):
+        layer = BatchRenorm2d(32, rmax=2.0, microbatch_size=mb)
+        storages = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with _ext.use_cpp(True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        per_channel = 4 * groups * 32 * 4  # mean, invstd, r, d per group
+        assert sum(storages.values()) <= x.numel() * 4 + per_channel + 32 * 4  # + the weight (a parameter)
+
+
+def test_threads_give_the_same_result(cpp):
+    x = torch.randn(16, 64, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    layer = _layer(BatchRenorm2d, 64, microbatch_size=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(layer, x, True)
+        torch.set_num_threads(max(2, threads))
+        many = _run(layer, x, True)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same(one, many)
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_ext, "_tried", False)
+    monkeypatch.setattr(_ext, "_op", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_ext, "_enabled", True)
+
+    def broken():
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(_ext, "_build", broken)
+    layer = BatchRenorm2d(3, rmax=2.0)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
+        y = layer(x)
+    assert _ext.build_error() == "OSError: no compiler here"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning, no second attempt
+        y2 = layer(x)
+    ref = BatchRenorm2d(3, rmax=2.0)
+    with _ext.use_cpp(False):
+        torch.testing.assert_close(y, ref(x))
+        torch.testing.assert_close(y2, ref(x))
+
+
+def test_environment_variable_turns_the_kernels_off():
+    code = (
+        "import torch, lightning_brn\n"
+        "from lightning_brn import _ext, BatchRenorm2d\n"
+        "assert not _ext.enabled() and _ext.cpu_op() is None\n"
+        "BatchRenorm2d(3, rmax=2.0)(torch.randn(4, 3, 2, 2)).sum().backward()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, LIGHTNING_BRN_CPP="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_compiled_graphs_do_not_call_the_cpp_operator(cpp):
+    """torch.compile traces the Python composite (the C++ operator is eager-only), and still matches."""
+    x = torch.randn(8, 4, 3, 3)
+    layer = BatchRenorm2d(4, rmax=2.0, dmax=0.5)
+    ref = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    with _ext.use_cpp(True):
+        y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
