@@ -72,7 +72,60 @@ def _build() -> Any:
         is_python_module=False,
         verbose=False,
     )
+    _register_functional_ops()
     return torch.ops.lightning_brn_cpu.renorm_train.default
+
+
+def _register_functional_ops() -> None:
+    """Shapes (for tracing) and the autograd formula of the functional ops used inside compiled graphs."""
+    fwd = "lightning_brn_cpu::renorm_fwd"
+    bwd = "lightning_brn_cpu::renorm_bwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record):
+        vec = x.new_empty((groups, x.shape[1]))
+        return (
+            torch.empty_like(x),
+            vec,
+            torch.empty_like(vec),
+            torch.empty_like(vec),
+            torch.empty_like(vec),
+            torch.empty_like(running_mean),
+            torch.empty_like(running_var),
+            x.new_empty((5,), dtype=torch.float64),
+        )
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(grad_out, x, weight, mean, invstd, r, d, groups):
+        return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, *_, groups, _record = inputs
+        _out, mean, invstd, r, d, *_ = output
+        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        ctx.groups = groups
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_out, *_unused):
+        x, weight, mean, invstd, r, d = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.lightning_brn_cpu.renorm_bwd(
+            grad_out, x, weight, mean, invstd, r, d, ctx.groups
+        )
+        return (
+            grad_x,
+            grad_weight if ctx.has_weight else None,
+            grad_bias if ctx.has_bias else None,
+        ) + (None,) * 8
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+@torch.compiler.assume_constant_result
+def compiled_op_ready() -> bool:
+    """Whether compiled graphs call the functional C++ ops. Run for real while a graph is traced (building or
+    loading the kernels then, like an eager step would) and baked into the graph as a constant."""
+    return cpu_op() is not None
 
 
 def cpu_op() -> Optional[Any]:

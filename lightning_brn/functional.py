@@ -569,7 +569,31 @@ def _batch_renorm_composite(
     groups: int,
     correction_stats: Optional[Tensor],
 ) -> Tensor:
-    """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`."""
+    """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`.
+
+    On CPU (float32/float64, with running statistics) the graph instead calls the functional C++ operator
+    ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copies the running
+    statistics it returns into the buffers."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype in _CPP_DTYPES
+        and running_mean is not None
+        and running_var is not None
+        and _ext.compiled_op_ready()
+        and _cpp_eligible(x.dtype, weight, bias, running_mean, running_var)
+    ):
+        if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
+            x = x.contiguous()
+        out, _, _, _, _, new_mean, new_var, record = torch.ops.lightning_brn_cpu.renorm_fwd(
+            x, weight, bias, running_mean, running_var, _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum),
+            eps, groups, correction_stats is not None,
+        )
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+            if correction_stats is not None:
+                correction_stats.copy_(record)
+        return out
     c = x.shape[1]
     stat_dtype = _stat_dtype(x)
     with torch.no_grad():

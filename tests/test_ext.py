@@ -252,14 +252,55 @@ def test_environment_variable_turns_the_kernels_off():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
-def test_compiled_graphs_do_not_call_the_cpp_operator(cpp):
-    """torch.compile traces the Python composite (the C++ operator is eager-only), and still matches."""
-    x = torch.randn(8, 4, 3, 3)
-    layer = BatchRenorm2d(4, rmax=2.0, dmax=0.5)
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_graphs_call_the_functional_cpp_operator(cpp, microbatch_size, channels_last):
+    """Under torch.compile on CPU the layer is one opaque C++ operator (forward and backward) plus the copy of
+    the running statistics it returns; the result equals eager, the moving averages and the record included."""
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = _layer(BatchRenorm2d, 4, microbatch_size=microbatch_size)
+    layer.track_correction = True
     ref = copy.deepcopy(layer)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
     torch._dynamo.reset()
-    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    with _ext.use_cpp(True):
-        y_ref = ref(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.running_var, ref.running_var)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = compiled(xa)
+    with _ext.use_cpp(False):
+        y_ref = ref(xb)
+    assert any("lightning_brn_cpu.renorm_fwd" in code for code in graphs)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    for p, q in zip(torch.autograd.grad(y, [xa, layer.weight, layer.bias], g),
+                    torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], g)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert y.stride() == y_ref.stride()
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert layer.correction_stats() == ref.correction_stats()
+
+
+def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp):
+    """Inductor around the operator, rmax/dmax/momentum changing every step: same as eager, no recompilation."""
+    torch._dynamo.reset()
+    layer = _layer(BatchRenorm2d, 4)
+    ref = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step in range(3):
+        for m in (layer, ref):
+            m.rmax, m.dmax, m.momentum = 1.0 + 0.5 * step, 0.2 * step, 0.1 / (step + 1)
+        x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+        y = compiled(x)
+        with _ext.use_cpp(False):
+            y_ref = ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1

@@ -522,135 +522,164 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
 
 // ---- autograd node --------------------------------------------------------------------------------------
 
+// The training forward: output, the saved (G, C) vectors, and the running statistics updated in place (when
+// given). x is returned in the layout the kernels used (a contiguous copy of non-dense input).
+struct Forward {
+  at::Tensor x, out, mean, invstd, r, d, record;  // record: (5,) float64, or undefined
+};
+
+Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                     const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
+                     double eps, int64_t groups, bool record) {
+  auto [x, lay] = as_layout(x_in, groups);
+  const int64_t G = lay.G, C = lay.C, M = lay.per_group() * lay.L;
+  auto opts = x.options();
+  // saved for backward: (G, C) mean, invstd, r, d (plus x and the weight, as batchnorm); separate tensors, as
+  // outputs of an operator must not alias each other
+  auto mean = at::empty({G, C}, opts), invstd = at::empty({G, C}, opts), r = at::empty({G, C}, opts),
+       d = at::empty({G, C}, opts);
+  const bool has_running = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                           running_var->defined();
+  const bool want_record = has_running && record;
+  auto out = at::empty_like(x);
+  double rec[4] = {0, 0, 0, 0};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_forward", [&] {
+    using T = scalar_t;
+    T* rmp = has_running ? running_mean->mutable_data_ptr<T>() : nullptr;
+    T* rvp = has_running ? running_var->mutable_data_ptr<T>() : nullptr;
+    const Step<T> step(rmax, dmax, momentum, eps, ptr_or_null<T>(weight), ptr_or_null<T>(bias), rmp, rvp, C);
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    T* mp = mean.mutable_data_ptr<T>();
+    T* ip = invstd.mutable_data_ptr<T>();
+    T* rp = r.mutable_data_ptr<T>();
+    T* dp = d.mutable_data_ptr<T>();
+    if (lay.rows && M <= kRows && !want_record) {
+      fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
+      return;
+    }
+    // general: statistics of every group, the step, the update, then one elementwise pass
+    auto scratch = at::empty({5, G, C}, opts);
+    T* vp = scratch[0].mutable_data_ptr<T>();
+    T* wp = scratch[1].mutable_data_ptr<T>();
+    T* bp = scratch[2].mutable_data_ptr<T>();
+    T* sc = scratch[3].mutable_data_ptr<T>();
+    T* sh = scratch[4].mutable_data_ptr<T>();
+    group_stats<T>(xp, lay, mp, vp);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t o = g * C;
+      step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o);
+      if (want_record) step.record(mp + o, vp + o, rp + o, dp + o, 0, C, rec);
+    }
+    if (step.update) {
+      if (G == 1) {
+        for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], std::sqrt(vp[c] + step.eps));
+      } else {
+        std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
+        for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, vp + g * C, step.eps, mean_sum.data(), std_sum.data(), C);
+        for (int64_t c = 0; c < C; ++c)
+          step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+      }
+    }
+    // y = x * scale + shift with scale = w_eff * invstd and shift = b_eff - mean * scale
+    affine_constants<T>(wp, bp, ip, mp, sc, sh, G * C);
+    affine_pass<T>(xp, op, lay, sc, sh);
+  });
+  at::Tensor rec_t;
+  if (want_record) {
+    const double full[5] = {rec[0], rec[1], rec[2], rec[3], static_cast<double>(G * C)};
+    rec_t = at::tensor(c10::ArrayRef<double>(full, 5), at::TensorOptions().dtype(at::kDouble));
+  }
+  return {x, out, mean, invstd, r, d, rec_t};
+}
+
+// The training backward (batchnorm's with weight gamma r per group, r and d constants): grad_x, grad_weight,
+// grad_bias, each computed only if asked for (undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             const at::Tensor& mean, const at::Tensor& invstd,
+                                                             const at::Tensor& r, const at::Tensor& d, int64_t groups,
+                                                             bool need_x, bool need_w, bool need_b) {
+  auto [xl, lay] = as_layout(x, groups);  // x was saved in one of the two layouts: no copy
+  const at::Tensor dy = grad_out.contiguous(lay.rows && x.dim() > 2 && lay.L > 1
+                                                       ? x.suggest_memory_format()
+                                                       : at::MemoryFormat::Contiguous);
+  const int64_t G = lay.G, C = lay.C;
+  auto sums = at::empty({2, G, C}, x.options());
+  auto sum_dy = sums[0], sum_dyx = sums[1];
+  at::Tensor grad_x, grad_weight, grad_bias;
+  if (need_x) grad_x = at::empty_like(x);
+  if (need_w) grad_weight = at::empty({C}, x.options());
+  if (need_b) grad_bias = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_backward", [&] {
+    using T = scalar_t;
+    const T* xp = x.const_data_ptr<T>();
+    const T* dp = dy.const_data_ptr<T>();
+    const T* mp = mean.const_data_ptr<T>();
+    const T* ip = invstd.const_data_ptr<T>();
+    const T* wt = weight.has_value() && weight->defined() ? weight->const_data_ptr<T>() : nullptr;
+    T* sd = sum_dy.mutable_data_ptr<T>();
+    T* sx = sum_dyx.mutable_data_ptr<T>();
+    group_grad_sums<T>(xp, dp, lay, mp, sd, sx);
+    // dL/dw_eff = sum(dy * xhat) = sum_dyx * invstd;  dL/db_eff = sum_dy
+    if (need_w || need_b) {
+      const T* rp = r.const_data_ptr<T>();
+      const T* dd = d.const_data_ptr<T>();
+      T* gw = need_w ? grad_weight.mutable_data_ptr<T>() : nullptr;
+      T* gb = need_b ? grad_bias.mutable_data_ptr<T>() : nullptr;
+      std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));  // sums over groups, channels innermost
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = g * C;
+        affine_grads<T>(sx + o, sd + o, ip + o, rp + o, dd + o, acc_w.data(), acc_b.data(), C);
+      }
+      if (gw) std::copy(acc_w.begin(), acc_w.end(), gw);
+      if (gb) std::copy(acc_b.begin(), acc_b.end(), gb);
+    }
+    if (need_x) {
+      // batchnorm's input gradient per (group, channel): mdy = mean(dy), proj = invstd^2 mean(dy (x - mean)),
+      // scale = invstd * w_eff. Reuse the sums' storage for mdy and proj; scale goes into a new vector.
+      const T m = static_cast<T>(lay.per_group() * lay.L);
+      auto scale_t = at::empty({G, C}, x.options());
+      T* scale = scale_t.mutable_data_ptr<T>();
+      const T* rr = r.const_data_ptr<T>();
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t o = g * C;
+        input_grad_constants<T>(sx + o, sd + o, ip + o, rr + o, wt, scale + o, m, C);
+      }
+      grad_input_pass<T>(xp, dp, grad_x.mutable_data_ptr<T>(), lay, mp, sd, sx, scale);
+    }
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
 struct RenormTrain : public torch::autograd::Function<RenormTrain> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
                             double eps, int64_t groups, const std::optional<at::Tensor>& record) {
-    auto [x, lay] = as_layout(x_in, groups);
-    const int64_t G = lay.G, C = lay.C, M = lay.per_group() * lay.L;
-    auto opts = x.options();
-    // saved for backward: (G, C) mean, invstd, r, d in one allocation (plus x and the weight, as batchnorm)
-    auto saved = at::empty({4, G, C}, opts);
-    auto mean = saved[0], invstd = saved[1], r = saved[2], d = saved[3];
-    const bool has_running = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                             running_var->defined();
-    const bool has_weight = weight.has_value() && weight->defined();
-    const bool want_record = has_running && record.has_value() && record->defined();
-    auto out = at::empty_like(x);
-    double rec[4] = {0, 0, 0, 0};
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_forward", [&] {
-      using T = scalar_t;
-      T* rmp = has_running ? running_mean->mutable_data_ptr<T>() : nullptr;
-      T* rvp = has_running ? running_var->mutable_data_ptr<T>() : nullptr;
-      const Step<T> step(rmax, dmax, momentum, eps, ptr_or_null<T>(weight), ptr_or_null<T>(bias), rmp, rvp, C);
-      const T* xp = x.const_data_ptr<T>();
-      T* op = out.mutable_data_ptr<T>();
-      T* mp = mean.mutable_data_ptr<T>();
-      T* ip = invstd.mutable_data_ptr<T>();
-      T* rp = r.mutable_data_ptr<T>();
-      T* dp = d.mutable_data_ptr<T>();
-      if (lay.rows && M <= kRows && !want_record) {
-        fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
-        return;
-      }
-      // general: statistics of every group, the step, the update, then one elementwise pass
-      auto scratch = at::empty({5, G, C}, opts);
-      T* vp = scratch[0].mutable_data_ptr<T>();
-      T* wp = scratch[1].mutable_data_ptr<T>();
-      T* bp = scratch[2].mutable_data_ptr<T>();
-      T* sc = scratch[3].mutable_data_ptr<T>();
-      T* sh = scratch[4].mutable_data_ptr<T>();
-      group_stats<T>(xp, lay, mp, vp);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t o = g * C;
-        step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o);
-        if (want_record) step.record(mp + o, vp + o, rp + o, dp + o, 0, C, rec);
-      }
-      if (step.update) {
-        if (G == 1) {
-          for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], std::sqrt(vp[c] + step.eps));
-        } else {
-          std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
-          for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, vp + g * C, step.eps, mean_sum.data(), std_sum.data(), C);
-          for (int64_t c = 0; c < C; ++c)
-            step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
-        }
-      }
-      // y = x * scale + shift with scale = w_eff * invstd and shift = b_eff - mean * scale
-      affine_constants<T>(wp, bp, ip, mp, sc, sh, G * C);
-      affine_pass<T>(xp, op, lay, sc, sh);
-    });
-    if (want_record) {
-      const double full[5] = {rec[0], rec[1], rec[2], rec[3], static_cast<double>(G * C)};
-      record->copy_(at::tensor(c10::ArrayRef<double>(full, 5), at::TensorOptions().dtype(at::kDouble)));
-    }
-    if (has_weight) {
-      ctx->save_for_backward({x, mean, invstd, r, d, *weight});
+    const bool want_record = record.has_value() && record->defined();
+    Forward f = forward_core(x_in, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups,
+                             want_record);
+    if (want_record && f.record.defined()) record->copy_(f.record);
+    if (weight.has_value() && weight->defined()) {
+      ctx->save_for_backward({f.x, f.mean, f.invstd, f.r, f.d, *weight});
     } else {
-      ctx->save_for_backward({x, mean, invstd, r, d});
+      ctx->save_for_backward({f.x, f.mean, f.invstd, f.r, f.d});
     }
     ctx->saved_data["groups"] = groups;
-    return out;
+    return f.out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &r = saved[3], &d = saved[4];
     const bool has_weight = saved.size() > 5;
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const bool need_x = ctx->needs_input_grad(0);
-    const bool need_w = has_weight && ctx->needs_input_grad(1);
-    const bool need_b = ctx->needs_input_grad(2);
-    auto [xl, lay] = as_layout(x, groups);  // x was saved in one of the two layouts: no copy
-    const at::Tensor dy = grad_outputs[0].contiguous(lay.rows && x.dim() > 2 && lay.L > 1
-                                                         ? x.suggest_memory_format()
-                                                         : at::MemoryFormat::Contiguous);
-    const int64_t G = lay.G, C = lay.C;
-    auto sums = at::empty({2, G, C}, x.options());
-    auto sum_dy = sums[0], sum_dyx = sums[1];
-    at::Tensor grad_x, grad_weight, grad_bias;
-    if (need_x) grad_x = at::empty_like(x);
-    if (need_w) grad_weight = at::empty({C}, x.options());
-    if (need_b) grad_bias = at::empty({C}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_backward", [&] {
-      using T = scalar_t;
-      const T* xp = x.const_data_ptr<T>();
-      const T* dp = dy.const_data_ptr<T>();
-      const T* mp = mean.const_data_ptr<T>();
-      const T* ip = invstd.const_data_ptr<T>();
-      const T* wt = has_weight ? saved[5].const_data_ptr<T>() : nullptr;
-      T* sd = sum_dy.mutable_data_ptr<T>();
-      T* sx = sum_dyx.mutable_data_ptr<T>();
-      group_grad_sums<T>(xp, dp, lay, mp, sd, sx);
-      // dL/dw_eff = sum(dy * xhat) = sum_dyx * invstd;  dL/db_eff = sum_dy
-      if (need_w || need_b) {
-        const T* rp = r.const_data_ptr<T>();
-        const T* dd = d.const_data_ptr<T>();
-        T* gw = need_w ? grad_weight.mutable_data_ptr<T>() : nullptr;
-        T* gb = need_b ? grad_bias.mutable_data_ptr<T>() : nullptr;
-        std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));  // sums over groups, channels innermost
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t o = g * C;
-          affine_grads<T>(sx + o, sd + o, ip + o, rp + o, dd + o, acc_w.data(), acc_b.data(), C);
-        }
-        if (gw) std::copy(acc_w.begin(), acc_w.end(), gw);
-        if (gb) std::copy(acc_b.begin(), acc_b.end(), gb);
-      }
-      if (need_x) {
-        // batchnorm's input gradient per (group, channel): mdy = mean(dy), proj = invstd^2 mean(dy (x - mean)),
-        // scale = invstd * w_eff. Reuse the sums' storage for mdy and proj; scale goes into a new vector.
-        const T m = static_cast<T>(lay.per_group() * lay.L);
-        auto scale_t = at::empty({G, C}, x.options());
-        T* scale = scale_t.mutable_data_ptr<T>();
-        const T* rr = r.const_data_ptr<T>();
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t o = g * C;
-          input_grad_constants<T>(sx + o, sd + o, ip + o, rr + o, wt, scale + o, m, C);
-        }
-        grad_input_pass<T>(xp, dp, grad_x.mutable_data_ptr<T>(), lay, mp, sd, sx, scale);
-      }
-    });
+    std::optional<at::Tensor> weight;
+    if (has_weight) weight = saved[5];
+    auto [grad_x, grad_weight, grad_bias] =
+        backward_core(grad_outputs[0], saved[0], weight, saved[1], saved[2], saved[3], saved[4],
+                      ctx->saved_data["groups"].toInt(), ctx->needs_input_grad(0),
+                      has_weight && ctx->needs_input_grad(1), ctx->needs_input_grad(2));
     variable_list grads = {grad_x, grad_weight, grad_bias};
     if (at::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
       // create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients
@@ -672,21 +701,53 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
   }
 };
 
+void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                  int64_t groups) {
+  TORCH_CHECK(x.device().is_cpu(), "lightning_brn_cpu: CPU tensors only, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lightning_brn_cpu: float32 or float64 input expected, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2 && groups >= 1 && x.size(0) % groups == 0, "lightning_brn_cpu: bad input");
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (t->has_value() && (*t)->defined()) {
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == x.size(1),
+                  "lightning_brn_cpu: per-channel tensors must be contiguous (C,) of the input dtype");
+    }
+  }
+}
+
 at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                         const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
                         double eps, int64_t groups, const std::optional<at::Tensor>& record) {
-  TORCH_CHECK(x.device().is_cpu(), "lightning_brn_cpu.renorm_train: CPU tensors only, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lightning_brn_cpu.renorm_train: float32 or float64 input expected, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 2 && groups >= 1 && x.size(0) % groups == 0, "lightning_brn_cpu.renorm_train: bad input");
-  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
-    if (t->has_value() && (*t)->defined()) {
-      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == x.size(1),
-                  "lightning_brn_cpu.renorm_train: per-channel tensors must be contiguous (C,) of the input dtype");
-    }
-  }
+  check_inputs(x, weight, bias, running_mean, running_var, groups);
   return RenormTrain::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+}
+
+// Functional twins for compiled graphs (torch.compile): no autograd node and no in-place update. The forward
+// returns the updated running statistics (the caller copies them into its buffers, which compilers handle as
+// a buffer mutation) and the saved vectors, so a compiled backward can never recompute r and d from
+// buffers this step already updated. lightning_brn/_ext.py registers their autograd formula and shapes.
+using Tensors8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>;
+
+Tensors8 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                   const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
+                                   const at::Tensor& momentum, double eps, int64_t groups, bool record) {
+  check_inputs(x, weight, bias, running_mean, running_var, groups);
+  std::optional<at::Tensor> rm = running_mean.clone(), rv = running_var.clone();
+  Forward f = forward_core(x, weight, bias, rm, rv, rmax.item<double>(), dmax.item<double>(),
+                           momentum.item<double>(), eps, groups, record);
+  at::Tensor rec = f.record.defined() ? f.record : at::zeros({5}, at::TensorOptions().dtype(at::kDouble));
+  return Tensors8{f.out, f.mean, f.invstd, f.r, f.d, *rm, *rv, rec};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                   const at::Tensor& invstd, const at::Tensor& r, const at::Tensor& d,
+                                   int64_t groups) {
+  return backward_core(grad_out, x, weight, mean, invstd, r, d, groups, true, true, true);
 }
 
 }  // namespace
@@ -695,6 +756,18 @@ TORCH_LIBRARY(lightning_brn_cpu, m) {
   m.def(
       "renorm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "float rmax, float dmax, float momentum, float eps, int groups, Tensor(c!)? record) -> Tensor");
+  m.def(
+      "renorm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor rmax, "
+      "Tensor dmax, Tensor momentum, float eps, int groups, bool record) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "renorm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor r, Tensor d, "
+      "int groups) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lightning_brn_cpu, CPU, m) {
+  m.impl("renorm_fwd", &renorm_fwd);
+  m.impl("renorm_bwd", &renorm_bwd);
 }
 
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, CompositeImplicitAutograd, m) { m.impl("renorm_train", &renorm_train); }
