@@ -1,8 +1,9 @@
 // Batch Renorm training step on the CPU: one operator with its own autograd node.
 //
 // Loaded by lightning_brn/_ext.py (built once per machine with torch.utils.cpp_extension) and called by
-// lightning_brn.functional.batch_renorm for float32/float64 CPU tensors in eager mode. The maths is the
-// same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
+// lightning_brn.functional.batch_renorm for float32/float64 CPU tensors: renorm_train in eager mode (autograd
+// node in C++), renorm_fwd / renorm_bwd inside torch.compile graphs (functional, autograd formula registered
+// in Python). The maths is the same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
 //   per group g (a microbatch, or the whole batch) and channel c:
 //     mean, biased var of x over the group;  sigma_B = sqrt(var + eps)
 //     r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - mu) / sigma, -dmax, dmax)   (constants)
@@ -16,7 +17,8 @@
 //   planar: contiguous (N, C, L) with L = prod(spatial) > 1
 //   rows:   M rows of C contiguous channels: channels_last(_3d) data, or (N, C) / L == 1
 // Sums are taken in 16 vector lanes of the input type and flushed into double totals every 64 terms per
-// lane, in two passes (mean, then centred squares): as accurate as a double accumulation, at memory speed.
+// lane (rows layout: every 64 rows), in two passes (mean, then centred squares): no float partial sum holds
+// more than 64 terms, so float32 statistics stay within a few ulps of the float64 ones, at memory speed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -520,6 +522,53 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
   });
 }
 
+// The backward of fused_small_groups: per chunk of channels and group, the sums over the group's rows, the
+// gradients of the weight and bias, and the input gradient of those rows while they are in cache. Same
+// arithmetic as the general path (group_grad_sums, affine_grads, input_grad_constants, grad_input_pass).
+template <typename T>
+void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, const T* mean, const T* invstd,
+                                 const T* r, const T* d, const T* weight, T* grad_x, T* grad_weight,
+                                 T* grad_bias) {
+  const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
+  const T m = static_cast<T>(M);
+  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t w = c1 - c0;
+    std::vector<T> sd(w), sx(w), scale(w), acc_w(w, T(0)), acc_b(w, T(0));
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t o = g * C + c0;
+      const T* xg = x + g * M * C;
+      const T* dg = dy + g * M * C;
+      const T* __restrict__ mr = mean + o;
+      T* __restrict__ so = sd.data();
+      T* __restrict__ sxo = sx.data();
+      std::fill(so, so + w, T(0));
+      std::fill(sxo, sxo + w, T(0));
+      for (int64_t i = 0; i < M; ++i) {
+        const T* __restrict__ xr = xg + i * C + c0;
+        const T* __restrict__ dr = dg + i * C + c0;
+        for (int64_t c = 0; c < w; ++c) {
+          so[c] += dr[c];
+          sxo[c] += (xr[c] - mr[c]) * dr[c];
+        }
+      }
+      affine_grads<T>(sxo, so, invstd + o, r + o, d + o, acc_w.data(), acc_b.data(), w);
+      if (grad_x) {
+        input_grad_constants<T>(sxo, so, invstd + o, r + o, weight ? weight + c0 : nullptr, scale.data(), m, w);
+        const T* __restrict__ sc = scale.data();
+        for (int64_t i = 0; i < M; ++i) {
+          const T* __restrict__ xr = xg + i * C + c0;
+          const T* __restrict__ dr = dg + i * C + c0;
+          T* __restrict__ gr = grad_x + g * M * C + i * C + c0;
+          for (int64_t c = 0; c < w; ++c) gr[c] = ((dr[c] - so[c]) - (xr[c] - mr[c]) * sxo[c]) * sc[c];
+        }
+      }
+    }
+    if (grad_weight) std::copy(acc_w.begin(), acc_w.end(), grad_weight + c0);
+    if (grad_bias) std::copy(acc_b.begin(), acc_b.end(), grad_bias + c0);
+  });
+}
+
 // ---- autograd node --------------------------------------------------------------------------------------
 
 // The training forward: output, the saved (G, C) vectors, and the running statistics updated in place (when
@@ -606,7 +655,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
                                                        ? x.suggest_memory_format()
                                                        : at::MemoryFormat::Contiguous);
   const int64_t G = lay.G, C = lay.C;
-  auto sums = at::empty({2, G, C}, x.options());
+  const bool small_groups = lay.rows && lay.per_group() * lay.L <= kRows;
+  auto sums = at::empty({2, small_groups ? 0 : G, C}, x.options());
   auto sum_dy = sums[0], sum_dyx = sums[1];
   at::Tensor grad_x, grad_weight, grad_bias;
   if (need_x) grad_x = at::empty_like(x);
@@ -619,6 +669,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
     const T* mp = mean.const_data_ptr<T>();
     const T* ip = invstd.const_data_ptr<T>();
     const T* wt = weight.has_value() && weight->defined() ? weight->const_data_ptr<T>() : nullptr;
+    if (lay.rows && lay.per_group() * lay.L <= kRows) {
+      fused_small_groups_backward<T>(xp, dp, lay, mp, ip, r.const_data_ptr<T>(), d.const_data_ptr<T>(), wt,
+                                     need_x ? grad_x.mutable_data_ptr<T>() : nullptr,
+                                     need_w ? grad_weight.mutable_data_ptr<T>() : nullptr,
+                                     need_b ? grad_bias.mutable_data_ptr<T>() : nullptr);
+      return;
+    }
     T* sd = sum_dy.mutable_data_ptr<T>();
     T* sx = sum_dyx.mutable_data_ptr<T>();
     group_grad_sums<T>(xp, dp, lay, mp, sd, sx);
