@@ -41,8 +41,9 @@ _enabled = os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "off"
 
 
 def _cpu_fingerprint() -> str:
-    """A short hash of what ``-march=native`` depends on: the CPU model and flags (Linux), else the platform."""
-    text = platform.machine() + platform.processor()
+    """A short hash of what a build depends on beyond its sources: the torch version (the library links against
+    it) and, for ``-march=native``, the CPU model and flags (Linux), else the platform."""
+    text = torch.__version__ + platform.machine() + platform.processor()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
@@ -83,35 +84,28 @@ def _register_functional_ops() -> None:
 
     @torch.library.register_fake(fwd)
     def _fwd_fake(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record):
-        vec = x.new_empty((groups, x.shape[1]))
+        # out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = new mean and var, record (5,)
         return (
             torch.empty_like(x),
-            vec,
-            torch.empty_like(vec),
-            torch.empty_like(vec),
-            torch.empty_like(vec),
-            torch.empty_like(running_mean),
-            torch.empty_like(running_var),
+            x.new_empty((4, groups, x.shape[1])),
+            running_mean.new_empty((2, running_mean.shape[0])),
             x.new_empty((5,), dtype=torch.float64),
         )
 
     @torch.library.register_fake(bwd)
-    def _bwd_fake(grad_out, x, weight, mean, invstd, r, d, groups):
+    def _bwd_fake(grad_out, x, weight, saved, groups):
         return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, *_, groups, _record = inputs
-        _out, mean, invstd, r, d, *_ = output
-        ctx.save_for_backward(x, weight, mean, invstd, r, d)
+        ctx.save_for_backward(x, weight, output[1])
         ctx.groups = groups
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_out, *_unused):
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.lightning_brn_cpu.renorm_bwd(
-            grad_out, x, weight, mean, invstd, r, d, ctx.groups
-        )
+        x, weight, saved = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.lightning_brn_cpu.renorm_bwd(grad_out, x, weight, saved, ctx.groups)
         return (
             grad_x,
             grad_weight if ctx.has_weight else None,
@@ -140,7 +134,7 @@ def cpu_op() -> Optional[Any]:
             try:
                 _op = _build()
             except Exception as exc:  # no compiler, no ninja, unsupported platform: the Python path still works
-                _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                _error = _summarize(exc)
                 warnings.warn(
                     f"lightning_brn: the C++ CPU kernels could not be built ({_error}); using the Python "
                     f"implementation (same results, more overhead per step on small tensors). "
@@ -150,6 +144,14 @@ def cpu_op() -> Optional[Any]:
                 )
             _tried = True
     return _op
+
+
+def _summarize(exc: BaseException) -> str:
+    """One line for a failed build: the first compiler error if there is one, else the exception's last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and "build stopped" not in ln]
+    detail = errors[0] if errors else (lines[-1] if lines else "")
+    return f"{type(exc).__name__}: {detail}"[:500]
 
 
 def available() -> bool:
@@ -168,7 +170,10 @@ def enabled() -> bool:
 
 @contextmanager
 def use_cpp(flag: bool) -> Iterator[None]:
-    """Turn the C++ CPU kernels on or off inside a block (tests and benchmarks compare both paths)."""
+    """Turn the C++ CPU kernels on or off inside a block (tests and benchmarks compare both paths).
+
+    Process-wide and not thread-safe. Graphs that ``torch.compile`` traced keep the choice made when they were
+    traced."""
     global _enabled
     previous = _enabled
     _enabled = flag

@@ -584,13 +584,13 @@ def _batch_renorm_composite(
     ):
         if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
             x = x.contiguous()
-        out, _, _, _, _, new_mean, new_var, record = torch.ops.lightning_brn_cpu.renorm_fwd(
+        out, _, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
             x, weight, bias, running_mean, running_var, _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum),
             eps, groups, correction_stats is not None,
         )
         with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+            running_mean.copy_(running[0])
+            running_var.copy_(running[1])
             if correction_stats is not None:
                 correction_stats.copy_(record)
         return out

@@ -92,7 +92,8 @@ def _run(layer, x, use_cpp: bool, steps: int = 2):
 def _assert_same(a, b, rtol=1e-12, atol=1e-12):
     for (ya, sa, ga, sta, ra), (yb, sb, gb, stb, rb) in zip(a, b):
         torch.testing.assert_close(ya, yb, rtol=rtol, atol=atol)
-        assert sa == sb, "memory format differs"
+        # same memory layout: equal strides on every dimension of size > 1 (a size-1 dimension's stride is free)
+        assert [st for st, n in zip(sa, ya.shape) if n > 1] == [st for st, n in zip(sb, yb.shape) if n > 1], (sa, sb)
         for p, q in zip(ga, gb):
             torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
         for p, q in zip(sta, stb):
@@ -304,3 +305,75 @@ def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp):
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+
+
+@pytest.mark.parametrize("has_weight, has_bias", [(False, True), (True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("running", [True, False])
+def test_optional_weight_and_bias_get_their_gradients(cpp, has_weight, has_bias, running):
+    """The C++ node maps its gradients to whichever optional tensors were given (weight, bias, running stats)."""
+    from lightning_brn.functional import batch_renorm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64)
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if has_weight else None
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) if has_bias else None
+    rm = torch.randn(4, generator=g, dtype=torch.float64)
+    rv = torch.rand(4, generator=g, dtype=torch.float64) + 0.1
+    results = []
+    for use in (True, False):
+        xi = x.clone().requires_grad_()
+        args = (rm.clone(), rv.clone()) if running else (None, None)
+        with _ext.use_cpp(use):
+            y = batch_renorm(xi, *args, w, b, training=True, rmax=1.5, dmax=0.3)
+        inputs = [t for t in (xi, w, b) if t is not None]
+        results.append((y, torch.autograd.grad(y.square().sum(), inputs)))
+    (ya, ga), (yb, gb) = results
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_affine_false_without_running_stats_trains_in_cpp(cpp):
+    layer = BatchRenorm2d(4, affine=False, track_running_stats=False)
+    x = torch.randn(8, 4, 3, 3, requires_grad=True)
+    with _ext.use_cpp(True):
+        layer(x).pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape, strides", [((2, 3, 1, 4), (12, 1, 1, 3)), ((4, 3, 5, 1), (15, 1, 3, 1))])
+def test_channels_last_with_unusual_size_one_strides(cpp, shape, strides):
+    """Channels-last dense data whose size-1 dimensions carry non-canonical strides: same as the Python path."""
+    x = torch.empty_strided(shape, strides, dtype=torch.float64).copy_(torch.randn(shape, dtype=torch.float64))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layer = _layer(BatchRenorm2d, 3)
+    _assert_same(_run(layer, x, True), _run(layer, x, False))
+
+
+def test_functional_backward_operator_handles_non_dense_input(cpp):
+    x = torch.randn(6, 4, 5, 3, dtype=torch.float64).transpose(2, 3)
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    b = torch.randn(4, dtype=torch.float64)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    hp = [torch.tensor(v, dtype=torch.float64) for v in (1.5, 0.3, 0.1)]
+    fwd, bwd = torch.ops.lightning_brn_cpu.renorm_fwd, torch.ops.lightning_brn_cpu.renorm_bwd
+    outs = [fwd(t, w, b, rm, rv, *hp, 1e-5, 2, False) for t in (x, x.contiguous())]
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    for p, q in zip(bwd(gy, x, w, outs[0][1], 2), bwd(gy, x.contiguous(), w, outs[1][1], 2)):
+        torch.testing.assert_close(p, q)
+
+
+def test_operator_rejects_empty_input(cpp):
+    for shape in ((0, 3), (4, 0, 2)):
+        with pytest.raises(RuntimeError, match="non-empty"):
+            _ext.cpu_op()(torch.empty(shape), None, None, None, None, 1.0, 0.0, 0.1, 1e-5, 1, None)
+
+
+def test_running_statistics_version_counters_advance(cpp):
+    """The update is in place, as with torch ops: autograd's version checks see it."""
+    layer = BatchRenorm2d(3, rmax=2.0)
+    before = (layer.running_mean._version, layer.running_var._version)
+    with _ext.use_cpp(True):
+        layer(torch.randn(4, 3, 2, 2))
+    assert layer.running_mean._version > before[0] and layer.running_var._version > before[1]

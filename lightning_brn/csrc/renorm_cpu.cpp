@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,6 +94,45 @@ inline double lane_sum(const T* p, const T* q, int64_t n, T m) {
   return total;
 }
 
+// The same sum over the rows n0 <= n < n1 of one channel of planar data (rows of length L, C * L apart). Short
+// rows (L < kBlock) share the lanes across rows, flushed before a lane would exceed 64 terms, so a row of 49
+// values (7 x 7 images) costs three vector steps instead of a horizontal reduction each.
+template <Sum kKind, typename T>
+inline double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_t row_stride, int64_t L, T m) {
+  if (L >= kBlock) {
+    double total = 0;
+    for (int64_t n = n0; n < n1; ++n) total += lane_sum<kKind>(p + n * row_stride, q + n * row_stride, L, m);
+    return total;
+  }
+  double total = 0, tail = 0;
+  T acc[kLanes] = {};
+  int64_t pending = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (pending + L > kBlock) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        total += acc[k];
+        acc[k] = T(0);
+      }
+      pending = 0;
+    }
+    const T* pr = p + n * row_stride;
+    const T* qr = q + n * row_stride;
+    auto term = [&](int64_t i) -> T {
+      if constexpr (kKind == Sum::kPlain) return pr[i];
+      const T v = pr[i] - m;
+      if constexpr (kKind == Sum::kCentredSquares) return v * v;
+      return v * qr[i];
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= L; i += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += term(i + k);
+    for (; i < L; ++i) tail += term(i);
+    pending += L;
+  }
+  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
+  return total + tail;
+}
+
 // Per (group, channel) mean and biased variance. mean, var: (G, C).
 template <typename T>
 void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
@@ -102,11 +142,10 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
     at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t gc = b; gc < e; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        double s = 0;
-        for (int64_t n = g * k; n < (g + 1) * k; ++n) s += lane_sum<Sum::kPlain>(x + (n * C + c) * L, x, L, T(0));
+        const T* xc = x + c * L;
+        const double s = channel_sum<Sum::kPlain>(xc, xc, g * k, (g + 1) * k, C * L, L, T(0));
         const T m = static_cast<T>(s / count);
-        double ss = 0;
-        for (int64_t n = g * k; n < (g + 1) * k; ++n) ss += lane_sum<Sum::kCentredSquares>(x + (n * C + c) * L, x, L, m);
+        const double ss = channel_sum<Sum::kCentredSquares>(xc, xc, g * k, (g + 1) * k, C * L, L, m);
         mean[gc] = m;
         var[gc] = static_cast<T>(ss / count);
       }
@@ -181,12 +220,10 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
     at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t gc = b; gc < e; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        double s = 0, sx = 0;
-        for (int64_t n = g * k; n < (g + 1) * k; ++n) {
-          const int64_t off = (n * C + c) * L;
-          s += lane_sum<Sum::kPlain>(dy + off, dy, L, T(0));
-          sx += lane_sum<Sum::kCentredProducts>(x + off, dy + off, L, mean[gc]);
-        }
+        const T* xc = x + c * L;
+        const T* dc = dy + c * L;
+        const double s = channel_sum<Sum::kPlain>(dc, dc, g * k, (g + 1) * k, C * L, L, T(0));
+        const double sx = channel_sum<Sum::kCentredProducts>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc]);
         sum_dy[gc] = static_cast<T>(s);
         sum_dyx[gc] = static_cast<T>(sx);
       }
@@ -574,7 +611,8 @@ void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, con
 // The training forward: output, the saved (G, C) vectors, and the running statistics updated in place (when
 // given). x is returned in the layout the kernels used (a contiguous copy of non-dense input).
 struct Forward {
-  at::Tensor x, out, mean, invstd, r, d, record;  // record: (5,) float64, or undefined
+  at::Tensor x, out, saved, mean, invstd, r, d, record;  // saved: (4, G, C) = mean, invstd, r, d; record: (5,)
+                                                         // float64, or undefined
 };
 
 Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
@@ -584,10 +622,9 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
   auto [x, lay] = as_layout(x_in, groups);
   const int64_t G = lay.G, C = lay.C, M = lay.per_group() * lay.L;
   auto opts = x.options();
-  // saved for backward: (G, C) mean, invstd, r, d (plus x and the weight, as batchnorm); separate tensors, as
-  // outputs of an operator must not alias each other
-  auto mean = at::empty({G, C}, opts), invstd = at::empty({G, C}, opts), r = at::empty({G, C}, opts),
-       d = at::empty({G, C}, opts);
+  // saved for backward: (G, C) mean, invstd, r, d in one (4, G, C) tensor (plus x and the weight, as batchnorm)
+  auto saved = at::empty({4, G, C}, opts);
+  auto mean = saved[0], invstd = saved[1], r = saved[2], d = saved[3];
   const bool has_running = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
                            running_var->defined();
   const bool want_record = has_running && record;
@@ -640,20 +677,23 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     const double full[5] = {rec[0], rec[1], rec[2], rec[3], static_cast<double>(G * C)};
     rec_t = at::tensor(c10::ArrayRef<double>(full, 5), at::TensorOptions().dtype(at::kDouble));
   }
-  return {x, out, mean, invstd, r, d, rec_t};
+  return {x, out, saved, mean, invstd, r, d, rec_t};
 }
 
 // The training backward (batchnorm's with weight gamma r per group, r and d constants): grad_x, grad_weight,
 // grad_bias, each computed only if asked for (undefined otherwise).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& grad_out, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& grad_out, const at::Tensor& x_in,
                                                              const std::optional<at::Tensor>& weight,
                                                              const at::Tensor& mean, const at::Tensor& invstd,
                                                              const at::Tensor& r, const at::Tensor& d, int64_t groups,
                                                              bool need_x, bool need_w, bool need_b) {
-  auto [xl, lay] = as_layout(x, groups);  // x was saved in one of the two layouts: no copy
-  const at::Tensor dy = grad_out.contiguous(lay.rows && x.dim() > 2 && lay.L > 1
-                                                       ? x.suggest_memory_format()
-                                                       : at::MemoryFormat::Contiguous);
+  // x as the kernels read it (the saved x already is: no copy; a non-dense x from a direct call: a copy), and
+  // dy in the same layout: channels-last rows exactly when x is channels-last dense and not contiguous
+  auto [x, lay] = as_layout(x_in, groups);
+  const bool cl = lay.rows && !x.is_contiguous();
+  const at::Tensor dy = grad_out.contiguous(
+      cl ? (x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d)
+         : at::MemoryFormat::Contiguous);
   const int64_t G = lay.G, C = lay.C;
   const bool small_groups = lay.rows && lay.per_group() * lay.L <= kRows;
   auto sums = at::empty({2, small_groups ? 0 : G, C}, x.options());
@@ -725,18 +765,25 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
       ctx->save_for_backward({f.x, f.mean, f.invstd, f.r, f.d});
     }
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // running statistics were written through raw pointers: advance their version counters as in-place ops do
+    if (running_mean.has_value() && running_mean->defined()) torch::autograd::impl::bump_version(*running_mean);
+    if (running_var.has_value() && running_var->defined()) torch::autograd::impl::bump_version(*running_var);
     return f.out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
+    // needs_input_grad counts only the tensor arguments that were given: x, then weight and bias when present
     const bool has_weight = saved.size() > 5;
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     std::optional<at::Tensor> weight;
     if (has_weight) weight = saved[5];
     auto [grad_x, grad_weight, grad_bias] =
         backward_core(grad_outputs[0], saved[0], weight, saved[1], saved[2], saved[3], saved[4],
                       ctx->saved_data["groups"].toInt(), ctx->needs_input_grad(0),
-                      has_weight && ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+                      has_weight && ctx->needs_input_grad(1),
+                      has_bias && ctx->needs_input_grad(has_weight ? 2 : 1));
     variable_list grads = {grad_x, grad_weight, grad_bias};
     if (at::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
       // create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients
@@ -764,7 +811,9 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
   TORCH_CHECK(x.device().is_cpu(), "lightning_brn_cpu: CPU tensors only, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "lightning_brn_cpu: float32 or float64 input expected, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 2 && groups >= 1 && x.size(0) % groups == 0, "lightning_brn_cpu: bad input");
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0 && groups >= 1 && x.size(0) % groups == 0,
+              "lightning_brn_cpu: expected a non-empty (N, C, *) input whose batch size the number of groups divides, "
+              "got shape ", x.sizes(), " and ", groups, " groups");
   for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
     if (t->has_value() && (*t)->defined()) {
       TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == x.size(1),
@@ -785,26 +834,27 @@ at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& we
 // returns the updated running statistics (the caller copies them into its buffers, which compilers handle as
 // a buffer mutation) and the saved vectors, so a compiled backward can never recompute r and d from
 // buffers this step already updated. lightning_brn/_ext.py registers their autograd formula and shapes.
-using Tensors8 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                            at::Tensor>;
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Tensors8 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                   const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                                   const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
-                                   const at::Tensor& momentum, double eps, int64_t groups, bool record) {
+// -> out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = updated running mean and var, record (5,) float64
+Tensors4 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                    const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
+                    const at::Tensor& momentum, double eps, int64_t groups, bool record) {
   check_inputs(x, weight, bias, running_mean, running_var, groups);
-  std::optional<at::Tensor> rm = running_mean.clone(), rv = running_var.clone();
+  at::Tensor running = at::stack({running_mean, running_var});  // a copy, updated below
+  std::optional<at::Tensor> rm = running[0], rv = running[1];
   Forward f = forward_core(x, weight, bias, rm, rv, rmax.item<double>(), dmax.item<double>(),
                            momentum.item<double>(), eps, groups, record);
   at::Tensor rec = f.record.defined() ? f.record : at::zeros({5}, at::TensorOptions().dtype(at::kDouble));
-  return Tensors8{f.out, f.mean, f.invstd, f.r, f.d, *rm, *rv, rec};
+  return Tensors4{f.out, f.saved, running, rec};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                   const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                   const at::Tensor& invstd, const at::Tensor& r, const at::Tensor& d,
-                                   int64_t groups) {
-  return backward_core(grad_out, x, weight, mean, invstd, r, d, groups, true, true, true);
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& saved, int64_t groups) {
+  check_inputs(x, weight, std::nullopt, std::nullopt, std::nullopt, groups);
+  return backward_core(grad_out, x, weight, saved[0], saved[1], saved[2], saved[3], groups, true, true, true);
 }
 
 }  // namespace
@@ -815,11 +865,9 @@ TORCH_LIBRARY(lightning_brn_cpu, m) {
       "float rmax, float dmax, float momentum, float eps, int groups, Tensor(c!)? record) -> Tensor");
   m.def(
       "renorm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor rmax, "
-      "Tensor dmax, Tensor momentum, float eps, int groups, bool record) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor dmax, Tensor momentum, float eps, int groups, bool record) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "renorm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, Tensor r, Tensor d, "
-      "int groups) -> (Tensor, Tensor, Tensor)");
+      "renorm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor saved, int groups) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, CPU, m) {
