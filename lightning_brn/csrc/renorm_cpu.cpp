@@ -17,8 +17,9 @@
 //   planar: contiguous (N, C, L) with L = prod(spatial) > 1
 //   rows:   M rows of C contiguous channels: channels_last(_3d) data, or (N, C) / L == 1
 // Sums are taken in 16 vector lanes of the input type and flushed into double totals every 64 terms per
-// lane (rows layout: every 64 rows), in two passes (mean, then centred squares): no float partial sum holds
-// more than 64 terms, so float32 statistics stay within a few ulps of the float64 ones, at memory speed.
+// lane, in two passes (mean, then centred squares); in the rows layout each chunk of 64 rows gets its own
+// mean and centred squares (two passes over the cached chunk, one over memory), merged in double with Chan's
+// formula. No float partial sum holds more than 64 terms, so float32 statistics stay close to float64 ones.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -156,7 +157,7 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<double> tot(w);
+    std::vector<double> tot(w), mu(w);
     std::vector<T> acc(w), m(w);
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + g * M * C;
@@ -180,32 +181,42 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
         for (int64_t c = 0; c < w; ++c) vo[c] = static_cast<T>(static_cast<double>(vo[c]) / count);
         continue;
       }
-      std::fill(tot.begin(), tot.end(), 0.0);
+      // one pass over memory: each chunk of kRows rows gets its own mean and centred sum of squares (its
+      // second read hits the cache), merged into double running moments with Chan's formula
+      std::fill(mu.begin(), mu.end(), 0.0);
+      std::fill(tot.begin(), tot.end(), 0.0);  // M2
+      double n_a = 0;
       for (int64_t start = 0; start < M; start += kRows) {
         const int64_t end = std::min(M, start + kRows);
+        const T n_b = static_cast<T>(end - start);
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t i = start; i < end; ++i) {
-          const T* row = xg + i * C + c0;
-          for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+          const T* __restrict__ row = xg + i * C + c0;
+          T* __restrict__ a = acc.data();
+          for (int64_t c = 0; c < w; ++c) a[c] += row[c];
         }
-        for (int64_t c = 0; c < w; ++c) tot[c] += acc[c];
-      }
-      for (int64_t c = 0; c < w; ++c) m[c] = static_cast<T>(tot[c] / count);
-      std::fill(tot.begin(), tot.end(), 0.0);
-      for (int64_t start = 0; start < M; start += kRows) {
-        const int64_t end = std::min(M, start + kRows);
+        for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n_b;
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t i = start; i < end; ++i) {
-          const T* row = xg + i * C + c0;
+          const T* __restrict__ row = xg + i * C + c0;
+          const T* __restrict__ mc = m.data();
+          T* __restrict__ a = acc.data();
           for (int64_t c = 0; c < w; ++c) {
-            const T v = row[c] - m[c];
-            acc[c] += v * v;
+            const T v = row[c] - mc[c];
+            a[c] += v * v;
           }
         }
-        for (int64_t c = 0; c < w; ++c) tot[c] += acc[c];
+        const double nb = static_cast<double>(end - start), n = n_a + nb;
+        const double f = nb / n, g2 = n_a * nb / n;
+        for (int64_t c = 0; c < w; ++c) {
+          const double delta = static_cast<double>(m[c]) - mu[c];
+          mu[c] += delta * f;
+          tot[c] += static_cast<double>(acc[c]) + delta * delta * g2;
+        }
+        n_a = n;
       }
       for (int64_t c = 0; c < w; ++c) {
-        mean[g * C + c0 + c] = m[c];
+        mean[g * C + c0 + c] = static_cast<T>(mu[c]);
         var[g * C + c0 + c] = static_cast<T>(tot[c] / count);
       }
     }
