@@ -134,6 +134,29 @@ inline double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_
   return total + tail;
 }
 
+// Rows layout, one group of M <= kRows rows, channels [c0, c0 + w): mean and biased variance with one float
+// partial sum per channel (at most kRows terms), written to mo and vo (w values each).
+template <typename T>
+void small_group_moments(const T* xg, int64_t C, int64_t c0, int64_t w, int64_t M, T* __restrict__ mo,
+                         T* __restrict__ vo) {
+  const T count = static_cast<T>(M);
+  std::fill(mo, mo + w, T(0));
+  std::fill(vo, vo + w, T(0));
+  for (int64_t i = 0; i < M; ++i) {
+    const T* __restrict__ row = xg + i * C + c0;
+    for (int64_t c = 0; c < w; ++c) mo[c] += row[c];
+  }
+  for (int64_t c = 0; c < w; ++c) mo[c] = mo[c] / count;
+  for (int64_t i = 0; i < M; ++i) {
+    const T* __restrict__ row = xg + i * C + c0;
+    for (int64_t c = 0; c < w; ++c) {
+      const T v = row[c] - mo[c];
+      vo[c] += v * v;
+    }
+  }
+  for (int64_t c = 0; c < w; ++c) vo[c] = vo[c] / count;
+}
+
 // Per (group, channel) mean and biased variance. mean, var: (G, C).
 template <typename T>
 void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
@@ -161,24 +184,8 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
     std::vector<T> acc(w), m(w);
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + g * M * C;
-      if (M <= kRows) {  // small groups: one float partial sum per channel, straight into the outputs
-        T* __restrict__ mo = mean + g * C + c0;
-        T* __restrict__ vo = var + g * C + c0;
-        std::fill(mo, mo + w, T(0));
-        std::fill(vo, vo + w, T(0));
-        for (int64_t i = 0; i < M; ++i) {
-          const T* __restrict__ row = xg + i * C + c0;
-          for (int64_t c = 0; c < w; ++c) mo[c] += row[c];
-        }
-        for (int64_t c = 0; c < w; ++c) mo[c] = static_cast<T>(static_cast<double>(mo[c]) / count);
-        for (int64_t i = 0; i < M; ++i) {
-          const T* __restrict__ row = xg + i * C + c0;
-          for (int64_t c = 0; c < w; ++c) {
-            const T v = row[c] - mo[c];
-            vo[c] += v * v;
-          }
-        }
-        for (int64_t c = 0; c < w; ++c) vo[c] = static_cast<T>(static_cast<double>(vo[c]) / count);
+      if (M <= kRows) {  // small groups (reached when the record is on; else fused_small_groups runs)
+        small_group_moments<T>(xg, C, c0, w, M, mean + g * C + c0, var + g * C + c0);
         continue;
       }
       // one pass over memory: each chunk of kRows rows gets its own mean and centred sum of squares (its
@@ -251,21 +258,6 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
       const T* xg = x + g * M * C;
       const T* dg = dy + g * M * C;
       const T* mr = mean + g * C + c0;
-      if (M <= kRows) {  // small groups: one float partial sum per channel, straight into the outputs
-        T* __restrict__ so = sum_dy + g * C + c0;
-        T* __restrict__ sxo = sum_dyx + g * C + c0;
-        std::fill(so, so + w, T(0));
-        std::fill(sxo, sxo + w, T(0));
-        for (int64_t i = 0; i < M; ++i) {
-          const T* __restrict__ xr = xg + i * C + c0;
-          const T* __restrict__ dr = dg + i * C + c0;
-          for (int64_t c = 0; c < w; ++c) {
-            so[c] += dr[c];
-            sxo[c] += (xr[c] - mr[c]) * dr[c];
-          }
-        }
-        continue;
-      }
       std::fill(tot.begin(), tot.end(), 0.0);
       std::fill(totx.begin(), totx.end(), 0.0);
       for (int64_t start = 0; start < M; start += kRows) {
@@ -518,7 +510,6 @@ template <typename T>
 void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& step, T* running_mean,
                         T* running_var, T* mean, T* invstd, T* r, T* d) {
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
-  const T count = static_cast<T>(M);  // float partial sums of at most kRows terms, divided in T
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
@@ -527,23 +518,9 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + g * M * C;
       T* og = out + g * M * C;
-      T* __restrict__ mo = mean + g * C + c0;
-      T* __restrict__ vo = var.data();
-      std::fill(mo, mo + w, T(0));
-      std::fill(vo, vo + w, T(0));
-      for (int64_t i = 0; i < M; ++i) {
-        const T* __restrict__ row = xg + i * C + c0;
-        for (int64_t c = 0; c < w; ++c) mo[c] += row[c];
-      }
-      for (int64_t c = 0; c < w; ++c) mo[c] = mo[c] / count;
-      for (int64_t i = 0; i < M; ++i) {
-        const T* __restrict__ row = xg + i * C + c0;
-        for (int64_t c = 0; c < w; ++c) {
-          const T v = row[c] - mo[c];
-          vo[c] += v * v;
-        }
-      }
-      for (int64_t c = 0; c < w; ++c) vo[c] = vo[c] / count;
+      T* mo = mean + g * C + c0;
+      T* vo = var.data();
+      small_group_moments<T>(xg, C, c0, w, M, mo, vo);
       const int64_t o = g * C + c0;
       step.row(mo, vo, c0, w, r + o, d + o, w_eff.data(), b_eff.data(), invstd + o);
       if (step.update) add_group_moments<T>(mo, vo, step.eps, mean_sum.data(), std_sum.data(), w);
