@@ -37,7 +37,23 @@ _lock = threading.Lock()
 _op: Optional[Any] = None
 _tried = False
 _error: Optional[str] = None
-_enabled = os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+_OFF, _ON = ("0", "false", "off", "no"), ("", "1", "true", "on", "yes")
+
+
+def _enabled_from_env() -> bool:
+    value = os.environ.get(_ENV, "1")
+    if value.strip().lower() in _OFF:
+        return False
+    if value.strip().lower() not in _ON:
+        warnings.warn(
+            f"{_ENV}={value!r} is not understood: expected one of {_ON[1:] + _OFF}; the C++ CPU kernels stay on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return True
+
+
+_enabled = _enabled_from_env()
 
 
 def _cpu_fingerprint() -> str:

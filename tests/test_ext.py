@@ -395,3 +395,11 @@ def test_recording_does_not_change_the_step(cpp):
     (ya, ga, ma, va), (yb, gb, mb, vb) = outs
     assert torch.equal(ya, yb) and torch.equal(ma, mb) and torch.equal(va, vb)
     assert all(torch.equal(p, q) for p, q in zip(ga, gb))
+
+
+def test_unknown_environment_value_is_named_in_a_warning():
+    code = "import lightning_brn._ext as e; print('enabled', e.enabled())"
+    env = dict(os.environ, LIGHTNING_BRN_CPP="maybe")
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LIGHTNING_BRN_CPP='maybe' is not understood" in res.stderr and "enabled True" in res.stdout
