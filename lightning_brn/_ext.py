@@ -94,7 +94,7 @@ def _build() -> Any:
 
 
 def _register_functional_ops() -> None:
-    """Shapes (for tracing) and the autograd formula of the functional ops used inside compiled graphs."""
+    """Shapes (for tracing) of the functional ops used inside compiled graphs."""
     fwd = "lightning_brn_cpu::renorm_fwd"
     bwd = "lightning_brn_cpu::renorm_bwd"
 
@@ -112,23 +112,7 @@ def _register_functional_ops() -> None:
     def _bwd_fake(grad_out, x, weight, saved, groups):
         return torch.empty_like(x), x.new_empty((x.shape[1],)), x.new_empty((x.shape[1],))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, *_, groups, _record = inputs
-        ctx.save_for_backward(x, weight, output[1])
-        ctx.groups = groups
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_out, *_unused):
-        x, weight, saved = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.lightning_brn_cpu.renorm_bwd(grad_out, x, weight, saved, ctx.groups)
-        return (
-            grad_x,
-            grad_weight if ctx.has_weight else None,
-            grad_bias if ctx.has_bias else None,
-        ) + (None,) * 8
-
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    # their autograd formula is C++ (RenormFwdFunction in csrc/renorm_cpu.cpp): no Python in a compiled step
 
 
 @torch.compiler.assume_constant_result

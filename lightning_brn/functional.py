@@ -225,8 +225,8 @@ def renorm_correction(
         batch_std: :math:`\sigma_B = \sqrt{\mathrm{Var}_B + \epsilon}`, same shape.
         running_mean: :math:`\mu`, shape (C,).
         running_std: :math:`\sigma` (contains :math:`\epsilon`), shape (C,).
-        rmax: upper bound of r (>= 1); float or 0-dim tensor.
-        dmax: bound of |d| (>= 0); float or 0-dim tensor.
+        rmax: upper bound of r (>= 1); float or one-element tensor.
+        dmax: bound of |d| (>= 0); float or one-element tensor.
 
     Returns:
         ``(r, d)``, detached, with the shape of ``batch_mean``.
@@ -244,6 +244,8 @@ def renorm_correction(
 
 
 def _clip(r_raw: Tensor, d_raw: Tensor, rmax: Number, dmax: Number) -> tuple[Tensor, Tensor]:
+    # one-element tensors as 0-dim ones: bounds never promote r and d to their dtype
+    rmax, dmax = (v.reshape(()) if isinstance(v, Tensor) else v for v in (rmax, dmax))
     rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
     return r_raw.clamp(rmin, rmax), d_raw.clamp(-dmax, dmax)
 
@@ -286,10 +288,10 @@ def batch_renorm(
         weight: :math:`\gamma`, shape (C,), or ``None`` (1).
         bias: :math:`\beta`, shape (C,), or ``None`` (0).
         training: use batch statistics and renormalize. Default: ``False``.
-        momentum: the moving-average rate :math:`\alpha` in [0, 1]; float or 0-dim tensor. Default: 0.01.
+        momentum: the moving-average rate :math:`\alpha` in [0, 1]; float or one-element tensor. Default: 0.01.
         eps: :math:`\epsilon` > 0, inside the square root. Default: 1e-5.
-        rmax: :math:`r_{max} \ge 1`; float or 0-dim tensor. Default: 1.0.
-        dmax: :math:`d_{max} \ge 0`; float or 0-dim tensor. Default: 0.0.
+        rmax: :math:`r_{max} \ge 1`; float or one-element tensor. Default: 1.0.
+        dmax: :math:`d_{max} \ge 0`; float or one-element tensor. Default: 0.0.
         microbatch_size: if set to k, each group of k consecutive examples is normalized and
             renormalized with its own statistics (paper section 4.2); the moving averages move once
             per call towards the mean over groups of :math:`\mu_B` and of :math:`\sigma_B`.
@@ -380,8 +382,9 @@ def _renorm_step(
 
     ``mean_b`` and ``std_b`` (:math:`\sigma_B`, eps included) are (C,) or (G, C) for G microbatches; the moving
     averages then move once towards the mean over groups. Hyper-parameters may be Python floats (eager: no
-    conversions) or 0-dim tensors (compiled graphs). Returns r and d in the statistics' dtype.
+    conversions) or one-element tensors (compiled graphs). Returns r and d in the statistics' dtype.
     """
+    momentum = momentum.reshape(()) if isinstance(momentum, Tensor) else momentum  # one element, as 0-dim
     sd = mean_b.dtype
     rm = running_mean if running_mean.dtype == sd else running_mean.to(sd)
     rv = running_var if running_var.dtype == sd else running_var.to(sd)
@@ -594,16 +597,8 @@ def _batch_renorm_composite(
             if correction_stats is not None:
                 correction_stats.copy_(record)
         return out
-    c = x.shape[1]
-    stat_dtype = _stat_dtype(x)
+    mean_b, var_b = _composite_stats(x, groups)
     with torch.no_grad():
-        if groups == 1:
-            var_b, mean_b = torch.var_mean(x.detach().to(stat_dtype), dim=[0] + list(range(2, x.dim())), correction=0)
-            var_b, mean_b = var_b.view(1, c), mean_b.view(1, c)
-        else:
-            cl = _memory_format(x) != torch.contiguous_format
-            xg = _grouped(x.detach(), groups, cl).to(stat_dtype)
-            var_b, mean_b = torch.var_mean(xg, dim=_group_layout(x, groups, cl)[1], correction=0)  # (G, C)
         std_b = torch.sqrt(var_b + eps)
         if running_mean is not None and running_var is not None:
             r, d = _renorm_update_op(
@@ -615,3 +610,17 @@ def _batch_renorm_composite(
             d = torch.zeros_like(mean_b)
     out = _RenormCompiled.apply(x, weight, bias, mean_b, std_b.reciprocal(), r, d)
     return out
+
+
+def _composite_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(G, C) batch means and biased variances of ``x`` in the statistics dtype, without gradient."""
+    c = x.shape[1]
+    stat_dtype = _stat_dtype(x)
+    with torch.no_grad():
+        if groups == 1:
+            var_b, mean_b = torch.var_mean(x.detach().to(stat_dtype), dim=[0] + list(range(2, x.dim())), correction=0)
+            return mean_b.view(1, c), var_b.view(1, c)
+        cl = _memory_format(x) != torch.contiguous_format
+        xg = _grouped(x.detach(), groups, cl).to(stat_dtype)
+        var_b, mean_b = torch.var_mean(xg, dim=_group_layout(x, groups, cl)[1], correction=0)  # (G, C)
+        return mean_b, var_b

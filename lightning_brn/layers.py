@@ -22,7 +22,7 @@ torch.fx.wrap("batch_renorm")
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
 
-# The schedule-controlled hyper-parameters live in 0-dim, non-persistent buffers: assigning a new
+# The schedule-controlled hyper-parameters live in one-element, non-persistent buffers: assigning a new
 # value is an in-place fill, so a compiled graph reads it as an input (no guard, no recompile), and
 # the state dict stays batchnorm's.
 _SCHEDULE_BUFFERS = ("_rmax", "_dmax", "_momentum")
@@ -158,7 +158,9 @@ class _BatchRenorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         sched_dtype = self._schedule_dtype(device)
         for name, value in zip(_SCHEDULE_BUFFERS, (rmax_v, dmax_v, momentum_v)):
-            self.register_buffer(name, torch.tensor(value, dtype=sched_dtype, device=device), persistent=False)
+            # shape (1,), not 0-d: torch.compile turns 0-d CPU tensors into symbolic floats guarded in Python on
+            # every call; one-element tensors are plain graph inputs
+            self.register_buffer(name, torch.tensor([value], dtype=sched_dtype, device=device), persistent=False)
         # Python mirrors of the buffers: eager forwards read these (no tensor conversions, no device sync).
         self._rmax_value, self._dmax_value, self._momentum_value = rmax_v, dmax_v, momentum_v
         self.register_buffer(

@@ -403,3 +403,76 @@ def test_unknown_environment_value_is_named_in_a_warning():
     res = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "LIGHTNING_BRN_CPP='maybe' is not understood" in res.stderr and "enabled True" in res.stdout
+
+
+def _functional_args(shape=(6, 3, 4, 4), groups=2, weight=True, bias=True):
+    g = torch.Generator().manual_seed(3)
+    c = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64, generator=g) * 2 + 1).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64, generator=g) + 0.5).requires_grad_() if weight else None
+    b = torch.randn(c, dtype=torch.float64, generator=g).requires_grad_() if bias else None
+    rm = torch.randn(c, dtype=torch.float64, generator=g) * 0.5
+    rv = torch.rand(c, dtype=torch.float64, generator=g) + 0.3
+    hp = [torch.tensor([v], dtype=torch.float64) for v in (1.4, 0.3, 0.1)]
+    return x, w, b, rm, rv, hp, groups
+
+
+@pytest.mark.parametrize("weight, bias", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_functional_operator_autograd_formula_passes_gradcheck(cpp, weight, bias, clipped):
+    """renorm_fwd's autograd formula (C++, used by compiled graphs) against finite differences. Algorithm 1 treats
+    r and d as constants, so finite differences agree where they are: rmax = 1, dmax = 0 (batchnorm), or r and d
+    clipped on every channel (r = rmax, d = dmax here). The running statistics stay untouched."""
+    x, w, b, rm, rv, hp, groups = _functional_args(weight=weight, bias=bias)
+    if clipped:  # sigma ~ 0.1 against batch std ~ 2, mu = -5 against batch means ~ 1
+        rv.fill_(0.01)
+        rm.fill_(-5.0)
+    else:
+        hp[0].fill_(1.0)
+        hp[1].fill_(0.0)
+    rm0, rv0 = rm.clone(), rv.clone()
+    saved = torch.ops.lightning_brn_cpu.renorm_fwd(x, w, b, rm, rv, *hp, 1e-5, groups, False)[1]
+    assert torch.all(saved[2] == hp[0]) and torch.all(saved[3] == hp[1])  # r, d at their bounds everywhere
+
+    def f(*inputs):
+        xi, wi, bi = inputs[0], (inputs[1] if weight else None), (inputs[-1] if bias else None)
+        return torch.ops.lightning_brn_cpu.renorm_fwd(xi, wi, bi, rm, rv, *hp, 1e-5, groups, False)[0]
+
+    inputs = [t for t in (x, w, b) if t is not None]
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_functional_operator_gradients_equal_the_eager_operator(cpp):
+    x, w, b, rm, rv, hp, groups = _functional_args()
+    out, saved, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
+        x, w, b, rm, rv, *hp, 1e-5, groups, True
+    )
+    assert out.requires_grad and not (saved.requires_grad or running.requires_grad or record.requires_grad)
+    gy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, w, b], gy)
+    rm2, rv2, rec2 = rm.clone(), rv.clone(), torch.zeros(5, dtype=torch.float64)
+    ref = _ext.cpu_op()(x, w, b, rm2, rv2, 1.4, 0.3, 0.1, 1e-5, groups, rec2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for p, q in zip(grads, torch.autograd.grad(ref, [x, w, b], gy)):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(running, torch.stack([rm2, rv2]), rtol=0, atol=0)
+    torch.testing.assert_close(record, rec2, rtol=0, atol=0)
+
+
+def test_functional_operator_without_grad_builds_no_graph_and_refuses_double_backward(cpp):
+    x, w, b, rm, rv, hp, groups = _functional_args()
+    with torch.no_grad():
+        out = torch.ops.lightning_brn_cpu.renorm_fwd(x, w, b, rm, rv, *hp, 1e-5, groups, False)[0]
+    assert out.grad_fn is None and not out.requires_grad
+    out = torch.ops.lightning_brn_cpu.renorm_fwd(x, w, b, rm, rv, *hp, 1e-5, groups, False)[0]
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_backward_operator_rejects_saved_of_the_wrong_shape(cpp):
+    x, w, _, _, _, _, _ = _functional_args()
+    with pytest.raises(RuntimeError, match=r"expected saved of shape \(4, 2, 3\)"):
+        torch.ops.lightning_brn_cpu.renorm_bwd(torch.ones_like(x), x.detach(), w.detach(), torch.zeros(4, 1, 3,
+                                                dtype=torch.float64), 2)

@@ -331,6 +331,31 @@ def test_compile_changing_hyperparameters_every_step_does_not_recompile():
     assert counter.graphs == 1, f"recompiled {counter.graphs - 1} times"
 
 
+def _float_symbols_of_compiled_step(model: nn.Module) -> list[str]:
+    """The symbolic floats torch.compile creates for ``model``: each one is a guard evaluated in Python on
+    every call of the compiled graph."""
+    found: list[str] = []
+
+    def backend(gm, example_inputs):
+        shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
+        found.extend(str(s) for s in shape_env.var_to_val if str(s).startswith("zf"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(4, model.num_features, 3, 3))
+    return found
+
+
+def test_compiled_step_guards_no_hyperparameter_values():
+    """rmax, dmax and momentum are graph inputs held in one-element buffers: no symbolic float (and no per-call
+    Python guard reading their values) is created for them; a 0-dim buffer would create three."""
+    model = BatchRenorm2d(4, rmax=2.0, dmax=1.0)
+    assert _float_symbols_of_compiled_step(model) == []
+    for name in ("_rmax", "_dmax", "_momentum"):  # the 0-dim variant, to show what the check catches
+        setattr(model, name, getattr(model, name).reshape(()))
+    assert len(_float_symbols_of_compiled_step(model)) == 3
+
+
 @pytest.mark.parametrize("mb, channels_last", [(None, False), (2, False), (2, True)])
 def test_compiled_inductor_matches_eager(mb, channels_last):
     torch._dynamo.reset()

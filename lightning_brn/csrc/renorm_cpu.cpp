@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/variable.h>
@@ -30,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -38,6 +40,12 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LBRN_INLINE inline __attribute__((always_inline))
+#else
+#define LBRN_INLINE inline
+#endif
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = kLanes * 64;  // values per float partial sum flush (64 per lane)
@@ -70,10 +78,21 @@ std::tuple<at::Tensor, Layout> as_layout(const at::Tensor& x_in, int64_t groups)
 
 enum class Sum { kPlain, kCentredSquares, kCentredProducts };
 
+// The kLanes float partial sums as one double (a pairwise tree, short dependency chains), lanes reset to 0.
+template <typename T>
+LBRN_INLINE double flush_lanes(T* acc) {
+  static_assert(kLanes == 16, "flush_lanes adds 16 lanes");
+  double t[8];
+  for (int64_t k = 0; k < 8; ++k) t[k] = static_cast<double>(acc[k]) + static_cast<double>(acc[k + 8]);
+  for (int64_t k = 0; k < 4; ++k) t[k] += t[k + 4];
+  for (int64_t k = 0; k < kLanes; ++k) acc[k] = T(0);
+  return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
 // Over i < n: sum p[i] (kPlain), sum (p[i] - m)^2 (kCentredSquares) or sum (p[i] - m) q[i] (kCentredProducts),
 // in kLanes float lanes flushed into a double total every kBlock values.
 template <Sum kKind, typename T>
-inline double lane_sum(const T* p, const T* q, int64_t n, T m) {
+LBRN_INLINE double lane_sum(const T* p, const T* q, int64_t n, T m) {
   auto term = [&](int64_t i) -> T {
     if constexpr (kKind == Sum::kPlain) return p[i];
     const T v = p[i] - m;
@@ -89,8 +108,7 @@ inline double lane_sum(const T* p, const T* q, int64_t n, T m) {
       for (int64_t k = 0; k < kLanes; ++k) acc[k] += term(i + k);
     double s = 0;
     for (; i < end; ++i) s += term(i);
-    for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
-    total += s;
+    total += s + flush_lanes(acc);
   }
   return total;
 }
@@ -99,7 +117,7 @@ inline double lane_sum(const T* p, const T* q, int64_t n, T m) {
 // rows (L < kBlock) share the lanes across rows, flushed before a lane would exceed 64 terms, so a row of 49
 // values (7 x 7 images) costs three vector steps instead of a horizontal reduction each.
 template <Sum kKind, typename T>
-inline double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_t row_stride, int64_t L, T m) {
+LBRN_INLINE double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_t row_stride, int64_t L, T m) {
   if (L >= kBlock) {
     double total = 0;
     for (int64_t n = n0; n < n1; ++n) total += lane_sum<kKind>(p + n * row_stride, q + n * row_stride, L, m);
@@ -110,10 +128,7 @@ inline double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_
   int64_t pending = 0;
   for (int64_t n = n0; n < n1; ++n) {
     if (pending + L > kBlock) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        total += acc[k];
-        acc[k] = T(0);
-      }
+      total += flush_lanes(acc);
       pending = 0;
     }
     const T* pr = p + n * row_stride;
@@ -130,8 +145,37 @@ inline double channel_sum(const T* p, const T* q, int64_t n0, int64_t n1, int64_
     for (; i < L; ++i) tail += term(i);
     pending += L;
   }
-  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
-  return total + tail;
+  return total + flush_lanes(acc) + tail;
+}
+
+// channel_sum's kPlain sum of q and kCentredProducts sum of (p - m) q over short rows (L < kBlock) in one pass,
+// each with the same lanes and flushes as channel_sum (so the same results).
+template <typename T>
+LBRN_INLINE void channel_sum_pair(const T* p, const T* q, int64_t n0, int64_t n1, int64_t row_stride, int64_t L, T m,
+                             double* sum_q, double* sum_pq) {
+  double total = 0, tail = 0, total_x = 0, tail_x = 0;
+  T acc[kLanes] = {}, acc_x[kLanes] = {};
+  int64_t pending = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (pending + L > kBlock) {
+      total += flush_lanes(acc);
+      total_x += flush_lanes(acc_x);
+      pending = 0;
+    }
+    const T* __restrict__ pr = p + n * row_stride;
+    const T* __restrict__ qr = q + n * row_stride;
+    int64_t i = 0;
+    for (; i + kLanes <= L; i += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += qr[i + k];
+    for (; i < L; ++i) tail += qr[i];
+    i = 0;
+    for (; i + kLanes <= L; i += kLanes)
+      for (int64_t k = 0; k < kLanes; ++k) acc_x[k] += (pr[i + k] - m) * qr[i + k];
+    for (; i < L; ++i) tail_x += (pr[i] - m) * qr[i];
+    pending += L;
+  }
+  *sum_q = total + flush_lanes(acc) + tail;
+  *sum_pq = total_x + flush_lanes(acc_x) + tail_x;
 }
 
 // Rows layout, one group of M <= kRows rows, channels [c0, c0 + w): mean and biased variance with one float
@@ -240,8 +284,13 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
         const int64_t g = gc / C, c = gc % C;
         const T* xc = x + c * L;
         const T* dc = dy + c * L;
-        const double s = channel_sum<Sum::kPlain>(dc, dc, g * k, (g + 1) * k, C * L, L, T(0));
-        const double sx = channel_sum<Sum::kCentredProducts>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc]);
+        double s, sx;
+        if (L < kBlock) {
+          channel_sum_pair<T>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc], &s, &sx);
+        } else {
+          s = channel_sum<Sum::kPlain>(dc, dc, g * k, (g + 1) * k, C * L, L, T(0));
+          sx = channel_sum<Sum::kCentredProducts>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc]);
+        }
         sum_dy[gc] = static_cast<T>(s);
         sum_dyx[gc] = static_cast<T>(sx);
       }
@@ -293,12 +342,20 @@ void affine_pass(const T* x, T* out, const Layout& lay, const T* a, const T* b) 
   const int64_t C = lay.C, L = lay.L, k = lay.per_group();
   if (!lay.rows) {
     at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+      int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
+      const T* ag = a + (n / k) * C;
+      const T* bg = b + (n / k) * C;
       for (int64_t nc = s; nc < e; ++nc) {
-        const int64_t gc = (nc / C / k) * C + nc % C;
-        const T av = a[gc], bv = b[gc];
-        const T* xp = x + nc * L;
-        T* op = out + nc * L;
+        const T av = ag[c], bv = bg[c];
+        const T* __restrict__ xp = x + nc * L;
+        T* __restrict__ op = out + nc * L;
         for (int64_t i = 0; i < L; ++i) op[i] = xp[i] * av + bv;
+        if (++c == C) {
+          c = 0;
+          ++n;
+          ag = a + (n / k) * C;
+          bg = b + (n / k) * C;
+        }
       }
     });
     return;
@@ -323,13 +380,20 @@ void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T*
   const int64_t C = lay.C, L = lay.L, k = lay.per_group();
   if (!lay.rows) {
     at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+      int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
+      int64_t off = (n / k) * C;
       for (int64_t nc = s; nc < e; ++nc) {
-        const int64_t gc = (nc / C / k) * C + nc % C;
+        const int64_t gc = off + c;
         const T m = mean[gc], md = mdy[gc], p = proj[gc], sc = scale[gc];
-        const T* xp = x + nc * L;
-        const T* dp = dy + nc * L;
-        T* op = gx + nc * L;
+        const T* __restrict__ xp = x + nc * L;
+        const T* __restrict__ dp = dy + nc * L;
+        T* __restrict__ op = gx + nc * L;
         for (int64_t i = 0; i < L; ++i) op[i] = ((dp[i] - md) - (xp[i] - m) * p) * sc;
+        if (++c == C) {
+          c = 0;
+          ++n;
+          off = (n / k) * C;
+        }
       }
     });
     return;
@@ -361,18 +425,19 @@ inline T lerp(T a, T b, T w) {  // as aten's lerp
   return w < T(0.5) ? a + w * (b - a) : b - (b - a) * (T(1) - w);
 }
 
-// One group's r, d, effective affine and inverse std (C values each).
+// One group's r, d, effective affine, inverse std and sigma_B (C values each). inv_rs = 1 / sigma: one square
+// root and one division per value (r and d multiply by 1 / sigma, computed once per channel and step).
 template <typename T, bool kRunning, bool kWeight, bool kBias>
-void step_row(const T* __restrict__ mean, const T* __restrict__ var, const T* __restrict__ rs,
+void step_row(const T* __restrict__ mean, const T* __restrict__ var, const T* __restrict__ inv_rs,
               const T* __restrict__ rm, const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ r,
-              T* __restrict__ d, T* __restrict__ w_eff, T* __restrict__ b_eff, T* __restrict__ invstd, int64_t C, T eps,
-              T rmin, T rmax, T dmax) {
+              T* __restrict__ d, T* __restrict__ w_eff, T* __restrict__ b_eff, T* __restrict__ invstd,
+              T* __restrict__ std_out, int64_t C, T eps, T rmin, T rmax, T dmax) {
   for (int64_t c = 0; c < C; ++c) {
     const T std_b = std::sqrt(var[c] + eps);
     T ri = T(1), di = T(0);
     if constexpr (kRunning) {
-      ri = clip(std_b / rs[c], rmin, rmax);
-      di = clip((mean[c] - rm[c]) / rs[c], -dmax, dmax);
+      ri = clip(std_b * inv_rs[c], rmin, rmax);
+      di = clip((mean[c] - rm[c]) * inv_rs[c], -dmax, dmax);
     }
     T w = T(1), b = T(0);
     if constexpr (kWeight) w = weight[c];
@@ -382,6 +447,7 @@ void step_row(const T* __restrict__ mean, const T* __restrict__ var, const T* __
     w_eff[c] = w * ri;
     b_eff[c] = b + w * di;
     invstd[c] = T(1) / std_b;
+    std_out[c] = std_b;
   }
 }
 
@@ -397,6 +463,7 @@ struct Step {
   const T* weight;        // (C,) or nullptr
   const T* bias;          // (C,) or nullptr
   std::vector<T> rs, rm;  // sigma and mu before the update, (C,)
+  std::vector<T> inv_rs;  // 1 / sigma
 
   Step(double rmax_d, double dmax_d, double momentum_d, double eps_d, const T* w, const T* b, const T* running_mean,
        const T* running_var, int64_t C)
@@ -410,21 +477,25 @@ struct Step {
         weight(w),
         bias(b),
         rs(C, T(1)),
-        rm(C, T(0)) {
+        rm(C, T(0)),
+        inv_rs(C, T(1)) {
     if (running) {
       for (int64_t c = 0; c < C; ++c) {
         rs[c] = std::sqrt(running_var[c] + eps);
         rm[c] = running_mean[c];
+        inv_rs[c] = T(1) / rs[c];
       }
     }
   }
 
-  // r, d, effective affine and inverse std of channels [c0, c0 + w) of one group (mean, var, outputs offset to c0)
-  void row(const T* mean, const T* var, int64_t c0, int64_t w, T* r, T* d, T* w_eff, T* b_eff, T* invstd) const {
+  // r, d, effective affine, inverse std and sigma_B of channels [c0, c0 + w) of one group (mean, var, outputs
+  // offset to c0)
+  void row(const T* mean, const T* var, int64_t c0, int64_t w, T* r, T* d, T* w_eff, T* b_eff, T* invstd,
+           T* std_b) const {
     auto call = [&](auto has_running, auto has_weight, auto has_bias) {
       step_row<T, decltype(has_running)::value, decltype(has_weight)::value, decltype(has_bias)::value>(
-          mean, var, rs.data() + c0, rm.data() + c0, weight ? weight + c0 : nullptr, bias ? bias + c0 : nullptr, r,
-          d, w_eff, b_eff, invstd, w, eps, rmin, rmax, dmax);
+          mean, var, inv_rs.data() + c0, rm.data() + c0, weight ? weight + c0 : nullptr, bias ? bias + c0 : nullptr,
+          r, d, w_eff, b_eff, invstd, std_b, w, eps, rmin, rmax, dmax);
     };
     using Yes = std::true_type;
     using No = std::false_type;
@@ -434,10 +505,10 @@ struct Step {
   }
 
   // adds one group's clipping record of channels [c0, c0 + w): r clipped, d clipped, sum |r - 1|, sum |d|
-  void record(const T* mean, const T* var, const T* r, const T* d, int64_t c0, int64_t w, double* acc) const {
+  void record(const T* mean, const T* std_b, const T* r, const T* d, int64_t c0, int64_t w, double* acc) const {
     for (int64_t c = 0; c < w; ++c) {
-      acc[0] += (r[c] != std::sqrt(var[c] + eps) / rs[c0 + c]);
-      acc[1] += (d[c] != (mean[c] - rm[c0 + c]) / rs[c0 + c]);
+      acc[0] += (r[c] != std_b[c] * inv_rs[c0 + c]);
+      acc[1] += (d[c] != (mean[c] - rm[c0 + c]) * inv_rs[c0 + c]);
       acc[2] += std::abs(r[c] - T(1));
       acc[3] += std::abs(d[c]);
     }
@@ -453,13 +524,13 @@ struct Step {
   }
 };
 
-// mean_sum += mean, std_sum += sqrt(var + eps) over one group's channels (for the update over groups)
+// mean_sum += mean, std_sum += sigma_B over one group's channels (for the update over groups)
 template <typename T>
-void add_group_moments(const T* __restrict__ mean, const T* __restrict__ var, T eps, double* __restrict__ mean_sum,
+void add_group_moments(const T* __restrict__ mean, const T* __restrict__ std_b, double* __restrict__ mean_sum,
                        double* __restrict__ std_sum, int64_t w) {
   for (int64_t c = 0; c < w; ++c) {
     mean_sum[c] += mean[c];
-    std_sum[c] += std::sqrt(var[c] + eps);
+    std_sum[c] += std_b[c];
   }
 }
 
@@ -506,14 +577,25 @@ void input_grad_constants(T* __restrict__ sum_dyx, T* __restrict__ sum_dy, const
 // Rows layout with groups of at most kRows rows ((N, C) features or tiny images in microbatches): per chunk of
 // channels, each group's statistics, step and output in one go while its rows are in cache, so no (G, C)
 // intermediate but the four saved vectors is written. Same arithmetic as the general path.
+// at::parallel_for over channels, each thread's range walked in chunks of at most kChannelChunk channels, so the
+// per-channel vectors of a chunk stay in the L1 cache while the groups are processed
+constexpr int64_t kChannelChunk = 256;
+
+template <typename F>
+void for_channel_chunks(int64_t C, int64_t grain, const F& f) {
+  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = begin; c0 < end; c0 += kChannelChunk) f(c0, std::min(end, c0 + kChannelChunk));
+  });
+}
+
 template <typename T>
 void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& step, T* running_mean,
                         T* running_var, T* mean, T* invstd, T* r, T* d) {
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  for_channel_chunks(C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<T> var(w), w_eff(w), b_eff(w), scale(w), shift(w);
+    std::vector<T> var(w), std_b(w), w_eff(w), b_eff(w), scale(w), shift(w);
     std::vector<double> mean_sum(step.update ? w : 0, 0.0), std_sum(step.update ? w : 0, 0.0);
     for (int64_t g = 0; g < G; ++g) {
       const T* xg = x + g * M * C;
@@ -522,8 +604,8 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
       T* vo = var.data();
       small_group_moments<T>(xg, C, c0, w, M, mo, vo);
       const int64_t o = g * C + c0;
-      step.row(mo, vo, c0, w, r + o, d + o, w_eff.data(), b_eff.data(), invstd + o);
-      if (step.update) add_group_moments<T>(mo, vo, step.eps, mean_sum.data(), std_sum.data(), w);
+      step.row(mo, vo, c0, w, r + o, d + o, w_eff.data(), b_eff.data(), invstd + o, std_b.data());
+      if (step.update) add_group_moments<T>(mo, std_b.data(), mean_sum.data(), std_sum.data(), w);
       affine_constants<T>(w_eff.data(), b_eff.data(), invstd + o, mo, scale.data(), shift.data(), w);
       const T* __restrict__ sc = scale.data();
       const T* __restrict__ sh = shift.data();
@@ -536,8 +618,7 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
     if (step.update) {
       for (int64_t c = 0; c < w; ++c) {
         if (G == 1) {
-          step.update_channel(running_mean, running_var, c0 + c, mean[c0 + c],
-                              std::sqrt(var[c] + step.eps));
+          step.update_channel(running_mean, running_var, c0 + c, mean[c0 + c], std_b[c]);
         } else {
           step.update_channel(running_mean, running_var, c0 + c, static_cast<T>(mean_sum[c] / G),
                               static_cast<T>(std_sum[c] / G));
@@ -557,7 +638,7 @@ void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, con
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
   const T m = static_cast<T>(M);
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  for_channel_chunks(C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
     std::vector<T> sd(w), sx(w), scale(w), acc_w(w, T(0)), acc_b(w, T(0));
     for (int64_t g = 0; g < G; ++g) {
@@ -594,86 +675,90 @@ void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, con
   });
 }
 
-// ---- autograd node --------------------------------------------------------------------------------------
+// The step of all G groups from their (G, C) statistics: r, d, effective affine, inverse std and sigma_B
+// (into sp), the clipping record (added to acc when not null), then the moving averages' update towards the mean
+// over groups.
+template <typename T>
+void step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64_t C, T* rp, T* dp, T* wp, T* bp,
+                 T* ip, T* sp, T* rmp, T* rvp, double* acc) {
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t o = g * C;
+    step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o, sp + o);
+    if (acc) step.record(mp + o, sp + o, rp + o, dp + o, 0, C, acc);
+  }
+  if (!step.update) return;
+  if (G == 1) {
+    for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], sp[c]);
+    return;
+  }
+  std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
+  for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, sp + g * C, mean_sum.data(), std_sum.data(), C);
+  for (int64_t c = 0; c < C; ++c)
+    step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+}
 
-// The training forward: output, the saved (G, C) vectors, and the running statistics updated in place (when
-// given). x is returned in the layout the kernels used (a contiguous copy of non-dense input).
+// ---- autograd node ---------------------------------------------------------------------------------------
+
+// The training forward: output and the saved (4, G, C) vectors (mean, invstd, r, d); the running statistics
+// (when given, as raw pointers of the input's dtype) are updated in place and, when rec is not null, the
+// clipping record (r clipped, d clipped, sum |r - 1|, sum |d|, G * C) is written to rec[0..5). x is returned in
+// the layout the kernels used (a contiguous copy of non-dense input).
 struct Forward {
-  at::Tensor x, out, saved, mean, invstd, r, d, record;  // saved: (4, G, C) = mean, invstd, r, d; record: (5,)
-                                                         // float64, or undefined
+  at::Tensor x, out, saved;
 };
 
 Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                     const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
-                     double eps, int64_t groups, bool record) {
+                     const std::optional<at::Tensor>& bias, void* running_mean, void* running_var, double rmax,
+                     double dmax, double momentum, double eps, int64_t groups, double* rec) {
   auto [x, lay] = as_layout(x_in, groups);
   const int64_t G = lay.G, C = lay.C, M = lay.per_group() * lay.L;
   auto opts = x.options();
   // saved for backward: (G, C) mean, invstd, r, d in one (4, G, C) tensor (plus x and the weight, as batchnorm)
   auto saved = at::empty({4, G, C}, opts);
-  auto mean = saved[0], invstd = saved[1], r = saved[2], d = saved[3];
-  const bool has_running = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
-                           running_var->defined();
-  const bool want_record = has_running && record;
+  const bool has_running = running_mean != nullptr && running_var != nullptr;
+  const bool want_record = has_running && rec != nullptr;
   auto out = at::empty_like(x);
-  double rec[4] = {0, 0, 0, 0};
+  double acc[4] = {0, 0, 0, 0};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_forward", [&] {
     using T = scalar_t;
-    T* rmp = has_running ? running_mean->mutable_data_ptr<T>() : nullptr;
-    T* rvp = has_running ? running_var->mutable_data_ptr<T>() : nullptr;
+    T* rmp = has_running ? static_cast<T*>(running_mean) : nullptr;
+    T* rvp = has_running ? static_cast<T*>(running_var) : nullptr;
     const Step<T> step(rmax, dmax, momentum, eps, ptr_or_null<T>(weight), ptr_or_null<T>(bias), rmp, rvp, C);
     const T* xp = x.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
-    T* mp = mean.mutable_data_ptr<T>();
-    T* ip = invstd.mutable_data_ptr<T>();
-    T* rp = r.mutable_data_ptr<T>();
-    T* dp = d.mutable_data_ptr<T>();
+    T* mp = saved.mutable_data_ptr<T>();
+    T* ip = mp + G * C;
+    T* rp = mp + 2 * G * C;
+    T* dp = mp + 3 * G * C;
     if (lay.rows && M <= kRows && !want_record) {
       fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
       return;
     }
     // general: statistics of every group, the step, the update, then one elementwise pass
-    auto scratch = at::empty({5, G, C}, opts);
-    T* vp = scratch[0].mutable_data_ptr<T>();
-    T* wp = scratch[1].mutable_data_ptr<T>();
-    T* bp = scratch[2].mutable_data_ptr<T>();
-    T* sc = scratch[3].mutable_data_ptr<T>();
-    T* sh = scratch[4].mutable_data_ptr<T>();
+    std::vector<T> scratch(5 * G * C);
+    T* vp = scratch.data();
+    T* wp = vp + G * C;
+    T* bp = wp + G * C;
+    T* sc = bp + G * C;
+    T* sh = sc + G * C;
     group_stats<T>(xp, lay, mp, vp);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t o = g * C;
-      step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o);
-      if (want_record) step.record(mp + o, vp + o, rp + o, dp + o, 0, C, rec);
-    }
-    if (step.update) {
-      if (G == 1) {
-        for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], std::sqrt(vp[c] + step.eps));
-      } else {
-        std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
-        for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, vp + g * C, step.eps, mean_sum.data(), std_sum.data(), C);
-        for (int64_t c = 0; c < C; ++c)
-          step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
-      }
-    }
+    step_groups<T>(step, mp, vp, G, C, rp, dp, wp, bp, ip, sc, rmp, rvp, want_record ? acc : nullptr);  // sc: sigma_B
     // y = x * scale + shift with scale = w_eff * invstd and shift = b_eff - mean * scale
     affine_constants<T>(wp, bp, ip, mp, sc, sh, G * C);
     affine_pass<T>(xp, op, lay, sc, sh);
   });
-  at::Tensor rec_t;
   if (want_record) {
-    const double full[5] = {rec[0], rec[1], rec[2], rec[3], static_cast<double>(G * C)};
-    rec_t = at::tensor(c10::ArrayRef<double>(full, 5), at::TensorOptions().dtype(at::kDouble));
+    std::copy(acc, acc + 4, rec);
+    rec[4] = static_cast<double>(G * C);
   }
-  return {x, out, saved, mean, invstd, r, d, rec_t};
+  return {x, out, saved};
 }
 
 // The training backward (batchnorm's with weight gamma r per group, r and d constants): grad_x, grad_weight,
-// grad_bias, each computed only if asked for (undefined otherwise).
+// grad_bias, each computed only if asked for (undefined otherwise). saved: the forward's (4, G, C) vectors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& grad_out, const at::Tensor& x_in,
                                                              const std::optional<at::Tensor>& weight,
-                                                             const at::Tensor& mean, const at::Tensor& invstd,
-                                                             const at::Tensor& r, const at::Tensor& d, int64_t groups,
+                                                             const at::Tensor& saved_in, int64_t groups,
                                                              bool need_x, bool need_w, bool need_b) {
   // x as the kernels read it (the saved x already is: no copy; a non-dense x from a direct call: a copy), and
   // dy in the same layout: channels-last rows exactly when x is channels-last dense and not contiguous
@@ -682,10 +767,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
   const at::Tensor dy = grad_out.contiguous(
       cl ? (x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d)
          : at::MemoryFormat::Contiguous);
+  const at::Tensor saved = saved_in.contiguous();
   const int64_t G = lay.G, C = lay.C;
-  const bool small_groups = lay.rows && lay.per_group() * lay.L <= kRows;
-  auto sums = at::empty({2, small_groups ? 0 : G, C}, x.options());
-  auto sum_dy = sums[0], sum_dyx = sums[1];
   at::Tensor grad_x, grad_weight, grad_bias;
   if (need_x) grad_x = at::empty_like(x);
   if (need_w) grad_weight = at::empty({C}, x.options());
@@ -694,29 +777,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
     using T = scalar_t;
     const T* xp = x.const_data_ptr<T>();
     const T* dp = dy.const_data_ptr<T>();
-    const T* mp = mean.const_data_ptr<T>();
-    const T* ip = invstd.const_data_ptr<T>();
+    const T* mp = saved.const_data_ptr<T>();
+    const T* ip = mp + G * C;
+    const T* rr = mp + 2 * G * C;
+    const T* dd = mp + 3 * G * C;
     const T* wt = weight.has_value() && weight->defined() ? weight->const_data_ptr<T>() : nullptr;
     if (lay.rows && lay.per_group() * lay.L <= kRows) {
-      fused_small_groups_backward<T>(xp, dp, lay, mp, ip, r.const_data_ptr<T>(), d.const_data_ptr<T>(), wt,
+      fused_small_groups_backward<T>(xp, dp, lay, mp, ip, rr, dd, wt,
                                      need_x ? grad_x.mutable_data_ptr<T>() : nullptr,
                                      need_w ? grad_weight.mutable_data_ptr<T>() : nullptr,
                                      need_b ? grad_bias.mutable_data_ptr<T>() : nullptr);
       return;
     }
-    T* sd = sum_dy.mutable_data_ptr<T>();
-    T* sx = sum_dyx.mutable_data_ptr<T>();
+    std::vector<T> sums(2 * G * C);
+    T* sd = sums.data();
+    T* sx = sd + G * C;
     group_grad_sums<T>(xp, dp, lay, mp, sd, sx);
     // dL/dw_eff = sum(dy * xhat) = sum_dyx * invstd;  dL/db_eff = sum_dy
     if (need_w || need_b) {
-      const T* rp = r.const_data_ptr<T>();
-      const T* dd = d.const_data_ptr<T>();
       T* gw = need_w ? grad_weight.mutable_data_ptr<T>() : nullptr;
       T* gb = need_b ? grad_bias.mutable_data_ptr<T>() : nullptr;
       std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));  // sums over groups, channels innermost
       for (int64_t g = 0; g < G; ++g) {
         const int64_t o = g * C;
-        affine_grads<T>(sx + o, sd + o, ip + o, rp + o, dd + o, acc_w.data(), acc_b.data(), C);
+        affine_grads<T>(sx + o, sd + o, ip + o, rr + o, dd + o, acc_w.data(), acc_b.data(), C);
       }
       if (gw) std::copy(acc_w.begin(), acc_w.end(), gw);
       if (gb) std::copy(acc_b.begin(), acc_b.end(), gb);
@@ -725,17 +809,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
       // batchnorm's input gradient per (group, channel): mdy = mean(dy), proj = invstd^2 mean(dy (x - mean)),
       // scale = invstd * w_eff. Reuse the sums' storage for mdy and proj; scale goes into a new vector.
       const T m = static_cast<T>(lay.per_group() * lay.L);
-      auto scale_t = at::empty({G, C}, x.options());
-      T* scale = scale_t.mutable_data_ptr<T>();
-      const T* rr = r.const_data_ptr<T>();
+      std::vector<T> scale(G * C);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t o = g * C;
-        input_grad_constants<T>(sx + o, sd + o, ip + o, rr + o, wt, scale + o, m, C);
+        input_grad_constants<T>(sx + o, sd + o, ip + o, rr + o, wt, scale.data() + o, m, C);
       }
-      grad_input_pass<T>(xp, dp, grad_x.mutable_data_ptr<T>(), lay, mp, sd, sx, scale);
+      grad_input_pass<T>(xp, dp, grad_x.mutable_data_ptr<T>(), lay, mp, sd, sx, scale.data());
     }
   });
   return {grad_x, grad_weight, grad_bias};
+}
+
+// create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients get
+// an error node, so asking for a second derivative fails loudly instead of being silently wrong.
+variable_list once_differentiable(variable_list grads, const at::Tensor& grad_out) {
+  if (!(at::GradMode::is_enabled() && grad_out.defined() && grad_out.requires_grad())) return grads;
+  for (auto& g : grads) {
+    if (g.defined()) {
+      g = g.detach();
+      g.set_requires_grad(true);
+    }
+  }
+  auto err = std::make_shared<torch::autograd::DelayedError>(
+      "trying to differentiate twice a function that was marked with @once_differentiable "
+      "(lightning_brn's batch renorm has no double backward)",
+      static_cast<int64_t>(grads.size()));
+  return (*err)(std::move(grads));
+}
+
+void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
 
 struct RenormTrain : public torch::autograd::Function<RenormTrain> {
@@ -744,50 +847,39 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
                             const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
                             double eps, int64_t groups, const std::optional<at::Tensor>& record) {
     const bool want_record = record.has_value() && record->defined();
-    Forward f = forward_core(x_in, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups,
-                             want_record);
-    if (want_record && f.record.defined()) record->copy_(f.record);
-    if (weight.has_value() && weight->defined()) {
-      ctx->save_for_backward({f.x, f.mean, f.invstd, f.r, f.d, *weight});
-    } else {
-      ctx->save_for_backward({f.x, f.mean, f.invstd, f.r, f.d});
+    double rec[5] = {0, 0, 0, 0, 0};
+    void* rm = data_or_null(running_mean);
+    void* rv = data_or_null(running_var);
+    Forward f = forward_core(x_in, weight, bias, rv ? rm : nullptr, rm ? rv : nullptr, rmax, dmax, momentum, eps,
+                             groups, want_record ? rec : nullptr);
+    if (want_record && rm && rv) {
+      record->copy_(at::from_blob(rec, {5}, at::TensorOptions().dtype(at::kDouble)));
     }
+    const bool has_weight = weight.has_value() && weight->defined();
+    ctx->save_for_backward({f.x, f.saved, has_weight ? *weight : at::Tensor()});
     ctx->saved_data["groups"] = groups;
+    ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     // running statistics were written through raw pointers: advance their version counters as in-place ops do
-    if (running_mean.has_value() && running_mean->defined()) torch::autograd::impl::bump_version(*running_mean);
-    if (running_var.has_value() && running_var->defined()) torch::autograd::impl::bump_version(*running_var);
+    if (rm && rv) {
+      torch::autograd::impl::bump_version(*running_mean);
+      torch::autograd::impl::bump_version(*running_var);
+    }
     return f.out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto saved = ctx->get_saved_variables();
     // needs_input_grad counts only the tensor arguments that were given: x, then weight and bias when present
-    const bool has_weight = saved.size() > 5;
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     std::optional<at::Tensor> weight;
-    if (has_weight) weight = saved[5];
+    if (has_weight) weight = saved[2];
     auto [grad_x, grad_weight, grad_bias] =
-        backward_core(grad_outputs[0], saved[0], weight, saved[1], saved[2], saved[3], saved[4],
-                      ctx->saved_data["groups"].toInt(), ctx->needs_input_grad(0),
-                      has_weight && ctx->needs_input_grad(1),
+        backward_core(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt(),
+                      ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
                       has_bias && ctx->needs_input_grad(has_weight ? 2 : 1));
-    variable_list grads = {grad_x, grad_weight, grad_bias};
-    if (at::GradMode::is_enabled() && grad_outputs[0].requires_grad()) {
-      // create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients
-      // get an error node, so asking for a second derivative fails loudly instead of being silently wrong.
-      for (auto& g : grads) {
-        if (g.defined()) {
-          g = g.detach();
-          g.set_requires_grad(true);
-        }
-      }
-      auto err = std::make_shared<torch::autograd::DelayedError>(
-          "trying to differentiate twice a function that was marked with @once_differentiable "
-          "(lightning_brn's batch renorm has no double backward)",
-          3);
-      grads = (*err)(std::move(grads));
-    }
+    variable_list grads = once_differentiable({grad_x, grad_weight, grad_bias}, grad_outputs[0]);
     return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -818,11 +910,18 @@ at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& we
   return RenormTrain::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
 }
 
-// Functional twins for compiled graphs (torch.compile): no autograd node and no in-place update. The forward
-// returns the updated running statistics (the caller copies them into its buffers, which compilers handle as
-// a buffer mutation) and the saved vectors, so a compiled backward can never recompute r and d from
-// buffers this step already updated. lightning_brn/_ext.py registers their autograd formula and shapes.
+// Functional twins for compiled graphs (torch.compile): no in-place update. The forward returns the updated
+// running statistics (the caller copies them into its buffers, which compilers handle as a buffer mutation)
+// and the saved vectors, so a compiled backward can never recompute r and d from buffers this step already
+// updated. Their autograd formula (RenormFwdFunction below) is C++ too, so a compiled step runs no Python
+// besides the graph's own wrappers; lightning_brn/_ext.py registers their shapes for tracing.
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// a 0-d hyper-parameter tensor as a double (float64 CPU scalars, what the layers pass, are read directly)
+double scalar_value(const at::Tensor& t) {
+  if (t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1) return *t.const_data_ptr<double>();
+  return t.item<double>();
+}
 
 // -> out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = updated running mean and var, record (5,) float64
 Tensors4 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -830,11 +929,17 @@ Tensors4 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight
                     const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
                     const at::Tensor& momentum, double eps, int64_t groups, bool record) {
   check_inputs(x, weight, bias, running_mean, running_var, groups);
-  at::Tensor running = at::stack({running_mean, running_var});  // a copy, updated below
-  std::optional<at::Tensor> rm = running[0], rv = running[1];
-  Forward f = forward_core(x, weight, bias, rm, rv, rmax.item<double>(), dmax.item<double>(),
-                           momentum.item<double>(), eps, groups, record);
-  at::Tensor rec = f.record.defined() ? f.record : at::zeros({5}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t C = x.size(1);
+  at::Tensor running = at::empty({2, C}, running_mean.options());  // a copy, updated below
+  const size_t bytes = static_cast<size_t>(C) * running_mean.element_size();
+  char* rp = static_cast<char*>(running.data_ptr());
+  std::memcpy(rp, running_mean.const_data_ptr(), bytes);
+  std::memcpy(rp + bytes, running_var.const_data_ptr(), bytes);
+  at::Tensor rec = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
+  double* rec_p = rec.data_ptr<double>();
+  std::fill(rec_p, rec_p + 5, 0.0);
+  Forward f = forward_core(x, weight, bias, rp, rp + bytes, scalar_value(rmax), scalar_value(dmax),
+                           scalar_value(momentum), eps, groups, record ? rec_p : nullptr);
   return Tensors4{f.out, f.saved, running, rec};
 }
 
@@ -842,7 +947,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& weight,
                                                           const at::Tensor& saved, int64_t groups) {
   check_inputs(x, weight, std::nullopt, std::nullopt, std::nullopt, groups);
-  return backward_core(grad_out, x, weight, saved[0], saved[1], saved[2], saved[3], groups, true, true, true);
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == 4 && saved.size(1) == groups && saved.size(2) == x.size(1) &&
+                  saved.scalar_type() == x.scalar_type(),
+              "lightning_brn_cpu::renorm_bwd: expected saved of shape (4, ", groups, ", ", x.size(1), ") and dtype ",
+              x.scalar_type(), ", got ", saved.sizes(), " ", saved.scalar_type());
+  return backward_core(grad_out, x, weight, saved, groups, true, true, true);
+}
+
+// The autograd formula of renorm_fwd: the output's gradient through renorm_bwd (called through the dispatcher,
+// so compilers trace it into the backward graph); saved, running and record are not differentiable.
+struct RenormFwdFunction : public torch::autograd::Function<RenormFwdFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                               const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
+                               const at::Tensor& momentum, double eps, int64_t groups, bool record) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lightning_brn_cpu::renorm_fwd", "")
+                         .typed<decltype(renorm_fwd)>();
+    auto [out, saved, running, rec] =
+        op.call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+    const bool has_weight = weight.has_value() && weight->defined();
+    ctx->save_for_backward({x, saved, has_weight ? *weight : at::Tensor()});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["has_weight"] = has_weight;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({saved, running, rec});
+    return {out, saved, running, rec};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list none(11);
+    if (!grad_outputs[0].defined()) return none;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lightning_brn_cpu::renorm_bwd", "")
+                         .typed<decltype(renorm_bwd)>();
+    auto saved = ctx->get_saved_variables();
+    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    std::optional<at::Tensor> weight;
+    if (has_weight) weight = saved[2];
+    auto [grad_x, grad_weight, grad_bias] =
+        op.call(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt());
+    variable_list grads = once_differentiable(
+        {grad_x, has_weight ? grad_weight : at::Tensor(), has_bias ? grad_bias : at::Tensor()}, grad_outputs[0]);
+    none[0] = grads[0];
+    none[1] = grads[1];
+    none[2] = grads[2];
+    return none;
+  }
+};
+
+Tensors4 renorm_fwd_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                             const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
+                             const at::Tensor& momentum, double eps, int64_t groups, bool record) {
+  const bool any_grad = x.requires_grad() || (weight.has_value() && weight->defined() && weight->requires_grad()) ||
+                        (bias.has_value() && bias->defined() && bias->requires_grad());
+  if (!at::GradMode::is_enabled() || !any_grad) {
+    // nothing to differentiate (a compiled graph's forward runs here, under no_grad): no autograd node
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lightning_brn_cpu::renorm_fwd", "")
+                         .typed<decltype(renorm_fwd)>();
+    return op.call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+  }
+  auto outs = RenormFwdFunction::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups,
+                                       record);
+  return Tensors4{outs[0], outs[1], outs[2], outs[3]};
 }
 
 }  // namespace
@@ -861,6 +1033,12 @@ TORCH_LIBRARY(lightning_brn_cpu, m) {
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, CPU, m) {
   m.impl("renorm_fwd", &renorm_fwd);
   m.impl("renorm_bwd", &renorm_bwd);
+}
+
+TORCH_LIBRARY_IMPL(lightning_brn_cpu, Autograd, m) {
+  m.impl("renorm_fwd", &renorm_fwd_autograd);
+  // renorm_bwd is only ever differentiated through once_differentiable's error node (RenormFwdFunction::backward)
+  m.impl("renorm_bwd", torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, CompositeImplicitAutograd, m) { m.impl("renorm_train", &renorm_train); }
