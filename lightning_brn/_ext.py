@@ -3,7 +3,9 @@
 Eager training steps on CPU tensors (float32/float64) run through one C++ operator with its own autograd
 node: statistics, the per-channel step, the normalization and the backward without Python in the loop. On
 small tensors that Python overhead is most of the time of a step; the kernels also compute statistics of
-contiguous (NCHW) data several times faster than aten's batchnorm statistics kernel.
+contiguous (NCHW) data several times faster than aten's batchnorm statistics kernel. ``torch.compile`` graphs
+call the functional forward and backward operators (``renorm_fwd`` / ``renorm_bwd``), whose autograd formula
+is C++ as well; only their shapes for tracing are registered here.
 
 The build uses :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``) with ``-O3
 -march=native``: the library is compiled for this machine's CPU and cached (``TORCH_EXTENSIONS_DIR``, by
