@@ -577,23 +577,12 @@ void input_grad_constants(T* __restrict__ sum_dyx, T* __restrict__ sum_dy, const
 // Rows layout with groups of at most kRows rows ((N, C) features or tiny images in microbatches): per chunk of
 // channels, each group's statistics, step and output in one go while its rows are in cache, so no (G, C)
 // intermediate but the four saved vectors is written. Same arithmetic as the general path.
-// at::parallel_for over channels, each thread's range walked in chunks of at most kChannelChunk channels, so the
-// per-channel vectors of a chunk stay in the L1 cache while the groups are processed
-constexpr int64_t kChannelChunk = 256;
-
-template <typename F>
-void for_channel_chunks(int64_t C, int64_t grain, const F& f) {
-  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = begin; c0 < end; c0 += kChannelChunk) f(c0, std::min(end, c0 + kChannelChunk));
-  });
-}
-
 template <typename T>
 void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& step, T* running_mean,
                         T* running_var, T* mean, T* invstd, T* r, T* d) {
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  for_channel_chunks(C, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
     std::vector<T> var(w), std_b(w), w_eff(w), b_eff(w), scale(w), shift(w);
     std::vector<double> mean_sum(step.update ? w : 0, 0.0), std_sum(step.update ? w : 0, 0.0);
@@ -638,7 +627,7 @@ void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, con
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
   const T m = static_cast<T>(M);
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  for_channel_chunks(C, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
     std::vector<T> sd(w), sx(w), scale(w), acc_w(w, T(0)), acc_b(w, T(0));
     for (int64_t g = 0; g < G; ++g) {
