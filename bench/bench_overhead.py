@@ -1,0 +1,103 @@
+"""Fixed cost of one training step of one layer, eager and compiled: renorm against batchnorm on tiny inputs.
+
+On an input of a few hundred values the arithmetic is negligible, so the time of ``y = layer(x)`` plus
+``torch.autograd.grad(y, [x, weight, bias], g)`` is the per-layer, per-step overhead: Python, dispatch,
+autograd, and for ``torch.compile`` the graph's wrappers and the calls it makes (batchnorm: one generated
+kernel; renorm on CPU: the C++ forward and backward operators). The four variants run interleaved in a
+shuffled order, blocks of ``--inner`` steps, and the table shows medians in microseconds and the
+difference to batchnorm in the same mode. The last row repeats the measurement on a larger input for
+scale.
+
+Usage::
+
+    python bench/bench_overhead.py                   # CPU, one thread, CPU time
+    python bench/bench_overhead.py --shape 4,512,7,7 # another input
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import lightning_brn
+from lightning_brn import BatchRenorm2d, _ext
+
+
+def _step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    torch.autograd.grad(fn(x), [x, module.weight, module.bias], g)
+
+
+def measure(shape: tuple[int, ...], reps: int, inner: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Median microseconds per step of eager/compiled batchnorm and renorm on an input of ``shape``."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape).requires_grad_()
+    g = torch.randn(shape)
+    bn, brn = nn.BatchNorm2d(c), BatchRenorm2d(c, rmax=3.0, dmax=5.0)
+    torch._dynamo.reset()
+    variants = {
+        "bn eager": (bn, bn),
+        "bn compiled": (torch.compile(bn), bn),
+        "brn eager": (brn, brn),
+        "brn compiled": (torch.compile(brn), brn),
+    }
+    for fn, module in variants.values():  # compile and warm up
+        for _ in range(3):
+            _step(fn, module, x, g)
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        order = list(variants)
+        random.shuffle(order)
+        for name in order:
+            fn, module = variants[name]
+            t0 = clock()
+            for _ in range(inner):
+                _step(fn, module, x, g)
+            samples[name].append((clock() - t0) / inner * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="4,64,1,1", help="N,C,H,W of the tiny input (default 4,64,1,1)")
+    p.add_argument("--scale-shape", default="4,512,7,7", help="N,C,H,W of the second, larger input")
+    p.add_argument("--reps", type=int, default=40, help="timed blocks per variant (default 40)")
+    p.add_argument("--inner", type=int, default=20, help="steps per timed block (default 20)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: time.process_time (default)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    _ext.available()  # build or load the C++ kernels before timing
+    rows = []
+    for text in (args.shape, args.scale_shape):
+        shape = tuple(int(v) for v in text.split(","))
+        if len(shape) != 4:
+            p.error(f"--shape/--scale-shape expect N,C,H,W, got {text!r}")
+        rows.append((shape, measure(shape, args.reps, args.inner, clock)))
+    print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
+    print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}`")
+    print(
+        f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "
+        f"threads {torch.get_num_threads()}, clock {args.clock}, {args.reps} blocks of {args.inner} steps, "
+        f"C++ kernels: {'yes' if _ext.available() else 'no'}\n"
+    )
+    print("| input | bn eager | brn eager | bn compiled | brn compiled |")
+    print("|---|---|---|---|---|")
+    for shape, t in rows:
+        print(
+            f"| {shape} | {t['bn eager']:.1f} | {t['brn eager']:.1f} [{t['brn eager'] - t['bn eager']:+.1f}] "
+            f"| {t['bn compiled']:.1f} | {t['brn compiled']:.1f} [{t['brn compiled'] - t['bn compiled']:+.1f}] |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
