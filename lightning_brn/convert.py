@@ -171,7 +171,7 @@ def _make_renorm(
     module: _BatchNorm, cls: type[_BatchRenorm], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
 ) -> _BatchRenorm:
     # Built without weight, bias or running statistics (registered as None, nothing allocated, nothing
-    # initialized), on the device of the original state so that the 0-dim schedule buffers live there;
+    # initialized), on the device of the original state so that the schedule buffers live there;
     # then the original tensors move in and the flags are set to the original's.
     kwargs = dict(
         eps=module.eps,

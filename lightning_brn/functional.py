@@ -243,9 +243,15 @@ def renorm_correction(
         return _clip(batch_std / running_std, (batch_mean - running_mean) / running_std, rmax, dmax)
 
 
+def _as_scalar_tensor(value: Number) -> Number:
+    """A one-element tensor (the layers' schedule buffers have shape (1,)) as a 0-dim one, which takes part in
+    no type promotion; anything else as it is."""
+    return value.reshape(()) if isinstance(value, Tensor) and value.dim() > 0 and value.numel() == 1 else value
+
+
 def _clip(r_raw: Tensor, d_raw: Tensor, rmax: Number, dmax: Number) -> tuple[Tensor, Tensor]:
     # one-element tensors as 0-dim ones: bounds never promote r and d to their dtype
-    rmax, dmax = (v.reshape(()) if isinstance(v, Tensor) else v for v in (rmax, dmax))
+    rmax, dmax = (_as_scalar_tensor(v) for v in (rmax, dmax))
     rmin = rmax.reciprocal() if isinstance(rmax, Tensor) else 1.0 / rmax
     return r_raw.clamp(rmin, rmax), d_raw.clamp(-dmax, dmax)
 
@@ -341,7 +347,7 @@ def batch_renorm(
     if not use_running:
         running_mean = running_var = None
     if input.device.type == "cpu" and input.dtype in _CPP_DTYPES and _cpp_eligible(
-        input.dtype, weight, bias, running_mean, running_var, rmax, dmax, momentum
+        input.dtype, (weight, bias, running_mean, running_var), (rmax, dmax, momentum)
     ):
         op = _ext.cpu_op()
         if op is not None:  # the same maths in one C++ operator (lightning_brn/csrc/renorm_cpu.cpp)
@@ -356,15 +362,15 @@ def batch_renorm(
 _CPP_DTYPES = (torch.float32, torch.float64)
 
 
-def _cpp_eligible(dtype: torch.dtype, *args: Union[Optional[Tensor], Number]) -> bool:
-    """Per-channel tensors of the input's dtype (or None) and Python-number hyper-parameters."""
-    for a in args:
-        if isinstance(a, Tensor):
-            if a.dtype != dtype or a.dim() != 1 or not a.is_contiguous() or a.device.type != "cpu":
-                return False
-        elif a is not None and not isinstance(a, (float, int)):
+def _cpp_eligible(
+    dtype: torch.dtype, per_channel: tuple[Optional[Tensor], ...], hyper: tuple[Number, ...] = ()
+) -> bool:
+    """Per-channel tensors of the input's dtype (or None) and Python-number hyper-parameters (the eager C++
+    operator takes floats; tensor hyper-parameters, as in fx-traced graphs, take the Python path)."""
+    for a in per_channel:
+        if a is not None and (a.dtype != dtype or a.dim() != 1 or not a.is_contiguous() or a.device.type != "cpu"):
             return False
-    return True
+    return all(isinstance(h, (float, int)) and not isinstance(h, bool) for h in hyper)
 
 
 def _renorm_step(
@@ -384,7 +390,7 @@ def _renorm_step(
     averages then move once towards the mean over groups. Hyper-parameters may be Python floats (eager: no
     conversions) or one-element tensors (compiled graphs). Returns r and d in the statistics' dtype.
     """
-    momentum = momentum.reshape(()) if isinstance(momentum, Tensor) else momentum  # one element, as 0-dim
+    momentum = _as_scalar_tensor(momentum)
     sd = mean_b.dtype
     rm = running_mean if running_mean.dtype == sd else running_mean.to(sd)
     rv = running_var if running_var.dtype == sd else running_var.to(sd)
@@ -583,7 +589,7 @@ def _batch_renorm_composite(
         and running_mean is not None
         and running_var is not None
         and _ext.compiled_op_ready()
-        and _cpp_eligible(x.dtype, weight, bias, running_mean, running_var)
+        and _cpp_eligible(x.dtype, (weight, bias, running_mean, running_var))
     ):
         if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
             x = x.contiguous()

@@ -253,6 +253,13 @@ class _BatchRenorm(nn.Module):
             want = want_dtype(converted.device)
             if converted.dtype != want:
                 self._buffers[name] = original.to(device=converted.device, dtype=want)
+        # The Python mirrors are the schedule's values: ``to_empty`` (e.g. after building on the meta device)
+        # leaves the buffers uninitialized, and compiled graphs read the buffers.
+        with torch.no_grad():
+            for name, value in zip(_SCHEDULE_BUFFERS, (self._rmax_value, self._dmax_value, self._momentum_value)):
+                buf = self._buffers[name]
+                if buf is not None and buf.device.type != "meta":
+                    buf.fill_(value)
         return self
 
     def _load_from_state_dict(

@@ -476,3 +476,60 @@ def test_backward_operator_rejects_saved_of_the_wrong_shape(cpp):
     with pytest.raises(RuntimeError, match=r"expected saved of shape \(4, 2, 3\)"):
         torch.ops.lightning_brn_cpu.renorm_bwd(torch.ones_like(x), x.detach(), w.detach(), torch.zeros(4, 1, 3,
                                                 dtype=torch.float64), 2)
+
+
+@pytest.mark.parametrize("path", ["layer", "functional"])
+def test_second_derivative_through_the_input_is_refused_even_with_a_constant_grad_out(cpp, path):
+    """create_graph=True with a grad_out that does not require grad: the input gradient still depends on x and
+    the weight, so a second derivative must fail loudly, not silently be zero."""
+    x, w, b, rm, rv, hp, groups = _functional_args()
+    c = torch.randn(x.shape, dtype=torch.float64)
+    if path == "layer":
+        layer = BatchRenorm2d(3, rmax=1.4, dmax=0.3, microbatch_size=3).double()
+        with _ext.use_cpp(True):
+            y = layer(x)
+    else:
+        y = torch.ops.lightning_brn_cpu.renorm_fwd(x, w, b, rm, rv, *hp, 1e-5, groups, False)[0]
+    (gx,) = torch.autograd.grad((y * c).sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.square().sum().backward()
+
+
+def test_backward_operator_outputs_refuse_differentiation(cpp):
+    x, w, b, rm, rv, hp, groups = _functional_args()
+    saved = torch.ops.lightning_brn_cpu.renorm_fwd(x.detach(), w.detach(), b.detach(), rm, rv, *hp, 1e-5, groups,
+                                                   False)[1]
+    gy = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    gx, gw, gb = torch.ops.lightning_brn_cpu.renorm_bwd(gy, x.detach(), w.detach(), saved, groups)
+    assert gx.requires_grad and gw.requires_grad and gb.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    with torch.no_grad():  # and no error node where nothing is differentiated
+        assert torch.ops.lightning_brn_cpu.renorm_bwd(gy, x, w, saved, groups)[0].grad_fn is None
+
+
+def test_grad_enabled_but_nothing_requires_grad_builds_no_graph(cpp):
+    x, w, b, rm, rv, hp, groups = _functional_args()
+    out = torch.ops.lightning_brn_cpu.renorm_fwd(x.detach(), w.detach(), b.detach(), rm, rv, *hp, 1e-5, groups,
+                                                  False)
+    assert torch.is_grad_enabled() and all(t.grad_fn is None and not t.requires_grad for t in out)
+
+
+def test_tensor_hyperparameters_take_the_python_path_and_per_channel_bounds_still_broadcast():
+    """The eager C++ operator takes Python floats: one-element tensors (fx-traced layers pass the schedule
+    buffers) go to the Python path, with the same results; a per-channel bound tensor still broadcasts."""
+    from lightning_brn import functional as F
+
+    w = torch.ones(3, dtype=torch.float64)
+    hp = torch.tensor([1.5], dtype=torch.float64)
+    assert not F._cpp_eligible(torch.float64, (w, None, w, w), (hp, 0.5, 0.1))
+    assert F._cpp_eligible(torch.float64, (w, None, w, w), (1.5, 0.5, 0.1))
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    a = F.batch_renorm(x, rm.clone(), rv.clone(), training=True, rmax=hp, dmax=torch.tensor([0.5]))
+    b = F.batch_renorm(x, rm.clone(), rv.clone(), training=True, rmax=1.5, dmax=0.5)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    r, d = F.renorm_correction(torch.zeros(3), torch.full((3,), 2.0), torch.zeros(3), torch.ones(3),
+                               rmax=torch.tensor([1.5, 3.0, 1.0]), dmax=0.1)
+    torch.testing.assert_close(r, torch.tensor([1.5, 2.0, 1.0]))

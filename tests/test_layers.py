@@ -129,6 +129,15 @@ def test_dtype_conversion_keeps_schedule_values_exact():
     assert layer.running_mean.dtype == torch.float64 and layer.rmax == 1.0001
 
 
+def test_meta_device_then_to_empty_restores_the_schedule_buffers():
+    """Built on the meta device and materialized with to_empty (as large-model loaders do): the buffers that
+    compiled graphs read hold the schedule's values again, not uninitialized memory."""
+    layer = BatchRenorm2d(4, rmax=2.0, dmax=0.5, momentum=0.05, device="meta").to_empty(device="cpu")
+    values = {name: layer._buffers[name].tolist() for name in ("_rmax", "_dmax", "_momentum")}
+    assert values == {"_rmax": [2.0], "_dmax": [0.5], "_momentum": [0.05]}
+    assert layer._rmax.shape == (1,) and layer._rmax.dtype == torch.float64
+
+
 def test_deepcopy_and_pickle():
     layer = _randomize(BatchRenorm2d(4, rmax=2.5, dmax=0.5, microbatch_size=2))
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):

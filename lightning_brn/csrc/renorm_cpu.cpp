@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -809,10 +810,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
   return {grad_x, grad_weight, grad_bias};
 }
 
-// create_graph=True: these kernels have no derivative. As Python's once_differentiable does, the gradients get
-// an error node, so asking for a second derivative fails loudly instead of being silently wrong.
-variable_list once_differentiable(variable_list grads, const at::Tensor& grad_out) {
-  if (!(at::GradMode::is_enabled() && grad_out.defined() && grad_out.requires_grad())) return grads;
+// create_graph=True: these kernels have no derivative. The gradients get an error node whenever grad mode is on
+// and anything they depend on (grad_out, x, the weight) requires grad, so asking for a second derivative fails
+// loudly instead of silently being zero (Python's once_differentiable only looks at grad_out).
+variable_list once_differentiable(variable_list grads, std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return grads;
+  bool any = false;
+  for (const at::Tensor* t : inputs) any = any || (t->defined() && t->requires_grad());
+  if (!any) return grads;
   for (auto& g : grads) {
     if (g.defined()) {
       g = g.detach();
@@ -868,7 +873,9 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
         backward_core(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt(),
                       ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
                       has_bias && ctx->needs_input_grad(has_weight ? 2 : 1));
-    variable_list grads = once_differentiable({grad_x, grad_weight, grad_bias}, grad_outputs[0]);
+    const at::Tensor no_weight;
+    variable_list grads = once_differentiable({grad_x, grad_weight, grad_bias},
+                                              {&grad_outputs[0], &saved[0], has_weight ? &saved[2] : &no_weight});
     return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -906,7 +913,7 @@ at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& we
 // besides the graph's own wrappers; lightning_brn/_ext.py registers their shapes for tracing.
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// a 0-d hyper-parameter tensor as a double (float64 CPU scalars, what the layers pass, are read directly)
+// a one-element hyper-parameter tensor as a double (float64 CPU tensors, what the layers pass, are read directly)
 double scalar_value(const at::Tensor& t) {
   if (t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1) return *t.const_data_ptr<double>();
   return t.item<double>();
@@ -978,14 +985,34 @@ struct RenormFwdFunction : public torch::autograd::Function<RenormFwdFunction> {
     if (has_weight) weight = saved[2];
     auto [grad_x, grad_weight, grad_bias] =
         op.call(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt());
+    const at::Tensor no_weight;
     variable_list grads = once_differentiable(
-        {grad_x, has_weight ? grad_weight : at::Tensor(), has_bias ? grad_bias : at::Tensor()}, grad_outputs[0]);
+        {grad_x, has_weight ? grad_weight : at::Tensor(), has_bias ? grad_bias : at::Tensor()},
+        {&grad_outputs[0], &saved[0], has_weight ? &saved[2] : &no_weight});
     none[0] = grads[0];
     none[1] = grads[1];
     none[2] = grads[2];
     return none;
   }
 };
+
+// renorm_bwd's Autograd kernel: the gradients have no derivative (an error node if one is asked for).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const at::Tensor& saved, int64_t groups) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lightning_brn_cpu::renorm_bwd", "")
+                         .typed<decltype(renorm_bwd)>();
+    out = op.call(grad_out, x, weight, saved, groups);
+  }
+  const at::Tensor no_weight;
+  variable_list grads = once_differentiable({std::get<0>(out), std::get<1>(out), std::get<2>(out)},
+                                            {&grad_out, &x, &saved, weight.has_value() ? &*weight : &no_weight});
+  return {grads[0], grads[1], grads[2]};
+}
 
 Tensors4 renorm_fwd_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
@@ -1026,8 +1053,7 @@ TORCH_LIBRARY_IMPL(lightning_brn_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, Autograd, m) {
   m.impl("renorm_fwd", &renorm_fwd_autograd);
-  // renorm_bwd is only ever differentiated through once_differentiable's error node (RenormFwdFunction::backward)
-  m.impl("renorm_bwd", torch::CppFunction::makeFallthrough());
+  m.impl("renorm_bwd", &renorm_bwd_autograd);
 }
 
 TORCH_LIBRARY_IMPL(lightning_brn_cpu, CompositeImplicitAutograd, m) { m.impl("renorm_train", &renorm_train); }
