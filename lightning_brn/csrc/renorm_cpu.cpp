@@ -31,11 +31,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -337,40 +343,138 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
 
 // ---- elementwise passes ---------------------------------------------------------------------------------
 
+// Outputs larger than the caches are written with non-temporal stores (x86 with AVX-512, float32, rows of a
+// multiple of 16 values on 64-byte boundaries): the stores bypass the caches, so the output's cache lines are
+// not read from memory before being overwritten, a third less memory traffic for these passes. The arithmetic
+// is the same (separate multiply and add, in the same order).
+#if defined(__AVX512F__)
+constexpr bool kHasStream = true;
+#else
+constexpr bool kHasStream = false;
+#endif
+
+// Outputs of at least half the L3 cache (Linux sysfs; 16 MiB where its size is unknown) are streamed: most of such
+// an output would be evicted before the next layer reads it anyway (glibc's memcpy uses a similar threshold).
+int64_t stream_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l3 = 0;
+    if (std::FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long value = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%ld%c", &value, &unit) >= 1 && value > 0)
+        l3 = static_cast<int64_t>(value) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1);
+      std::fclose(f);
+    }
+    return l3 > 0 ? l3 / 2 : (int64_t(16) << 20);
+  }();
+  return bytes;
+}
+
+template <typename T>
+bool use_stream(const T* out, int64_t row, int64_t numel) {
+  return kHasStream && std::is_same_v<T, float> && row % 16 == 0 &&
+         reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && numel * static_cast<int64_t>(sizeof(T)) >= stream_bytes();
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// o = x * a + b over n values; a, b per value (kScalar: a[0], b[0] for all)
+template <bool kStream, bool kScalar, typename T>
+LBRN_INLINE void affine_row(const T* __restrict__ x, T* __restrict__ o, const T* __restrict__ a,
+                            const T* __restrict__ b, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    const __m512 av = _mm512_set1_ps(a[0]), bv = _mm512_set1_ps(b[0]);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 ai = kScalar ? av : _mm512_loadu_ps(a + i);
+      const __m512 bi = kScalar ? bv : _mm512_loadu_ps(b + i);
+      _mm512_stream_ps(o + i, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), ai), bi));
+    }
+    return;
+  }
+#endif
+  if constexpr (kScalar) {
+    const T av = a[0], bv = b[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = x[i] * av + bv;
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = x[i] * a[i] + b[i];
+  }
+}
+
+// o = ((dy - md) - (x - m) * p) * sc over n values (batchnorm's input gradient); kScalar as above
+template <bool kStream, bool kScalar, typename T>
+LBRN_INLINE void grad_row(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ o,
+                          const T* __restrict__ m, const T* __restrict__ md, const T* __restrict__ p,
+                          const T* __restrict__ sc, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    const __m512 mv = _mm512_set1_ps(m[0]), mdv = _mm512_set1_ps(md[0]), pv = _mm512_set1_ps(p[0]),
+                 sv = _mm512_set1_ps(sc[0]);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 mi = kScalar ? mv : _mm512_loadu_ps(m + i), mdi = kScalar ? mdv : _mm512_loadu_ps(md + i);
+      const __m512 pi = kScalar ? pv : _mm512_loadu_ps(p + i), si = kScalar ? sv : _mm512_loadu_ps(sc + i);
+      const __m512 centred = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mi), pi);
+      _mm512_stream_ps(o + i, _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(dy + i), mdi), centred), si));
+    }
+    return;
+  }
+#endif
+  if constexpr (kScalar) {
+    const T mv = m[0], mdv = md[0], pv = p[0], sv = sc[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = ((dy[i] - mdv) - (x[i] - mv) * pv) * sv;
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = ((dy[i] - md[i]) - (x[i] - m[i]) * p[i]) * sc[i];
+  }
+}
+
+// calls f(std::integral_constant<bool, stream>) with stream = use_stream(...)
+template <typename T, typename F>
+void with_stream(const T* out, int64_t row, int64_t numel, const F& f) {
+  if (use_stream(out, row, numel)) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // out = x * a[g, c] + b[g, c]
 template <typename T>
 void affine_pass(const T* x, T* out, const Layout& lay, const T* a, const T* b) {
   const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  const int64_t numel = lay.N * C * L;
   if (!lay.rows) {
-    at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
-      int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
-      const T* ag = a + (n / k) * C;
-      const T* bg = b + (n / k) * C;
-      for (int64_t nc = s; nc < e; ++nc) {
-        const T av = ag[c], bv = bg[c];
-        const T* __restrict__ xp = x + nc * L;
-        T* __restrict__ op = out + nc * L;
-        for (int64_t i = 0; i < L; ++i) op[i] = xp[i] * av + bv;
-        if (++c == C) {
-          c = 0;
-          ++n;
-          ag = a + (n / k) * C;
-          bg = b + (n / k) * C;
+    with_stream(out, L, numel, [&](auto stream) {
+      at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+        int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
+        const T* ag = a + (n / k) * C;
+        const T* bg = b + (n / k) * C;
+        for (int64_t nc = s; nc < e; ++nc) {
+          affine_row<decltype(stream)::value, true>(x + nc * L, out + nc * L, ag + c, bg + c, L);
+          if (++c == C) {
+            c = 0;
+            ++n;
+            ag = a + (n / k) * C;
+            bg = b + (n / k) * C;
+          }
         }
-      }
+        if (decltype(stream)::value) stream_fence();
+      });
     });
     return;
   }
   const int64_t rows_per_group = k * L;
-  at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
-    for (int64_t m = s; m < e; ++m) {
-      const int64_t g = m / rows_per_group;
-      const T* ap = a + g * C;
-      const T* bp = b + g * C;
-      const T* xp = x + m * C;
-      T* op = out + m * C;
-      for (int64_t c = 0; c < C; ++c) op[c] = xp[c] * ap[c] + bp[c];
-    }
+  with_stream(out, C, numel, [&](auto stream) {
+    at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
+      for (int64_t m = s; m < e; ++m) {
+        const int64_t g = m / rows_per_group;
+        affine_row<decltype(stream)::value, false>(x + m * C, out + m * C, a + g * C, b + g * C, C);
+      }
+      if (decltype(stream)::value) stream_fence();
+    });
   });
 }
 
@@ -379,36 +483,37 @@ template <typename T>
 void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T* mean, const T* mdy, const T* proj,
                      const T* scale) {
   const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  const int64_t numel = lay.N * C * L;
   if (!lay.rows) {
-    at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
-      int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
-      int64_t off = (n / k) * C;
-      for (int64_t nc = s; nc < e; ++nc) {
-        const int64_t gc = off + c;
-        const T m = mean[gc], md = mdy[gc], p = proj[gc], sc = scale[gc];
-        const T* __restrict__ xp = x + nc * L;
-        const T* __restrict__ dp = dy + nc * L;
-        T* __restrict__ op = gx + nc * L;
-        for (int64_t i = 0; i < L; ++i) op[i] = ((dp[i] - md) - (xp[i] - m) * p) * sc;
-        if (++c == C) {
-          c = 0;
-          ++n;
-          off = (n / k) * C;
+    with_stream(gx, L, numel, [&](auto stream) {
+      at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
+        int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
+        int64_t off = (n / k) * C;
+        for (int64_t nc = s; nc < e; ++nc) {
+          const int64_t gc = off + c;
+          grad_row<decltype(stream)::value, true>(x + nc * L, dy + nc * L, gx + nc * L, mean + gc, mdy + gc,
+                                                  proj + gc, scale + gc, L);
+          if (++c == C) {
+            c = 0;
+            ++n;
+            off = (n / k) * C;
+          }
         }
-      }
+        if (decltype(stream)::value) stream_fence();
+      });
     });
     return;
   }
   const int64_t rows_per_group = k * L;
-  at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
-    for (int64_t m = s; m < e; ++m) {
-      const int64_t off = (m / rows_per_group) * C;
-      const T *mp = mean + off, *mdp = mdy + off, *pp = proj + off, *sp = scale + off;
-      const T* xp = x + m * C;
-      const T* dp = dy + m * C;
-      T* op = gx + m * C;
-      for (int64_t c = 0; c < C; ++c) op[c] = ((dp[c] - mdp[c]) - (xp[c] - mp[c]) * pp[c]) * sp[c];
-    }
+  with_stream(gx, C, numel, [&](auto stream) {
+    at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
+      for (int64_t m = s; m < e; ++m) {
+        const int64_t off = (m / rows_per_group) * C;
+        grad_row<decltype(stream)::value, false>(x + m * C, dy + m * C, gx + m * C, mean + off, mdy + off,
+                                                 proj + off, scale + off, C);
+      }
+      if (decltype(stream)::value) stream_fence();
+    });
   });
 }
 
