@@ -441,58 +441,21 @@ void with_stream(const T* out, int64_t row, int64_t numel, const F& f) {
   }
 }
 
-// out = x * a[g, c] + b[g, c]
-template <typename T>
-void affine_pass(const T* x, T* out, const Layout& lay, const T* a, const T* b) {
+// Walks the rows of an elementwise pass in memory order, in parallel: f(stream, scalar, i, p, n) for each row, with
+// i its first element, p the offset of its (group, channel) constants and n its length. Planar rows are one
+// (example, channel): L values sharing one constant (scalar: std::true_type). Channels-last rows are one position:
+// C values, one constant per channel (scalar: std::false_type). stream: whether out is written with
+// non-temporal stores (use_stream), fenced by each thread after its rows.
+template <typename T, typename F>
+void for_each_row(const T* out, const Layout& lay, const F& f) {
   const int64_t C = lay.C, L = lay.L, k = lay.per_group();
-  const int64_t numel = lay.N * C * L;
-  if (!lay.rows) {
-    with_stream(out, L, numel, [&](auto stream) {
-      at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
-        int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
-        const T* ag = a + (n / k) * C;
-        const T* bg = b + (n / k) * C;
-        for (int64_t nc = s; nc < e; ++nc) {
-          affine_row<decltype(stream)::value, true>(x + nc * L, out + nc * L, ag + c, bg + c, L);
-          if (++c == C) {
-            c = 0;
-            ++n;
-            ag = a + (n / k) * C;
-            bg = b + (n / k) * C;
-          }
-        }
-        if (decltype(stream)::value) stream_fence();
-      });
-    });
-    return;
-  }
-  const int64_t rows_per_group = k * L;
-  with_stream(out, C, numel, [&](auto stream) {
-    at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
-      for (int64_t m = s; m < e; ++m) {
-        const int64_t g = m / rows_per_group;
-        affine_row<decltype(stream)::value, false>(x + m * C, out + m * C, a + g * C, b + g * C, C);
-      }
-      if (decltype(stream)::value) stream_fence();
-    });
-  });
-}
-
-// grad_x = ((dy - mdy[g, c]) - (x - mean[g, c]) * proj[g, c]) * scale[g, c]   (batchnorm's backward)
-template <typename T>
-void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T* mean, const T* mdy, const T* proj,
-                     const T* scale) {
-  const int64_t C = lay.C, L = lay.L, k = lay.per_group();
-  const int64_t numel = lay.N * C * L;
-  if (!lay.rows) {
-    with_stream(gx, L, numel, [&](auto stream) {
+  with_stream(out, lay.rows ? C : L, lay.N * C * L, [&](auto stream) {
+    if (!lay.rows) {
       at::parallel_for(0, lay.N * C, std::max<int64_t>(1, 32768 / L), [&](int64_t s, int64_t e) {
         int64_t n = s / C, c = s % C;  // (example, channel) of row nc, advanced without divisions
         int64_t off = (n / k) * C;
         for (int64_t nc = s; nc < e; ++nc) {
-          const int64_t gc = off + c;
-          grad_row<decltype(stream)::value, true>(x + nc * L, dy + nc * L, gx + nc * L, mean + gc, mdy + gc,
-                                                  proj + gc, scale + gc, L);
+          f(stream, std::true_type{}, nc * L, off + c, L);
           if (++c == C) {
             c = 0;
             ++n;
@@ -501,19 +464,31 @@ void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T*
         }
         if (decltype(stream)::value) stream_fence();
       });
-    });
-    return;
-  }
-  const int64_t rows_per_group = k * L;
-  with_stream(gx, C, numel, [&](auto stream) {
+      return;
+    }
+    const int64_t rows_per_group = k * L;
     at::parallel_for(0, lay.N * L, std::max<int64_t>(1, 32768 / C), [&](int64_t s, int64_t e) {
-      for (int64_t m = s; m < e; ++m) {
-        const int64_t off = (m / rows_per_group) * C;
-        grad_row<decltype(stream)::value, false>(x + m * C, dy + m * C, gx + m * C, mean + off, mdy + off,
-                                                 proj + off, scale + off, C);
-      }
+      for (int64_t m = s; m < e; ++m) f(stream, std::false_type{}, m * C, (m / rows_per_group) * C, C);
       if (decltype(stream)::value) stream_fence();
     });
+  });
+}
+
+// out = x * a[g, c] + b[g, c]
+template <typename T>
+void affine_pass(const T* x, T* out, const Layout& lay, const T* a, const T* b) {
+  for_each_row(out, lay, [&](auto stream, auto scalar, int64_t i, int64_t p, int64_t n) {
+    affine_row<decltype(stream)::value, decltype(scalar)::value>(x + i, out + i, a + p, b + p, n);
+  });
+}
+
+// grad_x = ((dy - mdy[g, c]) - (x - mean[g, c]) * proj[g, c]) * scale[g, c]   (batchnorm's backward)
+template <typename T>
+void grad_input_pass(const T* x, const T* dy, T* gx, const Layout& lay, const T* mean, const T* mdy, const T* proj,
+                     const T* scale) {
+  for_each_row(gx, lay, [&](auto stream, auto scalar, int64_t i, int64_t p, int64_t n) {
+    grad_row<decltype(stream)::value, decltype(scalar)::value>(x + i, dy + i, gx + i, mean + p, mdy + p, proj + p,
+                                                               scale + p, n);
   });
 }
 
@@ -1055,6 +1030,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd(const at::Tensor& grad
   return backward_core(grad_out, x, weight, saved, groups, true, true, true);
 }
 
+// The functional operators through the dispatcher, so that compilers trace the calls (handles looked up once).
+const c10::TypedOperatorHandle<decltype(renorm_fwd)>& fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lightning_brn_cpu::renorm_fwd", "").typed<decltype(renorm_fwd)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<decltype(renorm_bwd)>& bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lightning_brn_cpu::renorm_bwd", "").typed<decltype(renorm_bwd)>();
+  return op;
+}
+
 // The autograd formula of renorm_fwd: the output's gradient through renorm_bwd (called through the dispatcher,
 // so compilers trace it into the backward graph); saved, running and record are not differentiable.
 struct RenormFwdFunction : public torch::autograd::Function<RenormFwdFunction> {
@@ -1063,11 +1051,8 @@ struct RenormFwdFunction : public torch::autograd::Function<RenormFwdFunction> {
                                const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
                                const at::Tensor& momentum, double eps, int64_t groups, bool record) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lightning_brn_cpu::renorm_fwd", "")
-                         .typed<decltype(renorm_fwd)>();
     auto [out, saved, running, rec] =
-        op.call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+        fwd_op().call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
     const bool has_weight = weight.has_value() && weight->defined();
     ctx->save_for_backward({x, saved, has_weight ? *weight : at::Tensor()});
     ctx->saved_data["groups"] = groups;
@@ -1080,23 +1065,17 @@ struct RenormFwdFunction : public torch::autograd::Function<RenormFwdFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list none(11);
     if (!grad_outputs[0].defined()) return none;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lightning_brn_cpu::renorm_bwd", "")
-                         .typed<decltype(renorm_bwd)>();
     auto saved = ctx->get_saved_variables();
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     std::optional<at::Tensor> weight;
     if (has_weight) weight = saved[2];
+    // through renorm_bwd's Autograd kernel, which gives the gradients an error node if a second derivative is asked for
     auto [grad_x, grad_weight, grad_bias] =
-        op.call(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt());
-    const at::Tensor no_weight;
-    variable_list grads = once_differentiable(
-        {grad_x, has_weight ? grad_weight : at::Tensor(), has_bias ? grad_bias : at::Tensor()},
-        {&grad_outputs[0], &saved[0], has_weight ? &saved[2] : &no_weight});
-    none[0] = grads[0];
-    none[1] = grads[1];
-    none[2] = grads[2];
+        bwd_op().call(grad_outputs[0], saved[0], weight, saved[1], ctx->saved_data["groups"].toInt());
+    none[0] = grad_x;
+    if (has_weight) none[1] = grad_weight;
+    if (has_bias) none[2] = grad_bias;
     return none;
   }
 };
@@ -1108,10 +1087,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_bwd_autograd(const at::Ten
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lightning_brn_cpu::renorm_bwd", "")
-                         .typed<decltype(renorm_bwd)>();
-    out = op.call(grad_out, x, weight, saved, groups);
+    out = bwd_op().call(grad_out, x, weight, saved, groups);
   }
   const at::Tensor no_weight;
   variable_list grads = once_differentiable({std::get<0>(out), std::get<1>(out), std::get<2>(out)},
@@ -1128,10 +1104,7 @@ Tensors4 renorm_fwd_autograd(const at::Tensor& x, const std::optional<at::Tensor
   if (!at::GradMode::is_enabled() || !any_grad) {
     // nothing to differentiate (a compiled graph's forward runs here, under no_grad): no autograd node
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lightning_brn_cpu::renorm_fwd", "")
-                         .typed<decltype(renorm_fwd)>();
-    return op.call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+    return fwd_op().call(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
   }
   auto outs = RenormFwdFunction::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups,
                                        record);
