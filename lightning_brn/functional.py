@@ -26,7 +26,9 @@ Python path below; both paths are tested against each other and against a litera
 Under ``torch.compile`` the same maths is written from primitives for inductor to fuse
 (:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
 ``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
-forward already updated.
+forward already updated. On CPU (float32/float64, with running statistics, kernels available) compiled graphs
+instead call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler for
+the same reason.
 """
 
 from __future__ import annotations
