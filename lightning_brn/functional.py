@@ -26,9 +26,14 @@ Python path below; both paths are tested against each other and against a litera
 Under ``torch.compile`` the same maths is written from primitives for inductor to fuse
 (:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
 ``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
-forward already updated. On CPU (float32/float64, with running statistics, kernels available) compiled graphs
-instead call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler for
-the same reason.
+forward already updated. On CPU (float32/float64, with running statistics) compiled graphs instead take one of
+two routes: small inputs are written as batchnorm with weight ``gamma * r`` and bias ``beta + gamma * d``
+(:func:`_batch_renorm_inline`), which inductor fuses into the kernels it generates for batchnorm itself, with r
+and d passed through a ``torch.stack`` the partitioner saves rather than recomputes; larger inputs call the C++
+operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
+``torch._functorch.config.activation_memory_budget`` < 1, where the partitioner may recompute what it would
+otherwise save, every compiled graph takes the inline route with r and d saved by a ``MUST_SAVE``
+selective-checkpoint policy.
 """
 
 from __future__ import annotations
@@ -582,17 +587,29 @@ def _batch_renorm_composite(
 ) -> Tensor:
     """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`.
 
-    On CPU (float32/float64, with running statistics) the graph instead calls the functional C++ operator
-    ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copies the running
+    On CPU (float32/float64, with running statistics) small inputs take :func:`_batch_renorm_inline`, which the
+    compiler fuses into the kernels it makes for batchnorm; larger ones call the functional C++ operator
+    ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copy the running
     statistics it returns into the buffers."""
-    if (
+    has_running = running_mean is not None and running_var is not None
+    budget = torch._functorch.config.activation_memory_budget
+    if has_running and budget < 1:
+        _check_memory_budget(budget, x)
+        return _batch_renorm_inline(
+            x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
+            must_save=True,
+        )
+    cpu_with_running = (
         x.device.type == "cpu"
         and x.dtype in _CPP_DTYPES
-        and running_mean is not None
-        and running_var is not None
-        and _ext.compiled_op_ready()
+        and has_running
         and _cpp_eligible(x.dtype, (weight, bias, running_mean, running_var))
-    ):
+    )
+    if cpu_with_running and _inline_eligible(x, groups):
+        return _batch_renorm_inline(
+            x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
+        )
+    if cpu_with_running and _ext.compiled_op_ready():
         if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
             x = x.contiguous()
         out, _, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
@@ -618,6 +635,117 @@ def _batch_renorm_composite(
             d = torch.zeros_like(mean_b)
     out = _RenormCompiled.apply(x, weight, bias, mean_b, std_b.reciprocal(), r, d)
     return out
+
+
+# Compiled CPU graphs: inputs up to this many values (contiguous / channels-last) take the inline step; larger
+# ones the C++ operators. Per layer and step, the two opaque operators cost about 40 us more than inductor's
+# generated kernels (bench/bench_overhead.py), whose kernels are in turn slower than the C++ ones on large
+# inputs (bench/bench_layers.py); channels-last rows favour the C++ kernels sooner.
+_INLINE_MAX_NUMEL = 1 << 17
+_INLINE_MAX_NUMEL_CHANNELS_LAST = 1 << 15
+
+
+def _check_memory_budget(budget: float, x: Tensor) -> None:
+    """Under ``torch._functorch.config.activation_memory_budget`` < 1 compiled graphs take the inline step with
+    r and d saved by a MUST_SAVE policy; budget 0 (recompute everything from the graph inputs) cannot be
+    honoured, nor reduced precision inputs (the inline step is float32/float64)."""
+    if budget <= 0:
+        raise RuntimeError(
+            f"batch renorm under torch.compile with torch._functorch.config.activation_memory_budget={budget}: "
+            "a budget of 0 recomputes every activation from the graph inputs, r and d included, from running "
+            "statistics this step has already updated, which would silently corrupt the gradients; "
+            "expected a budget in (0, 1]"
+        )
+    if x.dtype not in _CPP_DTYPES:
+        raise RuntimeError(
+            f"batch renorm under torch.compile with torch._functorch.config.activation_memory_budget={budget} "
+            f"supports float32/float64 inputs, got {x.dtype}: expected a budget of 1 (the default) for "
+            "reduced-precision inputs"
+        )
+
+
+def _inline_eligible(x: Tensor, groups: int) -> bool:
+    limit = _INLINE_MAX_NUMEL if _memory_format(x) == torch.contiguous_format else _INLINE_MAX_NUMEL_CHANNELS_LAST
+    return groups == 1 and x.numel() <= limit
+
+
+def _batch_renorm_inline(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Number,
+    eps: float,
+    rmax: Number,
+    dmax: Number,
+    groups: int,
+    correction_stats: Optional[Tensor],
+    must_save: bool = False,
+) -> Tensor:
+    """Algorithm 1 as batchnorm of the input with weight ``gamma * r`` and bias ``beta + gamma * d`` (r and d
+    constants), written for compilers (running statistics given; float32/float64).
+
+    The statistics are computed by the very call batchnorm's decomposition makes, so the compiler computes
+    them once and fuses the step into batchnorm's kernels; autograd through batchnorm and the two products
+    gives Algorithm 1's gradients. G microbatches are batchnorm over (k, G * C, *): each group of k examples
+    is a block of channels with its own statistics.
+
+    r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
+    partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
+    the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
+    By default they pass through one ``torch.stack``, which the partitioner does not recompute; with
+    ``must_save`` (an activation memory budget below 1, under which it may recompute a stack) they come out of a
+    selective-checkpoint region whose policy is ``MUST_SAVE``, which every partitioner honours.
+    """
+    n, c = x.shape[0], x.shape[1]
+    k = n // groups
+    # (N, C, *) as (k, G * C, *): example j of group g is row j, channels g * C .. g * C + C - 1
+    xs = x if groups == 1 else x.reshape(groups, k, *x.shape[1:]).transpose(0, 1).reshape(k, groups * c, *x.shape[2:])
+    stat_shape = (c,) if groups == 1 else (groups, c)
+    with torch.no_grad():
+        var_b, mean_b = torch.var_mean(xs, dim=[0] + list(range(2, xs.dim())), correction=0, keepdim=True)
+        mean_b = mean_b.view(stat_shape)
+        std_b = (var_b.view(stat_shape) + eps).sqrt()
+    if must_save:
+        from torch.utils.checkpoint import checkpoint
+
+        rd = checkpoint(
+            _correction_stack, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
+            use_reentrant=False, context_fn=_must_save_context,
+        )
+    with torch.no_grad():
+        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        if not must_save:
+            rd = torch.stack([r, d])
+    r, d = rd[0].reshape(groups * c), rd[1].reshape(groups * c)
+    if weight is not None and groups > 1:
+        weight = weight.repeat(groups)
+    if bias is not None and groups > 1:
+        bias = bias.repeat(groups)
+    w_eff = r if weight is None else weight * r
+    b_eff = d if weight is None else weight * d
+    if bias is not None:
+        b_eff = b_eff + bias
+    y = torch.nn.functional.batch_norm(xs, None, None, w_eff.to(x.dtype), b_eff.to(x.dtype), True, 0.0, eps)
+    if groups == 1:
+        return y
+    y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+def _correction_stack(
+    mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_var: Tensor, rmax: Number, dmax: Number, eps: float
+) -> Tensor:
+    sd = mean_b.dtype
+    running_std = (running_var.to(sd) + eps).sqrt()
+    return torch.stack(renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax))
+
+
+def _must_save_context():  # type: ignore[no-untyped-def]
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE)
 
 
 def _composite_stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:

@@ -253,11 +253,22 @@ def test_environment_variable_turns_the_kernels_off():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+@pytest.fixture
+def no_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled CPU graphs call the C++ operators whatever the input's size (small inputs otherwise take the
+    inline step, tested in tests/test_functional.py)."""
+    from lightning_brn import functional
+
+    monkeypatch.setattr(functional, "_INLINE_MAX_NUMEL", -1)
+    monkeypatch.setattr(functional, "_INLINE_MAX_NUMEL_CHANNELS_LAST", -1)
+
+
 @pytest.mark.parametrize("microbatch_size", [None, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_graphs_call_the_functional_cpp_operator(cpp, microbatch_size, channels_last):
-    """Under torch.compile on CPU the layer is one opaque C++ operator (forward and backward) plus the copy of
-    the running statistics it returns; the result equals eager, the moving averages and the record included."""
+def test_compiled_graphs_call_the_functional_cpp_operator(cpp, no_inline, microbatch_size, channels_last):
+    """Under torch.compile on CPU a layer too large for the inline step is one opaque C++ operator (forward and
+    backward) plus the copy of the running statistics it returns; the result equals eager, the moving averages
+    and the record included."""
     x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -288,7 +299,7 @@ def test_compiled_graphs_call_the_functional_cpp_operator(cpp, microbatch_size, 
     assert layer.correction_stats() == ref.correction_stats()
 
 
-def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp):
+def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, no_inline):
     """Inductor around the operator, rmax/dmax/momentum changing every step: same as eager, no recompilation."""
     torch._dynamo.reset()
     layer = _layer(BatchRenorm2d, 4)

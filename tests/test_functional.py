@@ -218,3 +218,153 @@ def test_correction_stats_are_recorded():
     assert d_clipped == 1  # channel 3 (shifted)
     assert abs_d == pytest.approx(3.0, rel=1e-5)
     assert abs_r >= 1.5  # |2-1| + |0.5-1| + two small terms
+
+
+# ------------------------------------------------------------------ compiled CPU graphs: the inline step
+def _dynamo_code(model, x):
+    """Output of ``torch.compile(model, fullgraph=True)`` (inductor) on ``x``, and the code of the graph dynamo
+    captured (before AOTAutograd)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    codes: list[str] = []
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True)(x), "\n".join(codes)
+
+
+def _clipping_layer(cls, c, **kw):
+    layer = cls(c, rmax=1.5, dmax=0.3, **kw).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 4 + 0.1)
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "case", ["nchw", "channels_last", "nc", "affine_false", "momentum_one", "record"]
+)
+def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case):
+    """On CPU, torch.compile turns a small layer's step into graph ops around batchnorm (no opaque operator):
+    outputs, gradients, moving averages and the clipping record equal eager's. With momentum = 1 the moving
+    averages become the batch statistics, so a backward that recomputed r and d from the updated buffers would
+    get r = 1, d = 0 and visibly wrong gradients; r and d are saved instead."""
+    import copy
+
+    from lightning_brn import BatchRenorm1d, BatchRenorm2d
+
+    g = torch.Generator().manual_seed(11)
+    shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
+    if case == "nc":
+        shape, cls = (16, 6), BatchRenorm1d
+    if case == "affine_false":
+        kw = {"affine": False}
+    layer = _clipping_layer(cls, 6, **kw)
+    if case == "momentum_one":
+        layer.momentum = 1.0
+    layer.track_correction = case == "record"
+    ref = copy.deepcopy(layer)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, code = _dynamo_code(layer, xa)
+    assert "batch_norm" in code and "lightning_brn_cpu" not in code, code
+    y_ref = ref(xb)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert y.stride() == y_ref.stride()
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    ref_params = [p for p in (ref.weight, ref.bias) if p is not None]
+    for p, q in zip(torch.autograd.grad(y, [xa, *params], dy), torch.autograd.grad(y_ref, [xb, *ref_params], dy)):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
+    if case == "record":
+        assert layer.correction_stats() == pytest.approx(ref.correction_stats(), rel=1e-9)
+        assert ref.correction_stats()["r_clipped"] > 0
+
+
+def test_compiled_inline_step_is_chosen_by_size():
+    """Small CPU inputs take the inline step, large ones (and microbatches) the C++ operators when built."""
+    from lightning_brn import _ext
+    from lightning_brn.functional import _INLINE_MAX_NUMEL, _INLINE_MAX_NUMEL_CHANNELS_LAST, _inline_eligible
+
+    small = torch.empty(4, 512, 7, 7)
+    assert _inline_eligible(small, 1) and not _inline_eligible(small, 2)
+    assert not _inline_eligible(small.contiguous(memory_format=torch.channels_last), 1)
+    assert _inline_eligible(torch.empty(2, 16, 32, 32).contiguous(memory_format=torch.channels_last), 1)
+    assert not _inline_eligible(torch.empty(_INLINE_MAX_NUMEL + 1, 1), 1)
+    assert _INLINE_MAX_NUMEL_CHANNELS_LAST <= _INLINE_MAX_NUMEL
+    if not _ext.available():
+        return
+    from lightning_brn import BatchRenorm1d
+
+    _, code = _dynamo_code(BatchRenorm1d(4, rmax=2.0), torch.randn(_INLINE_MAX_NUMEL // 4 + 1, 4))
+    assert "lightning_brn_cpu.renorm_fwd" in code
+
+
+@pytest.mark.parametrize(
+    "case, device",
+    [("nchw_mb", "cpu"), ("channels_last_mb", "cpu"), ("nc_mb", "cpu"), ("ncdhw", "cpu"), ("large", "cpu"),
+     ("nchw_mb", "cuda"), ("channels_last_mb", "cuda")],
+)
+def test_compiled_under_an_activation_memory_budget(case, device):
+    """``activation_memory_budget`` < 1 lets AOTAutograd's partitioner recompute what it would otherwise save;
+    r and d are then saved by a MUST_SAVE policy, so the gradients still equal eager's. momentum = 1 makes the
+    updated buffers hold the batch statistics: recomputing r and d from them would give r = 1, d = 0."""
+    import copy
+
+    from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator().manual_seed(13)
+    shape, cls, mb, fmt = {
+        "nchw_mb": ((8, 6, 5, 5), BatchRenorm2d, 2, None),
+        "channels_last_mb": ((8, 6, 5, 5), BatchRenorm2d, 4, torch.channels_last),
+        "nc_mb": ((16, 6), BatchRenorm1d, 4, None),
+        "ncdhw": ((4, 6, 3, 4, 5), BatchRenorm3d, None, None),
+        "large": ((8, 4, 64, 72), BatchRenorm2d, None, None),  # past the size of the default inline step
+    }[case]
+    layer = _clipping_layer(cls, shape[1], microbatch_size=mb).to(device)
+    layer.momentum = 1.0
+    layer.track_correction = True
+    ref = copy.deepcopy(layer)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(device)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        compiled = torch.compile(layer, fullgraph=True)
+        for _ in range(2):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y, y_ref = compiled(xa), ref(xb)
+            torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+            assert y.stride() == y_ref.stride()
+            got = torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy)
+            want = torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)
+            for p, q in zip(got, want):
+                torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    assert layer.correction_stats() == pytest.approx(ref.correction_stats(), rel=1e-9)
+
+
+def test_compiled_with_a_zero_activation_memory_budget_is_refused():
+    from lightning_brn import BatchRenorm2d
+
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(activation_memory_budget=0.0):
+        compiled = torch.compile(BatchRenorm2d(3, rmax=2.0), fullgraph=True)
+        with pytest.raises(Exception, match=r"activation_memory_budget=0.0.*expected a budget in \(0, 1\]"):
+            compiled(torch.randn(4, 3, 2, 2))
+    torch._dynamo.reset()
