@@ -31,9 +31,9 @@ two routes: small inputs are written as batchnorm with weight ``gamma * r`` and 
 (:func:`_batch_renorm_inline`), which inductor fuses into the kernels it generates for batchnorm itself, with r
 and d passed through a ``torch.stack`` the partitioner saves rather than recomputes; larger inputs call the C++
 operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
-``torch._functorch.config.activation_memory_budget`` < 1, where the partitioner may recompute what it would
-otherwise save, every compiled graph takes the inline route with r and d saved by a ``MUST_SAVE``
-selective-checkpoint policy.
+``torch._functorch.config.activation_memory_budget`` < 1 (or ``aggressive_recomputation``), where the
+partitioner may recompute what it would otherwise save, every compiled graph with running statistics takes the
+inline route with r and d saved by a ``MUST_SAVE`` selective-checkpoint policy.
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ class _RenormBN(torch.autograd.Function):
             # channels-last data as a plain (G, M, C) view, so the broadcast runs along contiguous channels
             cl = _memory_format(x) != torch.contiguous_format
             bshape, _ = _group_layout(x, groups, cl)
-            # write into a tensor of the input's shape and memory format: the output must not be a view
-            out = torch.empty_like(x)
+            # write into a tensor of the input's shape and memory format (contiguous for any other strides, as
+            # batchnorm's output): the output must not be a view
+            out = torch.empty_like(x, memory_format=_memory_format(x))
             out_g = _grouped(out, groups, cl)  # a view of ``out`` (same memory format as x)
             if x.dtype == scale.dtype:
                 torch.addcmul(shift.view(bshape), _grouped(x, groups, cl), scale.view(bshape), out=out_g)
@@ -591,10 +592,10 @@ def _batch_renorm_composite(
     compiler fuses into the kernels it makes for batchnorm; larger ones call the functional C++ operator
     ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copy the running
     statistics it returns into the buffers."""
+    if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
+        x = x.contiguous()  # the output is laid out like a dense input, as in eager mode
     has_running = running_mean is not None and running_var is not None
-    budget = torch._functorch.config.activation_memory_budget
-    if has_running and budget < 1:
-        _check_memory_budget(budget, x)
+    if has_running and _partitioner_may_recompute_stacks():
         return _batch_renorm_inline(
             x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
             must_save=True,
@@ -610,8 +611,6 @@ def _batch_renorm_composite(
             x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
         )
     if cpu_with_running and _ext.compiled_op_ready():
-        if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
-            x = x.contiguous()
         out, _, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
             x, weight, bias, running_mean, running_var, _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum),
             eps, groups, correction_stats is not None,
@@ -645,10 +644,12 @@ _INLINE_MAX_NUMEL = 1 << 17
 _INLINE_MAX_NUMEL_CHANNELS_LAST = 1 << 15
 
 
-def _check_memory_budget(budget: float, x: Tensor) -> None:
-    """Under ``torch._functorch.config.activation_memory_budget`` < 1 compiled graphs take the inline step with
-    r and d saved by a MUST_SAVE policy; budget 0 (recompute everything from the graph inputs) cannot be
-    honoured, nor reduced precision inputs (the inline step is float32/float64)."""
+def _partitioner_may_recompute_stacks() -> bool:
+    """Whether AOTAutograd's partitioner is configured to recompute ops outside its allowlist (``torch.stack``
+    included): an activation memory budget below 1, ``aggressive_recomputation``, or the allowlist ban lifted.
+    A budget of 0 (recompute everything from the graph inputs) honours nothing and is refused."""
+    cfg = torch._functorch.config
+    budget = cfg.activation_memory_budget
     if budget <= 0:
         raise RuntimeError(
             f"batch renorm under torch.compile with torch._functorch.config.activation_memory_budget={budget}: "
@@ -656,12 +657,7 @@ def _check_memory_budget(budget: float, x: Tensor) -> None:
             "statistics this step has already updated, which would silently corrupt the gradients; "
             "expected a budget in (0, 1]"
         )
-    if x.dtype not in _CPP_DTYPES:
-        raise RuntimeError(
-            f"batch renorm under torch.compile with torch._functorch.config.activation_memory_budget={budget} "
-            f"supports float32/float64 inputs, got {x.dtype}: expected a budget of 1 (the default) for "
-            "reduced-precision inputs"
-        )
+    return budget < 1 or cfg.aggressive_recomputation or not cfg.ban_recompute_not_in_allowlist
 
 
 def _inline_eligible(x: Tensor, groups: int) -> bool:
@@ -684,7 +680,8 @@ def _batch_renorm_inline(
     must_save: bool = False,
 ) -> Tensor:
     """Algorithm 1 as batchnorm of the input with weight ``gamma * r`` and bias ``beta + gamma * d`` (r and d
-    constants), written for compilers (running statistics given; float32/float64).
+    constants), written for compilers (running statistics given, input contiguous or channels-last;
+    half-precision inputs computed in float32).
 
     The statistics are computed by the very call batchnorm's decomposition makes, so the compiler computes
     them once and fuses the step into batchnorm's kernels; autograd through batchnorm and the two products
@@ -694,10 +691,14 @@ def _batch_renorm_inline(
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
-    By default they pass through one ``torch.stack``, which the partitioner does not recompute; with
-    ``must_save`` (an activation memory budget below 1, under which it may recompute a stack) they come out of a
-    selective-checkpoint region whose policy is ``MUST_SAVE``, which every partitioner honours.
+    By default they pass through one ``torch.stack``, which the partitioner's default settings never recompute;
+    with ``must_save`` (set when its settings allow recomputing a stack, see
+    :func:`_partitioner_may_recompute_stacks`) they come out of a selective-checkpoint region whose policy is
+    ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
+    x_dtype = x.dtype
+    if x_dtype in _REDUCED_PRECISION:
+        x = x.float()  # statistics and normalization in float32, as in eager mode
     n, c = x.shape[0], x.shape[1]
     k = n // groups
     # (N, C, *) as (k, G * C, *): example j of group g is row j, channels g * C .. g * C + C - 1
@@ -728,10 +729,10 @@ def _batch_renorm_inline(
     if bias is not None:
         b_eff = b_eff + bias
     y = torch.nn.functional.batch_norm(xs, None, None, w_eff.to(x.dtype), b_eff.to(x.dtype), True, 0.0, eps)
-    if groups == 1:
-        return y
-    y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-    return y.contiguous(memory_format=_memory_format(x))
+    if groups > 1:
+        y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        y = y.contiguous(memory_format=_memory_format(x))
+    return y.to(x_dtype)
 
 
 def _correction_stack(

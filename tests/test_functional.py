@@ -249,7 +249,7 @@ def _clipping_layer(cls, c, **kw):
 
 
 @pytest.mark.parametrize(
-    "case", ["nchw", "channels_last", "nc", "affine_false", "momentum_one", "record"]
+    "case", ["nchw", "channels_last", "transposed", "nc", "affine_false", "momentum_one", "record"]
 )
 def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case):
     """On CPU, torch.compile turns a small layer's step into graph ops around batchnorm (no opaque operator):
@@ -274,6 +274,9 @@ def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case):
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
     if case == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    if case == "transposed":  # neither contiguous nor channels-last: the output is contiguous, as in eager mode
+        x = x.transpose(2, 3)
+        shape = x.shape
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, code = _dynamo_code(layer, xa)
     assert "batch_norm" in code and "lightning_brn_cpu" not in code, code
@@ -311,15 +314,25 @@ def test_compiled_inline_step_is_chosen_by_size():
     assert "lightning_brn_cpu.renorm_fwd" in code
 
 
+_RECOMPUTING_PARTITIONER = {
+    "budget": {"activation_memory_budget": 0.5},
+    "aggressive": {"aggressive_recomputation": True},
+    "no_allowlist": {"ban_recompute_not_in_allowlist": False},
+}
+
+
 @pytest.mark.parametrize(
-    "case, device",
-    [("nchw_mb", "cpu"), ("channels_last_mb", "cpu"), ("nc_mb", "cpu"), ("ncdhw", "cpu"), ("large", "cpu"),
-     ("nchw_mb", "cuda"), ("channels_last_mb", "cuda")],
+    "case, device, config",
+    [("nchw_mb", "cpu", "budget"), ("channels_last_mb", "cpu", "budget"), ("nc_mb", "cpu", "budget"),
+     ("ncdhw", "cpu", "budget"), ("large", "cpu", "budget"), ("nchw", "cpu", "aggressive"),
+     ("nchw_mb", "cpu", "no_allowlist"), ("transposed", "cpu", "budget"),
+     ("nchw_mb", "cuda", "budget"), ("channels_last_mb", "cuda", "aggressive")],
 )
-def test_compiled_under_an_activation_memory_budget(case, device):
-    """``activation_memory_budget`` < 1 lets AOTAutograd's partitioner recompute what it would otherwise save;
-    r and d are then saved by a MUST_SAVE policy, so the gradients still equal eager's. momentum = 1 makes the
-    updated buffers hold the batch statistics: recomputing r and d from them would give r = 1, d = 0."""
+def test_compiled_when_the_partitioner_may_recompute_anything(case, device, config):
+    """An activation memory budget below 1, ``aggressive_recomputation`` or a lifted allowlist ban let
+    AOTAutograd's partitioner recompute what it would otherwise save; r and d are then saved by a MUST_SAVE
+    policy, so the gradients still equal eager's. momentum = 1 makes the updated buffers hold the batch
+    statistics: recomputing r and d from them would give r = 1, d = 0."""
     import copy
 
     from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -333,17 +346,21 @@ def test_compiled_under_an_activation_memory_budget(case, device):
         "nc_mb": ((16, 6), BatchRenorm1d, 4, None),
         "ncdhw": ((4, 6, 3, 4, 5), BatchRenorm3d, None, None),
         "large": ((8, 4, 64, 72), BatchRenorm2d, None, None),  # past the size of the default inline step
+        "nchw": ((8, 6, 5, 5), BatchRenorm2d, None, None),
+        "transposed": ((8, 6, 5, 5), BatchRenorm2d, 2, "transposed"),
     }[case]
     layer = _clipping_layer(cls, shape[1], microbatch_size=mb).to(device)
     layer.momentum = 1.0
     layer.track_correction = True
     ref = copy.deepcopy(layer)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(device)
-    if fmt is not None:
+    if fmt == "transposed":
+        x = x.transpose(2, 3)
+    elif fmt is not None:
         x = x.contiguous(memory_format=fmt)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
     torch._dynamo.reset()
-    with torch._functorch.config.patch(activation_memory_budget=0.5):
+    with torch._functorch.config.patch(**_RECOMPUTING_PARTITIONER[config]):
         compiled = torch.compile(layer, fullgraph=True)
         for _ in range(2):
             xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -368,3 +385,38 @@ def test_compiled_with_a_zero_activation_memory_budget_is_refused():
         with pytest.raises(Exception, match=r"activation_memory_budget=0.0.*expected a budget in \(0, 1\]"):
             compiled(torch.randn(4, 3, 2, 2))
     torch._dynamo.reset()
+
+
+def test_compiled_half_precision_under_an_activation_memory_budget():
+    """Under a memory budget a bfloat16 input is normalized in float32 with r and d saved, as eager mode does."""
+    import copy
+
+    from lightning_brn import BatchRenorm2d
+
+    layer = _clipping_layer(BatchRenorm2d, 6).float()
+    layer.momentum = 1.0
+    ref = copy.deepcopy(layer)
+    x = (torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(2)) * 2 + 1).bfloat16()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        compiled = torch.compile(layer, fullgraph=True)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(xa), ref(xb)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+        for p, q in zip(torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy),
+                        torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)):
+            torch.testing.assert_close(p.float(), q.float(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_output_of_a_non_dense_layout_is_contiguous_like_batchnorm(microbatch_size):
+    x = torch.randn(8, 3, 4, 5, dtype=torch.float64).transpose(2, 3)  # neither contiguous nor channels-last
+    y = batch_renorm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), training=True,
+                     rmax=2.0, dmax=1.0, microbatch_size=microbatch_size)
+    assert y.is_contiguous() and torch.nn.functional.batch_norm(x, None, None, training=True).is_contiguous()
+    ref = batch_renorm(x.contiguous(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                       training=True, rmax=2.0, dmax=1.0, microbatch_size=microbatch_size)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
