@@ -12,6 +12,7 @@ Usage::
 
     python bench/bench_overhead.py                   # CPU, one thread, CPU time
     python bench/bench_overhead.py --shape 4,512,7,7 # another input
+    python bench/bench_overhead.py --cpp-route       # compiled renorm through the C++ operators
 """
 
 from __future__ import annotations
@@ -72,7 +73,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--inner", type=int, default=20, help="steps per timed block (default 20)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: time.process_time (default)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument(
+        "--cpp-route", action="store_true",
+        help="compiled renorm calls the C++ operators at every size (default: small layers take the inline step)",
+    )
     args = p.parse_args(argv)
+    if args.cpp_route:
+        from lightning_brn import functional
+
+        functional._INLINE_MAX_NUMEL = functional._INLINE_MAX_NUMEL_CHANNELS_LAST = -1
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     _ext.available()  # build or load the C++ kernels before timing
@@ -83,7 +92,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"--shape/--scale-shape expect N,C,H,W, got {text!r}")
         rows.append((shape, measure(shape, args.reps, args.inner, clock)))
     print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
-    print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}`")
+    flag = " --cpp-route" if args.cpp_route else ""
+    print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}{flag}`")
+    route = "the C++ operators" if args.cpp_route else "the inline step (batchnorm with weight gamma r, bias beta + gamma d)"
+    print(f"- compiled renorm on CPU: {route}")
     print(
         f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, clock {args.clock}, {args.reps} blocks of {args.inner} steps, "
