@@ -27,10 +27,10 @@ Under ``torch.compile`` the same maths is written from primitives for inductor t
 (:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
 ``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
 forward already updated. On CPU (float32/float64, with running statistics) compiled graphs instead take one of
-two routes: small inputs are written as batchnorm with weight ``gamma * r`` and bias ``beta + gamma * d``
-(:func:`_batch_renorm_inline`), which inductor fuses into the kernels it generates for batchnorm itself, with r
-and d passed through a ``torch.stack`` the partitioner saves rather than recomputes; larger inputs call the C++
-operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
+two routes: small inputs are written as ``x * scale + shift`` per channel with batchnorm's backward (weight
+``gamma * r``) (:func:`_batch_renorm_inline`), which inductor fuses into one forward and one backward kernel,
+with the statistics, r and d in one ``torch.stack`` the partitioner saves rather than recomputes; larger inputs
+call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
 ``torch._functorch.config.activation_memory_budget`` < 1 (or ``aggressive_recomputation``), where the
 partitioner may recompute what it would otherwise save, every compiled graph with running statistics takes the
 inline route with r and d saved by a ``MUST_SAVE`` selective-checkpoint policy.
@@ -683,17 +683,17 @@ def _batch_renorm_inline(
     constants), written for compilers (running statistics given, input contiguous or channels-last;
     half-precision inputs computed in float32).
 
-    The statistics are computed by the very call batchnorm's decomposition makes, so the compiler computes
-    them once and fuses the step into batchnorm's kernels; autograd through batchnorm and the two products
-    gives Algorithm 1's gradients. G microbatches are batchnorm over (k, G * C, *): each group of k examples
-    is a block of channels with its own statistics.
+    The compiler fuses the statistics, the step and the normalization into one forward kernel, and
+    batchnorm's backward (:class:`_InlineRenorm`) into one backward kernel. G microbatches are batchnorm over
+    (k, G * C, *): each group of k examples is a block of channels with its own statistics.
 
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
-    By default they pass through one ``torch.stack``, which the partitioner's default settings never recompute;
-    with ``must_save`` (set when its settings allow recomputing a stack, see
-    :func:`_partitioner_may_recompute_stacks`) they come out of a selective-checkpoint region whose policy is
+    By default they pass, with the batch statistics, through one ``torch.stack`` that the backward reads; with
+    its default settings the partitioner recomputes neither a stack nor the statistics' reduction, so it saves
+    that stack. With ``must_save`` (set when its settings allow recomputing either, see
+    :func:`_partitioner_may_recompute_stacks`) r and d come out of a selective-checkpoint region whose policy is
     ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
     x_dtype = x.dtype
@@ -705,7 +705,7 @@ def _batch_renorm_inline(
     xs = x if groups == 1 else x.reshape(groups, k, *x.shape[1:]).transpose(0, 1).reshape(k, groups * c, *x.shape[2:])
     stat_shape = (c,) if groups == 1 else (groups, c)
     with torch.no_grad():
-        var_b, mean_b = torch.var_mean(xs, dim=[0] + list(range(2, xs.dim())), correction=0, keepdim=True)
+        var_b, mean_b = torch.var_mean(xs, dim=[0] + list(range(2, xs.dim())), correction=0)
         mean_b = mean_b.view(stat_shape)
         std_b = (var_b.view(stat_shape) + eps).sqrt()
     if must_save:
@@ -717,22 +717,53 @@ def _batch_renorm_inline(
         )
     with torch.no_grad():
         r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
-        if not must_save:
-            rd = torch.stack([r, d])
-    r, d = rd[0].reshape(groups * c), rd[1].reshape(groups * c)
+        if must_save:
+            r, d = rd[0], rd[1]
+        # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
+        packed = torch.stack([mean_b, std_b.reciprocal(), r, d]).view(4, groups * c).to(xs.dtype)
     if weight is not None and groups > 1:
         weight = weight.repeat(groups)
     if bias is not None and groups > 1:
         bias = bias.repeat(groups)
-    w_eff = r if weight is None else weight * r
-    b_eff = d if weight is None else weight * d
-    if bias is not None:
-        b_eff = b_eff + bias
-    y = torch.nn.functional.batch_norm(xs, None, None, w_eff.to(x.dtype), b_eff.to(x.dtype), True, 0.0, eps)
+    y = _InlineRenorm.apply(xs, weight, bias, packed, eps)
     if groups > 1:
         y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         y = y.contiguous(memory_format=_memory_format(x))
     return y.to(x_dtype)
+
+
+class _InlineRenorm(torch.autograd.Function):
+    """y = x * scale + shift per channel, with ``packed`` = (mean, 1/sigma_B, r, d) constants; the backward is
+    batchnorm's (``aten.native_batch_norm_backward`` with weight gamma * r), so a compiler fuses each pass into
+    one kernel and saves only the input, the weight and ``packed``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Tensor, eps: float
+    ) -> Tensor:
+        mean, invstd, r, d = packed.unbind(0)
+        w_eff = r if weight is None else weight.to(r.dtype) * r
+        b_eff = d if weight is None else weight.to(d.dtype) * d
+        if bias is not None:
+            b_eff = b_eff + bias.to(d.dtype)
+        scale = w_eff * invstd
+        cshape = (x.shape[1],) + (1,) * (x.dim() - 2)
+        ctx.save_for_backward(x, weight, packed)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        return x * scale.view(cshape) + (b_eff - mean * scale).view(cshape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, packed = ctx.saved_tensors
+        mean, invstd, r, d = packed.unbind(0)
+        w_eff = r if weight is None else weight.to(r.dtype) * r
+        grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
+        grad_weight = None if weight is None else (grad_w_eff * r + grad_b_eff * d).to(weight.dtype)
+        grad_bias = grad_b_eff if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def _correction_stack(
