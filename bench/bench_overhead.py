@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cpp_route:
         from lightning_brn import functional
 
-        functional._INLINE_MAX_NUMEL = functional._INLINE_MAX_NUMEL_CHANNELS_LAST = -1
+        functional._INLINE_MAX_NUMEL = -1
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     _ext.available()  # build or load the C++ kernels before timing

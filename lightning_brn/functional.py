@@ -636,12 +636,11 @@ def _batch_renorm_composite(
     return out
 
 
-# Compiled CPU graphs: inputs up to this many values (contiguous / channels-last) take the inline step; larger
-# ones the C++ operators. Per layer and step, the two opaque operators cost about 40 us more than inductor's
-# generated kernels (bench/bench_overhead.py), whose kernels are in turn slower than the C++ ones on large
-# inputs (bench/bench_layers.py); channels-last rows favour the C++ kernels sooner.
+# Compiled CPU graphs: inputs up to this many values take the inline step; larger ones the C++ operators. Per
+# layer and step, the two opaque operators cost about 25 us more than the inline step's generated kernels
+# (bench/bench_overhead.py), whose passes are in turn slower than the C++ kernels on large inputs
+# (bench/bench_layers.py).
 _INLINE_MAX_NUMEL = 1 << 17
-_INLINE_MAX_NUMEL_CHANNELS_LAST = 1 << 15
 
 
 def _partitioner_may_recompute_stacks() -> bool:
@@ -661,8 +660,7 @@ def _partitioner_may_recompute_stacks() -> bool:
 
 
 def _inline_eligible(x: Tensor, groups: int) -> bool:
-    limit = _INLINE_MAX_NUMEL if _memory_format(x) == torch.contiguous_format else _INLINE_MAX_NUMEL_CHANNELS_LAST
-    return groups == 1 and x.numel() <= limit
+    return groups == 1 and x.numel() <= _INLINE_MAX_NUMEL
 
 
 def _batch_renorm_inline(

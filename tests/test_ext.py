@@ -260,7 +260,6 @@ def no_inline(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_brn import functional
 
     monkeypatch.setattr(functional, "_INLINE_MAX_NUMEL", -1)
-    monkeypatch.setattr(functional, "_INLINE_MAX_NUMEL_CHANNELS_LAST", -1)
 
 
 @pytest.mark.parametrize("microbatch_size", [None, 2])
