@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
     flag = " --cpp-route" if args.cpp_route else ""
     print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}{flag}`")
-    route = "the C++ operators" if args.cpp_route else "the inline step (batchnorm with weight gamma r, bias beta + gamma d)"
+    route = "the C++ operators" if args.cpp_route else "the inline step (x * scale + shift, batchnorm's backward)"
     print(f"- compiled renorm on CPU: {route}")
     print(
         f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "

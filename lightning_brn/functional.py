@@ -589,7 +589,7 @@ def _batch_renorm_composite(
     """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`.
 
     On CPU (float32/float64, with running statistics) small inputs take :func:`_batch_renorm_inline`, which the
-    compiler fuses into the kernels it makes for batchnorm; larger ones call the functional C++ operator
+    compiler fuses into one forward and one backward kernel; larger ones call the functional C++ operator
     ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copy the running
     statistics it returns into the buffers."""
     if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):

@@ -61,6 +61,28 @@ def make_image_folder() -> Callable[..., Path]:
     return make_image_folder_tree
 
 
+def make_clipping_layer(cls: type, c: int, seed: int = 1, **kw):
+    """A float64 renorm layer (rmax 1.5, dmax 0.3) whose running statistics, weight and bias are drawn from
+    ``seed`` so that r and d clip on some channels; ``kw`` goes to the constructor."""
+    import torch
+
+    layer = cls(c, rmax=1.5, dmax=0.3, **kw).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if layer.running_mean is not None:
+            layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+            layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 4 + 0.1)
+        if layer.weight is not None:
+            layer.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+            layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+    return layer
+
+
+@pytest.fixture(scope="session")
+def clipping_layer() -> Callable[..., object]:
+    return make_clipping_layer
+
+
 @pytest.fixture(params=["cpp", "python"])
 def eager_backend(request: pytest.FixtureRequest):
     """Runs a test once with the C++ CPU kernels and once with the pure-PyTorch path (same maths, both tested)."""

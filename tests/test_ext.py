@@ -60,19 +60,6 @@ def _case(name: str):
 LAYOUTS = ["nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl"]
 
 
-def _layer(cls, c: int, **kw):
-    layer = cls(c, rmax=1.5, dmax=0.3, **kw).double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        if layer.running_mean is not None:
-            layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-            layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 4 + 0.1)
-        if layer.weight is not None:
-            layer.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-            layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-    return layer
-
-
 def _run(layer, x, use_cpp: bool, steps: int = 2):
     """``steps`` training steps of a copy of ``layer``; outputs, grads, running stats and record of each."""
     layer = copy.deepcopy(layer)
@@ -103,9 +90,9 @@ def _assert_same(a, b, rtol=1e-12, atol=1e-12):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("microbatch_size", [None, 2, 4])
-def test_cpp_equals_python_path_float64(cpp, layout, microbatch_size):
+def test_cpp_equals_python_path_float64(cpp, layout, microbatch_size, clipping_layer):
     x, cls = _case(layout)
-    layer = _layer(cls, x.shape[1], microbatch_size=microbatch_size)
+    layer = clipping_layer(cls, x.shape[1], microbatch_size=microbatch_size)
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
@@ -122,27 +109,27 @@ def test_cpp_equals_python_path_float64(cpp, layout, microbatch_size):
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_cpp_equals_python_path_options(cpp, layout, options):
+def test_cpp_equals_python_path_options(cpp, layout, options, clipping_layer):
     x, cls = _case(layout)
     options = dict(options)
     track = options.pop("track_correction", False)
-    layer = _layer(cls, x.shape[1], **options)
+    layer = clipping_layer(cls, x.shape[1], **options)
     layer.track_correction = track
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
-def test_infinite_bounds_and_non_contiguous_input(cpp):
+def test_infinite_bounds_and_non_contiguous_input(cpp, clipping_layer):
     x = torch.randn(8, 6, 5, 10, dtype=torch.float64)[..., ::2]  # neither contiguous nor channels_last
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
-    layer = _layer(BatchRenorm2d, 6)
+    layer = clipping_layer(BatchRenorm2d, 6)
     layer.rmax, layer.dmax = float("inf"), float("inf")
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "long_rows"])
-def test_float32_close_to_python_path(cpp, layout):
+def test_float32_close_to_python_path(cpp, layout, clipping_layer):
     x, cls = _case(layout)
-    layer = _layer(cls, x.shape[1]).float()
+    layer = clipping_layer(cls, x.shape[1]).float()
     a, b = _run(layer, x.float(), True), _run(layer, x.float(), False)
     _assert_same(a, b, rtol=1e-4, atol=1e-4)
 
@@ -171,9 +158,9 @@ def test_double_backward_is_refused(cpp):
         gx.sum().backward()
 
 
-def test_only_requested_gradients_are_computed(cpp):
+def test_only_requested_gradients_are_computed(cpp, clipping_layer):
     x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
-    layer = _layer(BatchRenorm2d, 4)
+    layer = clipping_layer(BatchRenorm2d, 4)
     layer.weight.requires_grad_(False)
     ref = copy.deepcopy(layer)
     with _ext.use_cpp(True):
@@ -202,9 +189,9 @@ def test_saved_memory_is_input_plus_per_channel_vectors(cpp):
         assert sum(storages.values()) <= x.numel() * 4 + per_channel + 32 * 4  # + the weight (a parameter)
 
 
-def test_threads_give_the_same_result(cpp):
+def test_threads_give_the_same_result(cpp, clipping_layer):
     x = torch.randn(16, 64, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    layer = _layer(BatchRenorm2d, 64, microbatch_size=4)
+    layer = clipping_layer(BatchRenorm2d, 64, microbatch_size=4)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -264,14 +251,16 @@ def no_inline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("microbatch_size", [None, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_graphs_call_the_functional_cpp_operator(cpp, no_inline, microbatch_size, channels_last):
+def test_compiled_graphs_call_the_functional_cpp_operator(
+    cpp, no_inline, microbatch_size, channels_last, clipping_layer
+):
     """Under torch.compile on CPU a layer too large for the inline step is one opaque C++ operator (forward and
     backward) plus the copy of the running statistics it returns; the result equals eager, the moving averages
     and the record included."""
     x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    layer = _layer(BatchRenorm2d, 4, microbatch_size=microbatch_size)
+    layer = clipping_layer(BatchRenorm2d, 4, microbatch_size=microbatch_size)
     layer.track_correction = True
     ref = copy.deepcopy(layer)
     graphs = []
@@ -298,10 +287,10 @@ def test_compiled_graphs_call_the_functional_cpp_operator(cpp, no_inline, microb
     assert layer.correction_stats() == ref.correction_stats()
 
 
-def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, no_inline):
+def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, no_inline, clipping_layer):
     """Inductor around the operator, rmax/dmax/momentum changing every step: same as eager, no recompilation."""
     torch._dynamo.reset()
-    layer = _layer(BatchRenorm2d, 4)
+    layer = clipping_layer(BatchRenorm2d, 4)
     ref = copy.deepcopy(layer)
     compiled = torch.compile(layer, fullgraph=True)
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -352,11 +341,11 @@ def test_affine_false_without_running_stats_trains_in_cpp(cpp):
 
 
 @pytest.mark.parametrize("shape, strides", [((2, 3, 1, 4), (12, 1, 1, 3)), ((4, 3, 5, 1), (15, 1, 3, 1))])
-def test_channels_last_with_unusual_size_one_strides(cpp, shape, strides):
+def test_channels_last_with_unusual_size_one_strides(cpp, shape, strides, clipping_layer):
     """Channels-last dense data whose size-1 dimensions carry non-canonical strides: same as the Python path."""
     x = torch.empty_strided(shape, strides, dtype=torch.float64).copy_(torch.randn(shape, dtype=torch.float64))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    layer = _layer(BatchRenorm2d, 3)
+    layer = clipping_layer(BatchRenorm2d, 3)
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
@@ -389,11 +378,11 @@ def test_running_statistics_version_counters_advance(cpp):
     assert layer.running_mean._version > before[0] and layer.running_var._version > before[1]
 
 
-def test_recording_does_not_change_the_step(cpp):
+def test_recording_does_not_change_the_step(cpp, clipping_layer):
     """With or without the correction record (which takes another code path for small groups), the output,
     gradients and moving averages are bit-identical."""
     x = torch.randn(64, 16) * 3 + 1
-    layer = _layer(BatchRenorm1d, 16, microbatch_size=4).float()
+    layer = clipping_layer(BatchRenorm1d, 16, microbatch_size=4).float()
     a, b = copy.deepcopy(layer), copy.deepcopy(layer)
     b.track_correction = True
     outs = []
@@ -546,7 +535,7 @@ def test_tensor_hyperparameters_take_the_python_path_and_per_channel_bounds_stil
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_outputs_larger_than_the_cache_are_exact(cpp, channels_last):
+def test_outputs_larger_than_the_cache_are_exact(cpp, channels_last, clipping_layer):
     """Outputs of 16 MiB and more may be written with non-temporal stores (AVX-512 machines): the forward output
     is bit-identical to x * scale + shift from the saved statistics, and forward and backward match the Python
     path in float64 to float32 accuracy."""
@@ -566,7 +555,7 @@ def test_outputs_larger_than_the_cache_are_exact(cpp, channels_last):
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     results = []
     for dtype, use_cpp in ((torch.float32, True), (torch.float64, False)):  # the Python path in float64
-        layer = _layer(BatchRenorm2d, c).to(dtype)
+        layer = clipping_layer(BatchRenorm2d, c).to(dtype)
         xi = x.to(dtype).requires_grad_()
         with _ext.use_cpp(use_cpp):
             y = layer(xi)

@@ -236,22 +236,10 @@ def _dynamo_code(model, x):
     return torch.compile(model, backend=backend, fullgraph=True)(x), "\n".join(codes)
 
 
-def _clipping_layer(cls, c, **kw):
-    layer = cls(c, rmax=1.5, dmax=0.3, **kw).double()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) * 4 + 0.1)
-        if layer.weight is not None:
-            layer.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
-            layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-    return layer
-
-
 @pytest.mark.parametrize(
     "case", ["nchw", "channels_last", "transposed", "nc", "affine_false", "momentum_one", "record"]
 )
-def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case):
+def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case, clipping_layer):
     """On CPU, torch.compile turns a small layer's step into graph ops with batchnorm's backward (no opaque
     operator): outputs, gradients, moving averages and the clipping record equal eager's. With momentum = 1
     the moving averages become the batch statistics, so a backward that recomputed r and d from the updated
@@ -266,7 +254,7 @@ def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case):
         shape, cls = (16, 6), BatchRenorm1d
     if case == "affine_false":
         kw = {"affine": False}
-    layer = _clipping_layer(cls, 6, **kw)
+    layer = clipping_layer(cls, 6, seed=5, **kw)
     if case == "momentum_one":
         layer.momentum = 1.0
     layer.track_correction = case == "record"
@@ -327,7 +315,7 @@ _RECOMPUTING_PARTITIONER = {
      ("nchw_mb", "cpu", "no_allowlist"), ("transposed", "cpu", "budget"),
      ("nchw_mb", "cuda", "budget"), ("channels_last_mb", "cuda", "aggressive")],
 )
-def test_compiled_when_the_partitioner_may_recompute_anything(case, device, config):
+def test_compiled_when_the_partitioner_may_recompute_anything(case, device, config, clipping_layer):
     """An activation memory budget below 1, ``aggressive_recomputation`` or a lifted allowlist ban let
     AOTAutograd's partitioner recompute what it would otherwise save; r and d are then saved by a MUST_SAVE
     policy, so the gradients still equal eager's. momentum = 1 makes the updated buffers hold the batch
@@ -348,7 +336,7 @@ def test_compiled_when_the_partitioner_may_recompute_anything(case, device, conf
         "nchw": ((8, 6, 5, 5), BatchRenorm2d, None, None),
         "transposed": ((8, 6, 5, 5), BatchRenorm2d, 2, "transposed"),
     }[case]
-    layer = _clipping_layer(cls, shape[1], microbatch_size=mb).to(device)
+    layer = clipping_layer(cls, shape[1], seed=5, microbatch_size=mb).to(device)
     layer.momentum = 1.0
     layer.track_correction = True
     ref = copy.deepcopy(layer)
@@ -386,13 +374,13 @@ def test_compiled_with_a_zero_activation_memory_budget_is_refused():
     torch._dynamo.reset()
 
 
-def test_compiled_half_precision_under_an_activation_memory_budget():
+def test_compiled_half_precision_under_an_activation_memory_budget(clipping_layer):
     """Under a memory budget a bfloat16 input is normalized in float32 with r and d saved, as eager mode does."""
     import copy
 
     from lightning_brn import BatchRenorm2d
 
-    layer = _clipping_layer(BatchRenorm2d, 6).float()
+    layer = clipping_layer(BatchRenorm2d, 6, seed=5).float()
     layer.momentum = 1.0
     ref = copy.deepcopy(layer)
     x = (torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(2)) * 2 + 1).bfloat16()
