@@ -33,7 +33,10 @@ with the statistics, r and d in one ``torch.stack`` the partitioner saves rather
 call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
 ``torch._functorch.config.activation_memory_budget`` < 1 (or ``aggressive_recomputation``), where the
 partitioner may recompute what it would otherwise save, every compiled graph with running statistics takes the
-inline route with r and d saved by a ``MUST_SAVE`` selective-checkpoint policy.
+inline route with r and d saved by a ``MUST_SAVE`` selective-checkpoint policy. The route is decided once per
+traced graph (:func:`_compiled_route`, a constant with no guard; only the size test stays in the graph, where sizes
+may be symbolic), and the traced code reads few globals: every global, builtin or helper function a trace reads
+becomes a guard that the compiled graph checks on each call.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_brn import _ext
+
+# one module global (a guard of its own in compiled graphs) rather than the chain torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_compiling
 
 __all__ = ["batch_renorm", "renorm_correction"]
 
@@ -339,15 +345,15 @@ def batch_renorm(
                 f"microbatch_size={microbatch_size} does not divide the batch size {n}: "
                 f"use a batch size that is a multiple of {microbatch_size}"
             )
-        groups = max(n // microbatch_size, 1)
-    values_per_channel = input.numel() // max(num_features, 1) // groups
+        groups = n // microbatch_size or 1  # (no builtins here: each one would be a guard of a compiled graph)
+    values_per_channel = input.numel() // (num_features or 1) // groups
     if values_per_channel <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(input.shape)}"
             + (f" with microbatch_size={microbatch_size}" if groups > 1 else "")
         )
 
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _batch_renorm_composite(
             input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
         )
@@ -428,7 +434,7 @@ def _renorm_step(
     # running_var = sigma^2 - eps, i.e. running_var += delta (2 sigma + delta): exact when delta = 0, and no
     # cancellation between sigma^2 and eps for channels whose variance is far below eps
     delta = (std_b - running_std).mul_(alpha)
-    var_step = torch.add(delta, running_std, alpha=2.0).mul_(delta)
+    var_step = delta.add(running_std, alpha=2.0).mul_(delta)
     if rm is running_mean:
         running_mean.lerp_(mean_b, alpha)
         running_var.add_(var_step).clamp_min_(0.0)
@@ -591,26 +597,29 @@ def _batch_renorm_composite(
     On CPU (float32/float64, with running statistics) small inputs take :func:`_batch_renorm_inline`, which the
     compiler fuses into one forward and one backward kernel; larger ones call the functional C++ operator
     ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copy the running
-    statistics it returns into the buffers."""
+    statistics it returns into the buffers (:func:`_compiled_route` decides, once per traced graph).
+
+    What this traces is kept lean on purpose: every global, builtin and helper function the trace touches becomes a
+    guard that the compiled graph checks on each call, so the route is one constant and the hot path reads only
+    tensors."""
     if not (x.is_contiguous() or _memory_format(x) != torch.contiguous_format):
         x = x.contiguous()  # the output is laid out like a dense input, as in eager mode
     has_running = running_mean is not None and running_var is not None
-    if has_running and _partitioner_may_recompute_stacks():
+    per_channel_ok = (
+        _per_channel_ok(weight, x) and _per_channel_ok(bias, x)
+        and _per_channel_ok(running_mean, x) and _per_channel_ok(running_var, x)
+    )
+    route = _compiled_route(x.device.type, x.dtype, has_running, per_channel_ok)
+    if route != "generic" and route != "must_save":  # the size test in the graph: the sizes may be symbolic
+        route = "inline" if _inline_eligible(x, groups) else route
+    if route == "inline" or route == "must_save":
+        assert running_mean is not None and running_var is not None
         return _batch_renorm_inline(
             x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
-            must_save=True,
+            route == "must_save",
         )
-    cpu_with_running = (
-        x.device.type == "cpu"
-        and x.dtype in _CPP_DTYPES
-        and has_running
-        and _cpp_eligible(x.dtype, (weight, bias, running_mean, running_var))
-    )
-    if cpu_with_running and _inline_eligible(x, groups):
-        return _batch_renorm_inline(
-            x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
-        )
-    if cpu_with_running and _ext.compiled_op_ready():
+    if route == "cpp":  # an input too large for the inline step, and the C++ operators are built
+        assert running_mean is not None and running_var is not None
         out, _, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
             x, weight, bias, running_mean, running_var, _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum),
             eps, groups, correction_stats is not None,
@@ -637,10 +646,34 @@ def _batch_renorm_composite(
 
 
 # Compiled CPU graphs: inputs up to this many values take the inline step; larger ones the C++ operators. Per
-# layer and step, the two opaque operators cost about 25 us more than the inline step's generated kernels
+# layer and step, the two opaque operators cost more fixed time than the inline step's generated kernels
 # (bench/bench_overhead.py), whose passes are in turn slower than the C++ kernels on large inputs
 # (bench/bench_layers.py).
 _INLINE_MAX_NUMEL = 1 << 17
+
+
+def _per_channel_ok(t: Optional[Tensor], x: Tensor) -> bool:
+    """A per-channel tensor the C++ operators and the inline step take as it is: absent, or a contiguous vector
+    of the input's dtype on the CPU."""
+    return t is None or (t.dtype == x.dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu")
+
+
+@torch.compiler.assume_constant_result
+def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per_channel_ok: bool) -> str:
+    """How a compiled graph runs the training step, as far as it does not depend on the input's size:
+    ``"must_save"`` (:func:`_batch_renorm_inline` with r and d saved by a selective-checkpoint policy), ``"cpp"``
+    (the inline step for small inputs, the C++ operators for the others), ``"cpu"`` (the same without the C++
+    operators: :class:`_RenormCompiled` for the others) or ``"generic"`` (:class:`_RenormCompiled`: CUDA and the
+    rest).
+
+    Decided once, while the graph is traced, and baked in as a constant with no guard: the partitioner that splits
+    this graph runs right after, under the settings read here, so a compiled graph stays consistent with them, and
+    none of these reads (three of them calls into Python) is repeated on every call of the compiled graph."""
+    if has_running and _partitioner_may_recompute_stacks():
+        return "must_save"
+    if device_type == "cpu" and dtype in _CPP_DTYPES and has_running and per_channel_ok:
+        return "cpp" if _ext.compiled_op_ready() else "cpu"
+    return "generic"
 
 
 def _partitioner_may_recompute_stacks() -> bool:
@@ -660,6 +693,7 @@ def _partitioner_may_recompute_stacks() -> bool:
 
 
 def _inline_eligible(x: Tensor, groups: int) -> bool:
+    """Whether a compiled CPU graph takes the inline step for ``x`` (tested in the graph: sizes may be symbolic)."""
     return groups == 1 and x.numel() <= _INLINE_MAX_NUMEL
 
 
@@ -675,7 +709,7 @@ def _batch_renorm_inline(
     dmax: Number,
     groups: int,
     correction_stats: Optional[Tensor],
-    must_save: bool = False,
+    must_save: bool,
 ) -> Tensor:
     """Algorithm 1 as batchnorm of the input with weight ``gamma * r`` and bias ``beta + gamma * d`` (r and d
     constants), written for compilers (running statistics given, input contiguous or channels-last;
@@ -683,7 +717,8 @@ def _batch_renorm_inline(
 
     The compiler fuses the statistics, the step and the normalization into one forward kernel, and
     batchnorm's backward (:class:`_InlineRenorm`) into one backward kernel. G microbatches are batchnorm over
-    (k, G * C, *): each group of k examples is a block of channels with its own statistics.
+    (k, G * C, *): each group of k examples is a block of channels with its own statistics. The statistics and
+    the step read the detached input (no autograd context manager: one guard fewer on every call).
 
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
@@ -695,17 +730,16 @@ def _batch_renorm_inline(
     ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
     x_dtype = x.dtype
-    if x_dtype in _REDUCED_PRECISION:
-        x = x.float()  # statistics and normalization in float32, as in eager mode
+    if x.element_size() < 4:
+        x = x.float()  # float16/bfloat16: statistics and normalization in float32, as in eager mode
     n, c = x.shape[0], x.shape[1]
     k = n // groups
     # (N, C, *) as (k, G * C, *): example j of group g is row j, channels g * C .. g * C + C - 1
     xs = x if groups == 1 else x.reshape(groups, k, *x.shape[1:]).transpose(0, 1).reshape(k, groups * c, *x.shape[2:])
     stat_shape = (c,) if groups == 1 else (groups, c)
-    with torch.no_grad():
-        var_b, mean_b = torch.var_mean(xs, dim=[0] + list(range(2, xs.dim())), correction=0)
-        mean_b = mean_b.view(stat_shape)
-        std_b = (var_b.view(stat_shape) + eps).sqrt()
+    var_b, mean_b = torch.var_mean(xs.detach(), dim=(0, 2, 3, 4)[: xs.dim() - 1], correction=0)
+    mean_b = mean_b.view(stat_shape)
+    std_b = var_b.view(stat_shape).add(eps).sqrt()
     if must_save:
         from torch.utils.checkpoint import checkpoint
 
@@ -713,21 +747,26 @@ def _batch_renorm_inline(
             _correction_stack, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
             use_reentrant=False, context_fn=_must_save_context,
         )
-    with torch.no_grad():
-        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
-        if must_save:
-            r, d = rd[0], rd[1]
-        # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
-        packed = torch.stack([mean_b, std_b.reciprocal(), r, d]).view(4, groups * c).to(xs.dtype)
-    if weight is not None and groups > 1:
-        weight = weight.repeat(groups)
-    if bias is not None and groups > 1:
-        bias = bias.repeat(groups)
-    y = _InlineRenorm.apply(xs, weight, bias, packed, eps)
+    r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+    if must_save:
+        r, d = rd[0], rd[1]
+    # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
+    packed = torch.stack([mean_b, std_b.reciprocal(), r, d])
+    if groups > 1:
+        packed = packed.view(4, groups * c)
+        if weight is not None:
+            weight = weight.repeat(groups)
+        if bias is not None:
+            bias = bias.repeat(groups)
+    y = _InlineRenorm.apply(xs, weight, bias, packed.to(xs.dtype), eps)
     if groups > 1:
         y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         y = y.contiguous(memory_format=_memory_format(x))
     return y.to(x_dtype)
+
+
+# one module global (a guard of its own) rather than torch.ops.aten.native_batch_norm_backward, a chain of four
+_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 
 class _InlineRenorm(torch.autograd.Function):
@@ -756,7 +795,7 @@ class _InlineRenorm(torch.autograd.Function):
         x, weight, packed = ctx.saved_tensors
         mean, invstd, r, d = packed.unbind(0)
         w_eff = r if weight is None else weight.to(r.dtype) * r
-        grad_x, grad_w_eff, grad_b_eff = torch.ops.aten.native_batch_norm_backward(
+        grad_x, grad_w_eff, grad_b_eff = _native_batch_norm_backward(
             grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [True, True, True]
         )
         grad_weight = None if weight is None else (grad_w_eff * r + grad_b_eff * d).to(weight.dtype)

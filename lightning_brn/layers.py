@@ -15,17 +15,16 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_brn.functional import batch_renorm
+from lightning_brn.functional import _is_compiling, batch_renorm
 
 # torch.fx (and timm's fx feature extraction) records batch_renorm as one call instead of tracing into it.
 torch.fx.wrap("batch_renorm")
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
 
-# The schedule-controlled hyper-parameters live in one-element, non-persistent buffers: assigning a new
-# value is an in-place fill, so a compiled graph reads it as an input (no guard, no recompile), and
-# the state dict stays batchnorm's.
-_SCHEDULE_BUFFERS = ("_rmax", "_dmax", "_momentum")
+# The schedule-controlled hyper-parameters live in one non-persistent float64 buffer ``_schedule`` =
+# (rmax, dmax, momentum): assigning a new value is an in-place write, so a compiled graph reads them from one
+# graph input (no guard on their values, no recompile), and the state dict stays batchnorm's.
 _CORRECTION_FIELDS = ("r_clipped", "d_clipped", "abs_r_minus_1", "abs_d", "count")
 
 
@@ -156,11 +155,13 @@ class _BatchRenorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        sched_dtype = self._schedule_dtype(device)
-        for name, value in zip(_SCHEDULE_BUFFERS, (rmax_v, dmax_v, momentum_v)):
-            # shape (1,), not 0-d: torch.compile turns 0-d CPU tensors into symbolic floats guarded in Python on
-            # every call; one-element tensors are plain graph inputs
-            self.register_buffer(name, torch.tensor([value], dtype=sched_dtype, device=device), persistent=False)
+        # one (3,) tensor, read in compiled graphs as three one-element slices: not 0-d tensors, which torch.compile
+        # turns into symbolic floats guarded in Python on every call, and one graph input instead of three
+        self.register_buffer(
+            "_schedule",
+            torch.tensor([rmax_v, dmax_v, momentum_v], dtype=self._schedule_dtype(device), device=device),
+            persistent=False,
+        )
         # Python mirrors of the buffers: eager forwards read these (no tensor conversions, no device sync).
         self._rmax_value, self._dmax_value, self._momentum_value = rmax_v, dmax_v, momentum_v
         self.register_buffer(
@@ -181,7 +182,7 @@ class _BatchRenorm(nn.Module):
     @rmax.setter
     def rmax(self, value: float) -> None:
         v = _check_rmax(value)
-        self._rmax.fill_(v)
+        self._schedule[0] = v
         self._rmax_value = v
 
     @property
@@ -192,7 +193,7 @@ class _BatchRenorm(nn.Module):
     @dmax.setter
     def dmax(self, value: float) -> None:
         v = _check_dmax(value)
-        self._dmax.fill_(v)
+        self._schedule[1] = v
         self._dmax_value = v
 
     @property
@@ -203,7 +204,7 @@ class _BatchRenorm(nn.Module):
     @momentum.setter
     def momentum(self, value: float) -> None:
         v = _check_momentum(value)
-        self._momentum.fill_(v)
+        self._schedule[2] = v
         self._momentum_value = v
 
     @property
@@ -244,8 +245,10 @@ class _BatchRenorm(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_BatchRenorm":  # type: ignore[override]
         # ``.half()`` / ``.to(dtype)`` must not round the schedule's values nor the recorded statistics:
         # those buffers follow the module's device but keep their own dtype, converted from the originals.
-        keep = {name: (self._buffers[name], self._schedule_dtype) for name in _SCHEDULE_BUFFERS}
-        keep["_correction"] = (self._buffers["_correction"], lambda device: torch.float32)
+        keep = {
+            "_schedule": (self._buffers["_schedule"], self._schedule_dtype),
+            "_correction": (self._buffers["_correction"], lambda device: torch.float32),
+        }
         super()._apply(fn, recurse)
         for name, (original, want_dtype) in keep.items():
             converted = self._buffers[name]
@@ -255,11 +258,12 @@ class _BatchRenorm(nn.Module):
                 self._buffers[name] = original.to(device=converted.device, dtype=want)
         # The Python mirrors are the schedule's values: ``to_empty`` (e.g. after building on the meta device)
         # leaves the buffers uninitialized, and compiled graphs read the buffers.
-        with torch.no_grad():
-            for name, value in zip(_SCHEDULE_BUFFERS, (self._rmax_value, self._dmax_value, self._momentum_value)):
-                buf = self._buffers[name]
-                if buf is not None and buf.device.type != "meta":
-                    buf.fill_(value)
+        schedule = self._buffers["_schedule"]
+        if schedule is not None and schedule.device.type != "meta":
+            with torch.no_grad():
+                schedule.copy_(
+                    torch.tensor([self._rmax_value, self._dmax_value, self._momentum_value], dtype=schedule.dtype)
+                )
         return self
 
     def _load_from_state_dict(
@@ -305,7 +309,9 @@ class _BatchRenorm(nn.Module):
         raise NotImplementedError
 
     def forward(self, input: Tensor) -> Tensor:
-        tracing = _is_fx_symbolic_tracing()
+        # compiling first: torch.compile then installs no guards on torch.fx's tracing state
+        compiling = _is_compiling()
+        tracing = not compiling and _is_fx_symbolic_tracing()
         if not tracing:
             self._check_input(input)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -313,9 +319,11 @@ class _BatchRenorm(nn.Module):
         # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        if tracing or torch.compiler.is_compiling():
-            # tensors: graph inputs, so new values never trigger a recompilation (nor go stale in an fx graph)
-            rmax, dmax, momentum = self._rmax, self._dmax, self._momentum
+        if tracing or compiling:
+            # tensors: slices of one graph input, so new values never trigger a recompilation (nor go stale in an
+            # fx graph)
+            schedule = self._schedule
+            rmax, dmax, momentum = schedule[0:1], schedule[1:2], schedule[2:3]
         else:
             rmax, dmax, momentum = self._rmax_value, self._dmax_value, self._momentum_value
         return batch_renorm(

@@ -283,7 +283,7 @@ def test_conversion_keeps_flags_dtype_requires_grad_and_qconfig() -> None:
     assert (m.eps, m.affine, m.track_running_stats, m.momentum, m.microbatch_size) == (1e-3, True, True, 0.05, 2)
     assert m.weight.dtype == torch.float64 and not m.weight.requires_grad and m.bias.requires_grad
     assert m.qconfig == "a qconfig"
-    assert m._rmax.device == m.weight.device and m._rmax.dtype == torch.float64
+    assert m._schedule.device == m.weight.device and m._schedule.dtype == torch.float64
     fresh = BatchRenorm2d(4)  # built the ordinary way: the same registered state
     assert list(m._parameters) == list(fresh._parameters) and list(m._buffers) == list(fresh._buffers)
     assert m._non_persistent_buffers_set == fresh._non_persistent_buffers_set
@@ -337,7 +337,7 @@ def test_conversion_on_cuda_keeps_device() -> None:
     expected = model(x)
     model = convert_model(model, rmax=2.0)
     m = model[1]
-    assert all(t.device.type == "cuda" for t in (m.weight, m.running_mean, m._rmax, m._dmax, m._momentum, m._correction))
+    assert all(t.device.type == "cuda" for t in (m.weight, m.running_mean, m._schedule, m._correction))
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
     model.train()(x)  # training step runs on the device
     assert revert_model(model)[1].weight.device.type == "cuda"

@@ -407,3 +407,38 @@ def test_output_of_a_non_dense_layout_is_contiguous_like_batchnorm(microbatch_si
     ref = batch_renorm(x.contiguous(), torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                        training=True, rmax=2.0, dmax=1.0, microbatch_size=microbatch_size)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("cls, shapes, mb", [
+    ("BatchRenorm2d", [(4, 6, 5, 5), (6, 6, 7, 7), (8, 6, 3, 3)], None),
+    ("BatchRenorm2d", [(4, 6, 5, 5), (6, 6, 7, 7), (8, 6, 3, 3)], 2),
+    ("BatchRenorm1d", [(8, 6), (12, 6), (16, 6)], 4),
+    ("BatchRenorm2d", [(4, 6, 5, 5), (8, 6, 64, 72)], None),  # from the inline step's size to past it
+])
+def test_compiled_with_changing_and_symbolic_shapes_matches_eager(cls, shapes, mb, dynamic, clipping_layer):
+    """Batch sizes and image sizes that change between calls: dynamo recompiles with symbolic sizes (or compiles
+    them symbolic from the start with ``dynamic=True``); the route, the group count and the statistics still
+    follow each batch, and every step equals eager mode."""
+    import copy
+
+    import lightning_brn
+
+    layer = clipping_layer(getattr(lightning_brn, cls), 6, seed=3, microbatch_size=mb)
+    ref = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(4)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    for shape in shapes:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(xa), ref(xb)
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        got = torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy)
+        want = torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)
+        for p, q in zip(got, want):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()

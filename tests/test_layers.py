@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
+from lightning_brn.functional import batch_renorm
 
 # every test runs with the C++ CPU kernels and with the Python path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("eager_backend")
@@ -133,9 +134,8 @@ def test_meta_device_then_to_empty_restores_the_schedule_buffers():
     """Built on the meta device and materialized with to_empty (as large-model loaders do): the buffers that
     compiled graphs read hold the schedule's values again, not uninitialized memory."""
     layer = BatchRenorm2d(4, rmax=2.0, dmax=0.5, momentum=0.05, device="meta").to_empty(device="cpu")
-    values = {name: layer._buffers[name].tolist() for name in ("_rmax", "_dmax", "_momentum")}
-    assert values == {"_rmax": [2.0], "_dmax": [0.5], "_momentum": [0.05]}
-    assert layer._rmax.shape == (1,) and layer._rmax.dtype == torch.float64
+    assert layer._schedule.tolist() == [2.0, 0.5, 0.05]
+    assert layer._schedule.shape == (3,) and layer._schedule.dtype == torch.float64
 
 
 def test_deepcopy_and_pickle():
@@ -355,14 +355,25 @@ def _float_symbols_of_compiled_step(model: nn.Module) -> list[str]:
     return found
 
 
+class _ZeroDimHyperparameters(BatchRenorm2d):
+    """rmax, dmax and momentum in three 0-dim buffers: the variant the layers avoid."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        for name, value in (("r0", 2.0), ("d0", 1.0), ("m0", 0.1)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64), persistent=False)
+
+    def forward(self, input):
+        return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                            self.m0, self.eps, self.r0, self.d0)
+
+
 def test_compiled_step_guards_no_hyperparameter_values():
-    """rmax, dmax and momentum are graph inputs held in one-element buffers: no symbolic float (and no per-call
-    Python guard reading their values) is created for them; a 0-dim buffer would create three."""
+    """rmax, dmax and momentum are slices of one graph input (the (3,) buffer ``_schedule``): no symbolic float
+    (and no per-call Python guard reading their values) is created for them; 0-dim buffers would create three."""
     model = BatchRenorm2d(4, rmax=2.0, dmax=1.0)
     assert _float_symbols_of_compiled_step(model) == []
-    for name in ("_rmax", "_dmax", "_momentum"):  # the 0-dim variant, to show what the check catches
-        setattr(model, name, getattr(model, name).reshape(()))
-    assert len(_float_symbols_of_compiled_step(model)) == 3
+    assert len(_float_symbols_of_compiled_step(_ZeroDimHyperparameters(4))) == 3  # what the check catches
 
 
 @pytest.mark.parametrize("mb, channels_last", [(None, False), (2, False), (2, True)])

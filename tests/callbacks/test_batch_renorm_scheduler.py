@@ -316,7 +316,7 @@ def test_values_and_logging_on_gpu(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     cb = BatchRenormScheduler(SMALL, log_every_n_steps=2, verbose=False)
     trainer(tmp_path, [cb], max_steps=8, logger=logger, log_every_n_steps=2, accelerator="gpu").fit(model)
-    assert all(m._rmax.device.type == "cuda" for m in renorm_layers(model))
+    assert all(m._schedule.device.type == "cuda" for m in renorm_layers(model))
     assert layer_values(model) == [tuple(SMALL.values(7))] * 2
     rows = [r for r in _read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("brn/rmax")]
     assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
