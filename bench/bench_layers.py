@@ -51,6 +51,9 @@ from torch import Tensor, nn
 import lightning_brn
 from lightning_brn import _ext
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import malloc_note, pin_malloc  # noqa: E402
+
 SHAPES_2D = [(32, 64, 56, 56), (32, 256, 14, 14), (8, 64, 112, 112), (4, 512, 7, 7), (2, 64, 56, 56)]
 SHAPE_1D = (256, 1024)
 RMAX, DMAX, MOMENTUM, EPS = 3.0, 5.0, 0.01, 1e-5
@@ -418,6 +421,7 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         f"one sample ~{args.sample_ms} ms of eager batchnorm; clock: "
         + ("CPU time of the process (time.process_time)" if args.clock == "cpu" else "wall (time.perf_counter)"),
         "- step = `y = layer(x); torch.autograd.grad(y, [x, weight, bias], fixed_random_grad)`",
+        f"- allocator: {malloc_note()}",
         "- eager renorm on this device: "
         + (
             f"C++ CPU kernels (lightning_brn/csrc/renorm_cpu.cpp, built with {' '.join(_ext._flags())})"
@@ -448,7 +452,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="also write the output (markdown) to this file")
+    p.add_argument(
+        "--malloc", choices=("pinned", "default"), default="pinned",
+        help="pinned (default): re-run under glibc tunables that keep freed blocks for reuse (see bench/_common.py); "
+        "default: the allocator as it is",
+    )
     args = p.parse_args(argv)
+    if argv is None:
+        pin_malloc(args.malloc)
     args.reps = args.reps or (5 if args.quick else 15)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.sample_ms = args.sample_ms or (10.0 if args.quick else 40.0)

@@ -18,9 +18,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -29,6 +31,9 @@ from torch import nn
 
 import lightning_brn
 from lightning_brn import BatchRenorm2d, _ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import malloc_note, pin_malloc  # noqa: E402
 
 
 def _step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -77,7 +82,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--cpp-route", action="store_true",
         help="compiled renorm calls the C++ operators at every size (default: small layers take the inline step)",
     )
+    p.add_argument(
+        "--malloc", choices=("pinned", "default"), default="pinned",
+        help="pinned (default): re-run under glibc tunables that keep freed blocks for reuse (bench/_common.py)",
+    )
     args = p.parse_args(argv)
+    if argv is None:
+        pin_malloc(args.malloc)
     if args.cpp_route:
         from lightning_brn import functional
 
@@ -99,8 +110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, clock {args.clock}, {args.reps} blocks of {args.inner} steps, "
-        f"C++ kernels: {'yes' if _ext.available() else 'no'}\n"
+        f"C++ kernels: {'yes' if _ext.available() else 'no'}"
     )
+    print(f"- allocator: {malloc_note()}\n")
     print("| input | bn eager | brn eager | bn compiled | brn compiled |")
     print("|---|---|---|---|---|")
     for shape, t in rows:
