@@ -258,7 +258,7 @@ def renorm_correction(
 
 
 def _as_scalar_tensor(value: Number) -> Number:
-    """A one-element tensor (the layers' schedule buffers have shape (1,)) as a 0-dim one, which takes part in
+    """A one-element tensor (the layers pass (1,) slices of their schedule buffer) as a 0-dim one, which takes part in
     no type promotion; anything else as it is."""
     return value.reshape(()) if isinstance(value, Tensor) and value.dim() > 0 and value.numel() == 1 else value
 
@@ -382,9 +382,15 @@ def _cpp_eligible(
     """Per-channel tensors of the input's dtype (or None) and Python-number hyper-parameters (the eager C++
     operator takes floats; tensor hyper-parameters, as in fx-traced graphs, take the Python path)."""
     for a in per_channel:
-        if a is not None and (a.dtype != dtype or a.dim() != 1 or not a.is_contiguous() or a.device.type != "cpu"):
+        if not _per_channel_ok(a, dtype):
             return False
     return all(isinstance(h, (float, int)) and not isinstance(h, bool) for h in hyper)
+
+
+def _per_channel_ok(t: Optional[Tensor], dtype: torch.dtype) -> bool:
+    """A per-channel tensor the C++ operators and the compiled inline step take as it is: absent, or a contiguous
+    vector of the input's dtype on the CPU."""
+    return t is None or (t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu")
 
 
 def _renorm_step(
@@ -606,8 +612,8 @@ def _batch_renorm_composite(
         x = x.contiguous()  # the output is laid out like a dense input, as in eager mode
     has_running = running_mean is not None and running_var is not None
     per_channel_ok = (
-        _per_channel_ok(weight, x) and _per_channel_ok(bias, x)
-        and _per_channel_ok(running_mean, x) and _per_channel_ok(running_var, x)
+        _per_channel_ok(weight, x.dtype) and _per_channel_ok(bias, x.dtype)
+        and _per_channel_ok(running_mean, x.dtype) and _per_channel_ok(running_var, x.dtype)
     )
     route = _compiled_route(x.device.type, x.dtype, has_running, per_channel_ok)
     if route != "generic" and route != "must_save":  # the size test in the graph: the sizes may be symbolic
@@ -650,12 +656,6 @@ def _batch_renorm_composite(
 # (bench/bench_overhead.py), whose passes are in turn slower than the C++ kernels on large inputs
 # (bench/bench_layers.py).
 _INLINE_MAX_NUMEL = 1 << 17
-
-
-def _per_channel_ok(t: Optional[Tensor], x: Tensor) -> bool:
-    """A per-channel tensor the C++ operators and the inline step take as it is: absent, or a contiguous vector
-    of the input's dtype on the CPU."""
-    return t is None or (t.dtype == x.dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu")
 
 
 @torch.compiler.assume_constant_result
