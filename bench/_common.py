@@ -6,7 +6,7 @@ page-faults on every 4 KiB page: ~1-2 ms per 25 MiB tensor, charged to whichever
 next. Timings of the large shapes swung by up to 1.5x between runs that way. The benchmarks therefore re-run
 themselves once with glibc's mmap and trim thresholds raised (``GLIBC_TUNABLES``), so that freed blocks are
 reused, as in the steady state of a training loop; every variant runs under the same allocator.
-``--malloc default`` keeps the allocator as it is.
+``--malloc default`` keeps the allocator as it is (and any ``GLIBC_TUNABLES`` the caller set).
 """
 
 from __future__ import annotations
@@ -16,22 +16,28 @@ import platform
 import sys
 
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
+_MARK = "LIGHTNING_BRN_BENCH_MALLOC"  # set in the re-executed process
 
 
 def pin_malloc(mode: str) -> None:
-    """With ``mode == "pinned"`` on glibc, re-executes this script under :data:`GLIBC_TUNABLES` (once; a
-    ``GLIBC_TUNABLES`` already set by the caller is kept as it is)."""
-    if mode != "pinned" or "GLIBC_TUNABLES" in os.environ:
+    """With ``mode == "pinned"`` on glibc, re-executes this script (interpreter flags included) once, with
+    :data:`GLIBC_TUNABLES` appended to any ``GLIBC_TUNABLES`` the caller set."""
+    if mode != "pinned" or os.environ.get(_MARK) == "pinned":
         return
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
-    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    given = os.environ.get("GLIBC_TUNABLES")
+    env = dict(os.environ, GLIBC_TUNABLES=f"{given}:{GLIBC_TUNABLES}" if given else GLIBC_TUNABLES)
+    env[_MARK] = "pinned"
+    argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
 def malloc_note() -> str:
     """One line for a result's header: the allocator settings the run used."""
     tunables = os.environ.get("GLIBC_TUNABLES")
-    if tunables:
+    if os.environ.get(_MARK) == "pinned":
         return f"glibc malloc with GLIBC_TUNABLES={tunables} (freed blocks are reused, no page faults per step)"
-    return "the platform's default allocator (`--malloc default`)"
+    if tunables:
+        return f"glibc malloc with the caller's GLIBC_TUNABLES={tunables} (`--malloc default`)"
+    return "the platform's default allocator (`--malloc default`, or not glibc)"

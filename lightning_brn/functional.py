@@ -332,6 +332,8 @@ def batch_renorm(
     """
     if input.dim() < 2:
         raise ValueError(f"batch_renorm expects input of shape (N, C, *), got shape {tuple(input.shape)}")
+    if microbatch_size is not None and microbatch_size < 1:
+        raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={microbatch_size}")
     num_features = input.shape[1]
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
@@ -717,8 +719,7 @@ def _batch_renorm_inline(
 
     The compiler fuses the statistics, the step and the normalization into one forward kernel, and
     batchnorm's backward (:class:`_InlineRenorm`) into one backward kernel. G microbatches are batchnorm over
-    (k, G * C, *): each group of k examples is a block of channels with its own statistics. The statistics and
-    the step read the detached input (no autograd context manager: one guard fewer on every call).
+    (k, G * C, *): each group of k examples is a block of channels with its own statistics.
 
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
@@ -737,9 +738,12 @@ def _batch_renorm_inline(
     # (N, C, *) as (k, G * C, *): example j of group g is row j, channels g * C .. g * C + C - 1
     xs = x if groups == 1 else x.reshape(groups, k, *x.shape[1:]).transpose(0, 1).reshape(k, groups * c, *x.shape[2:])
     stat_shape = (c,) if groups == 1 else (groups, c)
-    var_b, mean_b = torch.var_mean(xs.detach(), dim=(0, 2, 3, 4)[: xs.dim() - 1], correction=0)
-    mean_b = mean_b.view(stat_shape)
-    std_b = var_b.view(stat_shape).add(eps).sqrt()
+    # the statistics over (N, *spatial) as one trailing dim past 5-D: reduction dims without builtins (guards)
+    xr = xs if xs.dim() <= 5 else xs.flatten(2)
+    with torch.no_grad():
+        var_b, mean_b = torch.var_mean(xr, dim=(0, 2, 3, 4)[: xr.dim() - 1], correction=0)
+        mean_b = mean_b.view(stat_shape)
+        std_b = var_b.view(stat_shape).add(eps).sqrt()
     if must_save:
         from torch.utils.checkpoint import checkpoint
 
@@ -747,18 +751,19 @@ def _batch_renorm_inline(
             _correction_stack, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
             use_reentrant=False, context_fn=_must_save_context,
         )
-    r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
-    if must_save:
-        r, d = rd[0], rd[1]
-    # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
-    packed = torch.stack([mean_b, std_b.reciprocal(), r, d])
+    with torch.no_grad():  # hyper-parameters or running statistics that require grad get none, as in eager mode
+        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        if must_save:
+            r, d = rd[0], rd[1]
+        # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
+        packed = torch.stack([mean_b, std_b.reciprocal(), r, d]).to(xs.dtype)
     if groups > 1:
         packed = packed.view(4, groups * c)
         if weight is not None:
             weight = weight.repeat(groups)
         if bias is not None:
             bias = bias.repeat(groups)
-    y = _InlineRenorm.apply(xs, weight, bias, packed.to(xs.dtype), eps)
+    y = _InlineRenorm.apply(xs, weight, bias, packed, eps)
     if groups > 1:
         y = y.reshape(k, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         y = y.contiguous(memory_format=_memory_format(x))

@@ -266,6 +266,20 @@ class _BatchRenorm(nn.Module):
                 )
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        buffers = self._buffers
+        if "_schedule" not in buffers and "_rmax" in buffers:
+            # a whole module pickled by an earlier revision, with three one-element schedule buffers
+            old = buffers["_rmax"]
+            for name in ("_rmax", "_dmax", "_momentum"):
+                buffers.pop(name, None)
+                self._non_persistent_buffers_set.discard(name)
+            values = [self._rmax_value, self._dmax_value, self._momentum_value]
+            device = None if old is None else old.device
+            dtype = torch.float64 if old is None else old.dtype
+            self.register_buffer("_schedule", torch.tensor(values, dtype=dtype, device=device), persistent=False)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],

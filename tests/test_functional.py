@@ -203,6 +203,12 @@ def test_microbatch_errors_name_the_sizes():
         batch_renorm(torch.randn(6, 3), torch.zeros(3), torch.ones(3), training=True, microbatch_size=1)
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[1, 3\]"):
         batch_renorm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
+    for bad in (0, -2):  # refused in both modes, before anything is computed
+        for training in (True, False):
+            rm = torch.zeros(3)
+            with pytest.raises(ValueError, match=rf"microbatch_size must be >= 1 or None, got microbatch_size={bad}"):
+                batch_renorm(x, rm, torch.ones(3), training=training, microbatch_size=bad)
+            assert rm.eq(0).all()
 
 
 def test_correction_stats_are_recorded():
@@ -441,4 +447,53 @@ def test_compiled_with_changing_and_symbolic_shapes_matches_eager(cls, shapes, m
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("route", ["inline", "must_save"])
+def test_compiled_functional_with_tensors_that_require_grad_gives_them_no_grad(route):
+    """The functional API under torch.compile with running statistics or hyper-parameters that require grad
+    behaves as eager mode: the moving averages are updated without autograd history, r and d are constants, and
+    the gradients of the input, weight and bias equal eager's."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64) * 2 + 1
+    w = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def step(fn):
+        rm = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_()
+        rv = (torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5)
+        hp = [torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (1.5, 0.3, 0.1)]
+        xa = x.clone().requires_grad_()
+        y = fn(xa, rm, rv, w, b, hp)
+        return y, torch.autograd.grad(y, [xa, w, b], dy), rm, rv
+
+    def f(xa, rm, rv, w, b, hp):
+        return batch_renorm(xa, rm, rv, w, b, training=True, rmax=hp[0], dmax=hp[1], momentum=hp[2])
+
+    budget = 0.5 if route == "must_save" else 1.0
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        got = step(torch.compile(f, fullgraph=True))
+    want = step(f)
+    for p, q in zip((got[0], *got[1], got[2], got[3]), (want[0], *want[1], want[2], want[3])):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10)
+    assert got[2].grad_fn is None and got[3].grad_fn is None  # updated in place, with no autograd history
+    torch._dynamo.reset()
+
+
+def test_compiled_functional_beyond_five_dimensions_matches_eager():
+    """(N, C, *) with more than three spatial dimensions, compiled, equals eager mode."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 2, 2, 2, 3, dtype=torch.float64) * 2 + 1
+    rm_a, rv_a, rm_b, rv_b = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    rm_a, rv_a, rm_b, rv_b = (t.double() for t in (rm_a, rv_a, rm_b, rv_b))
+
+    def f(x, rm, rv):
+        return batch_renorm(x, rm, rv, training=True, rmax=2.0, dmax=1.0, momentum=0.5)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, rm_a, rv_a), f(x, rm_b, rv_b), rtol=1e-10,
+                               atol=1e-10)
+    torch.testing.assert_close(rv_a, rv_b, rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()

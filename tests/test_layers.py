@@ -149,6 +149,35 @@ def test_deepcopy_and_pickle():
     assert torch.load(buf, weights_only=False).rmax == 2.5
 
 
+def test_module_pickled_with_three_schedule_buffers_loads_into_one():
+    """A whole module saved by an earlier revision (rmax, dmax, momentum in the one-element buffers _rmax, _dmax,
+    _momentum) unpickles into the (3,) _schedule buffer: conversions, assignments and compiled graphs work."""
+    layer = _randomize(BatchRenorm2d(4, rmax=2.5, dmax=0.5, momentum=0.05))
+    old = copy.deepcopy(layer)
+    del old._buffers["_schedule"]
+    old._non_persistent_buffers_set.discard("_schedule")
+    for name, value in (("_rmax", 2.5), ("_dmax", 0.5), ("_momentum", 0.05)):
+        old.register_buffer(name, torch.tensor([value], dtype=torch.float64), persistent=False)
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "_rmax" not in loaded._buffers and loaded._schedule.tolist() == [2.5, 0.5, 0.05]
+    assert loaded._non_persistent_buffers_set >= {"_schedule", "_correction"}
+    assert loaded.state_dict().keys() == layer.state_dict().keys()
+    loaded.double()
+    loaded.rmax = 3.0
+    assert loaded._schedule.tolist() == [3.0, 0.5, 0.05] and loaded._schedule.dtype == torch.float64
+    ref = copy.deepcopy(layer).double()
+    ref.rmax = 3.0
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-12, atol=1e-12)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(loaded, backend="eager", fullgraph=True)(x), ref(x), rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(loaded.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs, exc, match",
