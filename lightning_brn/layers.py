@@ -155,15 +155,11 @@ class _BatchRenorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        # Python mirrors of the buffer: eager forwards read these (no tensor conversions, no device sync).
+        self._rmax_value, self._dmax_value, self._momentum_value = rmax_v, dmax_v, momentum_v
         # one (3,) tensor, read in compiled graphs as three one-element slices: not 0-d tensors, which torch.compile
         # turns into symbolic floats guarded in Python on every call, and one graph input instead of three
-        self.register_buffer(
-            "_schedule",
-            torch.tensor([rmax_v, dmax_v, momentum_v], dtype=self._schedule_dtype(device), device=device),
-            persistent=False,
-        )
-        # Python mirrors of the buffers: eager forwards read these (no tensor conversions, no device sync).
-        self._rmax_value, self._dmax_value, self._momentum_value = rmax_v, dmax_v, momentum_v
+        self.register_buffer("_schedule", self._schedule_tensor(device), persistent=False)
         self.register_buffer(
             "_correction", torch.zeros(len(_CORRECTION_FIELDS), dtype=torch.float32, device=device), persistent=False
         )
@@ -172,6 +168,11 @@ class _BatchRenorm(nn.Module):
     @staticmethod
     def _schedule_dtype(device: Optional[Union[torch.device, str]]) -> torch.dtype:
         return torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+
+    def _schedule_tensor(self, device: Optional[Union[torch.device, str]]) -> Tensor:
+        """(rmax, dmax, momentum) from the Python mirrors, as the ``_schedule`` buffer holds them on ``device``."""
+        values = [self._rmax_value, self._dmax_value, self._momentum_value]
+        return torch.tensor(values, dtype=self._schedule_dtype(device), device=device)
 
     # ----------------------------------------------------------------- hyper-parameters
     @property
@@ -261,9 +262,7 @@ class _BatchRenorm(nn.Module):
         schedule = self._buffers["_schedule"]
         if schedule is not None and schedule.device.type != "meta":
             with torch.no_grad():
-                schedule.copy_(
-                    torch.tensor([self._rmax_value, self._dmax_value, self._momentum_value], dtype=schedule.dtype)
-                )
+                schedule.copy_(self._schedule_tensor(schedule.device))
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -275,10 +274,8 @@ class _BatchRenorm(nn.Module):
             for name in ("_rmax", "_dmax", "_momentum"):
                 buffers.pop(name, None)
                 self._non_persistent_buffers_set.discard(name)
-            values = [self._rmax_value, self._dmax_value, self._momentum_value]
             device = None if old is None else old.device
-            dtype = torch.float64 if old is None else old.dtype
-            self.register_buffer("_schedule", torch.tensor(values, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("_schedule", self._schedule_tensor(device), persistent=False)
 
     def _load_from_state_dict(
         self,

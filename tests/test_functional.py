@@ -307,6 +307,19 @@ def test_compiled_inline_step_is_chosen_by_size():
     assert "lightning_brn_cpu.renorm_fwd" in code
 
 
+def _assert_compiled_step_matches(compiled, layer, ref, x, dy):
+    """One training step of ``compiled`` (a compiled ``layer``) and of its eager copy ``ref`` on ``x``: outputs
+    and the gradients of the input, weight and bias (for ``dy``) agree in float64. Returns both outputs."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = compiled(xa), ref(xb)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy)
+    want = torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+    return y, y_ref
+
+
 _RECOMPUTING_PARTITIONER = {
     "budget": {"activation_memory_budget": 0.5},
     "aggressive": {"aggressive_recomputation": True},
@@ -356,14 +369,8 @@ def test_compiled_when_the_partitioner_may_recompute_anything(case, device, conf
     with torch._functorch.config.patch(**_RECOMPUTING_PARTITIONER[config]):
         compiled = torch.compile(layer, fullgraph=True)
         for _ in range(2):
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            y, y_ref = compiled(xa), ref(xb)
-            torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+            y, y_ref = _assert_compiled_step_matches(compiled, layer, ref, x, dy)
             assert y.stride() == y_ref.stride()
-            got = torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy)
-            want = torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)
-            for p, q in zip(got, want):
-                torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
     assert layer.correction_stats() == pytest.approx(ref.correction_stats(), rel=1e-9)
@@ -438,13 +445,7 @@ def test_compiled_with_changing_and_symbolic_shapes_matches_eager(cls, shapes, m
     for shape in shapes:
         x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
         dy = torch.randn(shape, generator=g, dtype=torch.float64)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, y_ref = compiled(xa), ref(xb)
-        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-        got = torch.autograd.grad(y, [xa, layer.weight, layer.bias], dy)
-        want = torch.autograd.grad(y_ref, [xb, ref.weight, ref.bias], dy)
-        for p, q in zip(got, want):
-            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+        _assert_compiled_step_matches(compiled, layer, ref, x, dy)
         torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
