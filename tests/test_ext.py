@@ -49,6 +49,9 @@ def _case(name: str):
         "hw1": ((8, 6, 1, 1), None, BatchRenorm2d),
         "long_rows": ((8, 6, 40, 41), None, BatchRenorm2d),  # rows longer than one float partial sum block
         "many_rows_cl": ((8, 6, 40, 41), torch.channels_last, BatchRenorm2d),
+        # enough channels for the per-channel fused NCHW kernels on up to 8 threads (6 channels: up to 1)
+        "nchw_wide": ((4, 32, 5, 5), None, BatchRenorm2d),
+        "long_rows_wide": ((4, 32, 33, 40), None, BatchRenorm2d),
     }
     shape, fmt, cls = shapes[name]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
@@ -57,7 +60,10 @@ def _case(name: str):
     return x, cls
 
 
-LAYOUTS = ["nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl"]
+LAYOUTS = [
+    "nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl", "nchw_wide",
+    "long_rows_wide",
+]
 
 
 def _run(layer, x, use_cpp: bool, steps: int = 2):
@@ -201,6 +207,35 @@ def test_threads_give_the_same_result(cpp, clipping_layer):
     finally:
         torch.set_num_threads(threads)
     _assert_same(one, many)
+
+
+def _assert_identical(a, b):
+    for (ya, _, ga, sta, ra), (yb, _, gb, stb, rb) in zip(a, b):
+        for p, q in zip([ya, *ga, *sta], [yb, *gb, *stb]):
+            assert torch.equal(p, q)
+        assert ra == rb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 6, 7, 7), (2, 6, 40, 41), (4, 6, 3, 4, 5)], ids=["short_rows", "long_rows", "3d"])
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_nchw_fused_and_two_pass_kernels_agree_bit_for_bit(cpp, clipping_layer, dtype, shape, microbatch_size):
+    """Planar inputs run one (group, channel) block at a time when there are at least 4 blocks per thread, else
+    statistics of all channels then one output pass: the same arithmetic, so the same bits. 6 channels: fused
+    on one thread, two passes on two (12 blocks with microbatches: fused on both)."""
+    cls = BatchRenorm3d if len(shape) == 5 else BatchRenorm2d
+    layer = clipping_layer(cls, shape[1], microbatch_size=microbatch_size).to(dtype)
+    layer.track_correction = True
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 1).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fused = _run(layer, x, True)
+        torch.set_num_threads(2)
+        two_pass = _run(layer, x, True)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_identical(fused, two_pass)
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch):

@@ -753,6 +753,116 @@ void fused_small_groups_backward(const T* x, const T* dy, const Layout& lay, con
   });
 }
 
+// Planar layout (NCHW and the like), one (group, channel) block at a time: its k rows of L values (C * L
+// apart) give their statistics, the step of that channel and their output in one go, so the block is read
+// from memory once and re-read from the cache; the general path's output pass reads the whole input a third
+// time, from memory when it is larger than the caches. Same arithmetic as the general path (group_stats, then
+// step_groups' rows, affine_constants and affine_pass), value for value; sigma_B goes to std_b for the update.
+template <typename T>
+void fused_planar(const T* x, T* out, const Layout& lay, const Step<T>& step, T* mean, T* invstd, T* r, T* d,
+                  T* std_b) {
+  const int64_t C = lay.C, L = lay.L, G = lay.G, k = lay.per_group();
+  const double count = static_cast<double>(k) * static_cast<double>(L);
+  with_stream(out, L, lay.N * C * L, [&](auto stream) {
+    at::parallel_for(0, G * C, std::max<int64_t>(1, 32768 / (k * L)), [&](int64_t b, int64_t e) {
+      for (int64_t gc = b; gc < e; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        const T* xc = x + c * L;
+        const double s = channel_sum<Sum::kPlain>(xc, xc, g * k, (g + 1) * k, C * L, L, T(0));
+        const T m = static_cast<T>(s / count);
+        const double ss = channel_sum<Sum::kCentredSquares>(xc, xc, g * k, (g + 1) * k, C * L, L, m);
+        const T v = static_cast<T>(ss / count);
+        mean[gc] = m;
+        T w_eff, b_eff, scale, shift;
+        step.row(mean + gc, &v, c, 1, r + gc, d + gc, &w_eff, &b_eff, invstd + gc, std_b + gc);
+        affine_constants<T>(&w_eff, &b_eff, invstd + gc, mean + gc, &scale, &shift, 1);
+        for (int64_t n = g * k; n < (g + 1) * k; ++n) {
+          const int64_t i = (n * C + c) * L;
+          affine_row<decltype(stream)::value, true>(x + i, out + i, &scale, &shift, L);
+        }
+      }
+      if (decltype(stream)::value) stream_fence();
+    });
+  });
+}
+
+// The backward of fused_planar: per (group, channel) block, the two sums, then the input gradient of the block
+// while it is in cache. The weight and bias gradients add the blocks' terms over groups afterwards, in group
+// order. Same arithmetic as the general path (group_grad_sums, affine_grads, input_grad_constants,
+// grad_input_pass). term_w, term_b: (G, C) scratch.
+template <typename T>
+void fused_planar_backward(const T* x, const T* dy, const Layout& lay, const T* mean, const T* invstd, const T* r,
+                           const T* d, const T* weight, T* grad_x, T* grad_weight, T* grad_bias, T* term_w,
+                           T* term_b) {
+  const int64_t C = lay.C, L = lay.L, G = lay.G, k = lay.per_group();
+  const T m = static_cast<T>(k * L);
+  with_stream(grad_x, L, grad_x ? lay.N * C * L : 0, [&](auto stream) {
+    at::parallel_for(0, G * C, std::max<int64_t>(1, 16384 / (k * L)), [&](int64_t b, int64_t e) {
+      for (int64_t gc = b; gc < e; ++gc) {
+        const int64_t g = gc / C, c = gc % C;
+        const T* xc = x + c * L;
+        const T* dc = dy + c * L;
+        double s, sx;
+        if (L < kBlock) {
+          channel_sum_pair<T>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc], &s, &sx);
+        } else {
+          s = sx = 0;
+          for (int64_t n = g * k; n < (g + 1) * k; ++n) {
+            s += lane_sum<Sum::kPlain>(dc + n * C * L, dc + n * C * L, L, T(0));
+            sx += lane_sum<Sum::kCentredProducts>(xc + n * C * L, dc + n * C * L, L, mean[gc]);
+          }
+        }
+        T sum_dy = static_cast<T>(s), sum_dyx = static_cast<T>(sx);
+        term_w[gc] = T(0);
+        term_b[gc] = T(0);
+        affine_grads<T>(&sum_dyx, &sum_dy, invstd + gc, r + gc, d + gc, term_w + gc, term_b + gc, 1);
+        if (!grad_x) continue;
+        T scale;
+        input_grad_constants<T>(&sum_dyx, &sum_dy, invstd + gc, r + gc, weight ? weight + c : nullptr, &scale, m, 1);
+        for (int64_t n = g * k; n < (g + 1) * k; ++n) {
+          const int64_t i = (n * C + c) * L;
+          grad_row<decltype(stream)::value, true>(x + i, dy + i, grad_x + i, mean + gc, &sum_dy, &sum_dyx, &scale,
+                                                  L);
+        }
+      }
+      if (decltype(stream)::value) stream_fence();
+    });
+  });
+  if (G == 1) {  // 0 + term: the general path's sum over one group
+    if (grad_weight) std::copy(term_w, term_w + C, grad_weight);
+    if (grad_bias) std::copy(term_b, term_b + C, grad_bias);
+    return;
+  }
+  std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_w[c] += term_w[g * C + c];
+      acc_b[c] += term_b[g * C + c];
+    }
+  }
+  if (grad_weight) std::copy(acc_w.begin(), acc_w.end(), grad_weight);
+  if (grad_bias) std::copy(acc_b.begin(), acc_b.end(), grad_bias);
+}
+
+// Whether the planar fused kernels run: enough (group, channel) blocks to keep every thread busy.
+inline bool use_fused_planar(const Layout& lay) {
+  return !lay.rows && lay.G * lay.C >= 4 * static_cast<int64_t>(at::get_num_threads());
+}
+
+// The moving averages' update towards the mean over the G groups of the (G, C) batch means mp and sigmas sp.
+template <typename T>
+void update_groups(const Step<T>& step, const T* mp, const T* sp, int64_t G, int64_t C, T* rmp, T* rvp) {
+  if (!step.update) return;
+  if (G == 1) {
+    for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], sp[c]);
+    return;
+  }
+  std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
+  for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, sp + g * C, mean_sum.data(), std_sum.data(), C);
+  for (int64_t c = 0; c < C; ++c)
+    step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+}
+
 // The step of all G groups from their (G, C) statistics: r, d, effective affine, inverse std and sigma_B
 // (into sp), the clipping record (added to acc when not null), then the moving averages' update towards the mean
 // over groups.
@@ -764,15 +874,7 @@ void step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64
     step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o, sp + o);
     if (acc) step.record(mp + o, sp + o, rp + o, dp + o, 0, C, acc);
   }
-  if (!step.update) return;
-  if (G == 1) {
-    for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], sp[c]);
-    return;
-  }
-  std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
-  for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, sp + g * C, mean_sum.data(), std_sum.data(), C);
-  for (int64_t c = 0; c < C; ++c)
-    step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+  update_groups<T>(step, mp, sp, G, C, rmp, rvp);
 }
 
 // ---- autograd node ---------------------------------------------------------------------------------------
@@ -810,6 +912,15 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     T* dp = mp + 3 * G * C;
     if (lay.rows && M <= kRows && !want_record) {
       fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
+      return;
+    }
+    if (use_fused_planar(lay)) {
+      std::vector<T> sp(G * C);  // sigma_B
+      fused_planar<T>(xp, op, lay, step, mp, ip, rp, dp, sp.data());
+      if (want_record) {
+        for (int64_t o = 0; o < G * C; o += C) step.record(mp + o, sp.data() + o, rp + o, dp + o, 0, C, acc);
+      }
+      update_groups<T>(step, mp, sp.data(), G, C, rmp, rvp);
       return;
     }
     // general: statistics of every group, the step, the update, then one elementwise pass
@@ -865,6 +976,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_core(const at::Tensor& g
                                      need_x ? grad_x.mutable_data_ptr<T>() : nullptr,
                                      need_w ? grad_weight.mutable_data_ptr<T>() : nullptr,
                                      need_b ? grad_bias.mutable_data_ptr<T>() : nullptr);
+      return;
+    }
+    if (use_fused_planar(lay)) {
+      std::vector<T> terms(2 * G * C);
+      fused_planar_backward<T>(xp, dp, lay, mp, ip, rr, dd, wt, need_x ? grad_x.mutable_data_ptr<T>() : nullptr,
+                               need_w ? grad_weight.mutable_data_ptr<T>() : nullptr,
+                               need_b ? grad_bias.mutable_data_ptr<T>() : nullptr, terms.data(),
+                               terms.data() + G * C);
       return;
     }
     std::vector<T> sums(2 * G * C);
