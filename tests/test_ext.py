@@ -52,6 +52,8 @@ def _case(name: str):
         # enough channels for the per-channel fused NCHW kernels on up to 8 threads (6 channels: up to 1)
         "nchw_wide": ((4, 32, 5, 5), None, BatchRenorm2d),
         "long_rows_wide": ((4, 32, 33, 40), None, BatchRenorm2d),
+        # channels-last groups of more than 64 rows, 80 channels: one register block of 64 channels and a rest
+        "channels_last_wide": ((8, 80, 6, 6), torch.channels_last, BatchRenorm2d),
     }
     shape, fmt, cls = shapes[name]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
@@ -62,7 +64,7 @@ def _case(name: str):
 
 LAYOUTS = [
     "nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl", "nchw_wide",
-    "long_rows_wide",
+    "long_rows_wide", "channels_last_wide",
 ]
 
 

@@ -208,6 +208,38 @@ void small_group_moments(const T* xg, int64_t C, int64_t c0, int64_t w, int64_t 
   for (int64_t c = 0; c < w; ++c) vo[c] = vo[c] / count;
 }
 
+// Rows start <= i < end of one group (rows C apart), channels [0, w) from xg: a[c] = sum_i (xg[i C + c] - m[c])^2,
+// rows in order. The chunk is in cache (its first pass just read it): 64-byte-line blocks of channels are summed
+// in registers, so the loop only loads and adds (a per-row sweep would also load and store a[] for every row).
+template <typename T>
+LBRN_INLINE void chunk_centred_squares(const T* xg, int64_t C, int64_t w, int64_t start, int64_t end,
+                                       const T* __restrict__ m, T* __restrict__ a) {
+  constexpr int64_t kB = 256 / static_cast<int64_t>(sizeof(T));  // four cache lines of channels
+  int64_t cb = 0;
+  for (; cb + kB <= w; cb += kB) {
+    T acc[kB] = {};
+    T mb[kB];
+    for (int64_t k = 0; k < kB; ++k) mb[k] = m[cb + k];
+    for (int64_t i = start; i < end; ++i) {
+      const T* __restrict__ row = xg + i * C + cb;
+      for (int64_t k = 0; k < kB; ++k) {
+        const T v = row[k] - mb[k];
+        acc[k] += v * v;
+      }
+    }
+    for (int64_t k = 0; k < kB; ++k) a[cb + k] = acc[k];
+  }
+  if (cb == w) return;
+  std::fill(a + cb, a + w, T(0));
+  for (int64_t i = start; i < end; ++i) {
+    const T* __restrict__ row = xg + i * C;
+    for (int64_t c = cb; c < w; ++c) {
+      const T v = row[c] - m[c];
+      a[c] += v * v;
+    }
+  }
+}
+
 // Per (group, channel) mean and biased variance. mean, var: (G, C).
 template <typename T>
 void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
@@ -254,16 +286,7 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
           for (int64_t c = 0; c < w; ++c) a[c] += row[c];
         }
         for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n_b;
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t i = start; i < end; ++i) {
-          const T* __restrict__ row = xg + i * C + c0;
-          const T* __restrict__ mc = m.data();
-          T* __restrict__ a = acc.data();
-          for (int64_t c = 0; c < w; ++c) {
-            const T v = row[c] - mc[c];
-            a[c] += v * v;
-          }
-        }
+        chunk_centred_squares<T>(xg + c0, C, w, start, end, m.data(), acc.data());
         const double nb = static_cast<double>(end - start), n = n_a + nb;
         const double f = nb / n, g2 = n_a * nb / n;
         for (int64_t c = 0; c < w; ++c) {
