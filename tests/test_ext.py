@@ -52,8 +52,9 @@ def _case(name: str):
         # enough channels for the per-channel fused NCHW kernels on up to 8 threads (6 channels: up to 1)
         "nchw_wide": ((4, 32, 5, 5), None, BatchRenorm2d),
         "long_rows_wide": ((4, 32, 33, 40), None, BatchRenorm2d),
-        # channels-last groups of more than 64 rows, 80 channels: one register block of 64 channels and a rest
-        "channels_last_wide": ((8, 80, 6, 6), torch.channels_last, BatchRenorm2d),
+        # channels-last groups of more than 64 rows, 160 channels: register blocks (64 floats or 32 doubles) and a
+        # rest, on one thread or on each of two
+        "channels_last_wide": ((8, 160, 6, 6), torch.channels_last, BatchRenorm2d),
     }
     shape, fmt, cls = shapes[name]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
@@ -104,7 +105,7 @@ def test_cpp_equals_python_path_float64(cpp, layout, microbatch_size, clipping_l
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "nchw_wide"])
 @pytest.mark.parametrize(
     "options",
     [
@@ -134,7 +135,7 @@ def test_infinite_bounds_and_non_contiguous_input(cpp, clipping_layer):
     _assert_same(_run(layer, x, True), _run(layer, x, False))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "long_rows"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "long_rows", "nchw_wide", "channels_last_wide"])
 def test_float32_close_to_python_path(cpp, layout, clipping_layer):
     x, cls = _case(layout)
     layer = clipping_layer(cls, x.shape[1]).float()
@@ -166,9 +167,10 @@ def test_double_backward_is_refused(cpp):
         gx.sum().backward()
 
 
-def test_only_requested_gradients_are_computed(cpp, clipping_layer):
-    x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
-    layer = clipping_layer(BatchRenorm2d, 4)
+@pytest.mark.parametrize("channels", [4, 32])  # 32: the fused NCHW kernels on up to 8 threads
+def test_only_requested_gradients_are_computed(cpp, clipping_layer, channels):
+    x = torch.randn(8, channels, 3, 3, dtype=torch.float64)
+    layer = clipping_layer(BatchRenorm2d, channels)
     layer.weight.requires_grad_(False)
     ref = copy.deepcopy(layer)
     with _ext.use_cpp(True):
@@ -219,12 +221,23 @@ def _assert_identical(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(8, 6, 7, 7), (2, 6, 40, 41), (4, 6, 3, 4, 5)], ids=["short_rows", "long_rows", "3d"])
-@pytest.mark.parametrize("microbatch_size", [None, 2])
+@pytest.mark.parametrize(
+    "shape, microbatch_size",
+    [
+        ((8, 6, 7, 7), None),
+        ((6, 2, 7, 7), 2),
+        ((2, 6, 40, 41), None),
+        ((6, 2, 40, 41), 2),
+        ((4, 6, 3, 4, 5), None),
+        ((6, 2, 3, 4, 5), 2),
+    ],
+    ids=["short_rows", "short_rows_3_groups", "long_rows", "long_rows_3_groups", "3d", "3d_3_groups"],
+)
 def test_nchw_fused_and_two_pass_kernels_agree_bit_for_bit(cpp, clipping_layer, dtype, shape, microbatch_size):
     """Planar inputs run one (group, channel) block at a time when there are at least 4 blocks per thread, else
-    statistics of all channels then one output pass: the same arithmetic, so the same bits. 6 channels: fused
-    on one thread, two passes on two (12 blocks with microbatches: fused on both)."""
+    the statistics of all blocks then one output pass: the same arithmetic, so the same bits (outputs, gradients,
+    running statistics, the clipping record). Every case has 6 blocks: fused on one thread, two passes on 8;
+    three groups, so that the order in which the weight's and bias's gradients add their terms over groups matters."""
     cls = BatchRenorm3d if len(shape) == 5 else BatchRenorm2d
     layer = clipping_layer(cls, shape[1], microbatch_size=microbatch_size).to(dtype)
     layer.track_correction = True
@@ -233,7 +246,7 @@ def test_nchw_fused_and_two_pass_kernels_agree_bit_for_bit(cpp, clipping_layer, 
     try:
         torch.set_num_threads(1)
         fused = _run(layer, x, True)
-        torch.set_num_threads(2)
+        torch.set_num_threads(8)
         two_pass = _run(layer, x, True)
     finally:
         torch.set_num_threads(threads)

@@ -209,8 +209,9 @@ void small_group_moments(const T* xg, int64_t C, int64_t c0, int64_t w, int64_t 
 }
 
 // Rows start <= i < end of one group (rows C apart), channels [0, w) from xg: a[c] = sum_i (xg[i C + c] - m[c])^2,
-// rows in order. The chunk is in cache (its first pass just read it): 64-byte-line blocks of channels are summed
-// in registers, so the loop only loads and adds (a per-row sweep would also load and store a[] for every row).
+// rows in order. The chunk is in cache (its first pass just read it): blocks of four cache lines of channels (64
+// floats, 32 doubles) are summed in local accumulators that AVX-512's 32 vector registers hold, so the loop only
+// loads and adds (a per-row sweep also loads and stores a[] for every row); the rest of w, per row.
 template <typename T>
 LBRN_INLINE void chunk_centred_squares(const T* xg, int64_t C, int64_t w, int64_t start, int64_t end,
                                        const T* __restrict__ m, T* __restrict__ a) {
@@ -565,7 +566,8 @@ void step_row(const T* __restrict__ mean, const T* __restrict__ var, const T* __
 
 // From the (G, C) batch statistics: r, d, the effective affine and inverse std (all (G, C)); then the in-place
 // moving-average update towards the mean over groups. running_mean == nullptr: no running statistics.
-// Loops run over channels innermost (contiguous), so they vectorize for G * C in the tens of thousands.
+// On the two-pass paths the loops run over all channels innermost (contiguous), so they vectorize; the fused
+// planar kernels call row() one channel at a time.
 // The hyper-parameters and the moving averages as they were before this step (sigma = sqrt(running_var + eps)).
 template <typename T>
 struct Step {
@@ -867,7 +869,9 @@ void fused_planar_backward(const T* x, const T* dy, const Layout& lay, const T* 
   if (grad_bias) std::copy(acc_b.begin(), acc_b.end(), grad_bias);
 }
 
-// Whether the planar fused kernels run: enough (group, channel) blocks to keep every thread busy.
+// Whether the planar fused kernels run: at least 4 (group, channel) blocks per thread, so that splitting the work
+// by blocks loses little parallelism (the blocks are then split as parallel_for's grain allows: 32768 values per
+// task at least, as the two-pass output pass).
 inline bool use_fused_planar(const Layout& lay) {
   return !lay.rows && lay.G * lay.C >= 4 * static_cast<int64_t>(at::get_num_threads());
 }
