@@ -1,0 +1,89 @@
+"""The benchmark scripts (bench/): they run, print the tables the README is made from, and the README's
+table is regenerated from their output. Short runs (a few repetitions of small shapes); the timings are not
+asserted, the saved-memory figures are (they do not depend on timing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(  # from the repository root, as the README runs them
+        [sys.executable, f"bench/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _table(text: str, title: str) -> list[list[str]]:
+    section = next(s for s in text.split("### ") if s.startswith(title))
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines() if ln.startswith("| (")]
+
+
+def _mib(cell: str) -> float:
+    return float(cell.split()[0])  # "0.39 (3)": MiB, then the number of saved tensors
+
+
+@pytest.fixture(scope="module")
+def layers_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("bench") / "cpu.md"
+    stdout = _run(
+        "bench_layers.py", "--quick", "--reps", "2", "--warmup", "1", "--sample-ms", "2", "--shapes", "3,5",
+        "--formats", "contiguous", "--threads", "1", "--out", str(out),
+    )
+    return stdout, out
+
+
+def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layers_result):
+    stdout, out = layers_result
+    written = out.read_text()
+    assert "- command: `python bench/bench_layers.py" in written and "- allocator: " in written
+    for title in ("Time", "microbatch", "Saved"):
+        assert _table(written, title) == _table(stdout, title)
+    rows = _table(stdout, "Time")
+    assert [r[0] for r in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    for r in rows:
+        assert re.fullmatch(r"\d+\.\d{3}", r[2]), r  # batchnorm eager, ms
+        for cell in r[3:5] + r[7:8]:
+            assert re.fullmatch(r"\d+\.\d{3} \(\d+\.\d+x\)", cell), r
+        for cell in r[5:7]:  # compiled: a time and, for renorm, the ratio to compiled batchnorm
+            assert not cell.startswith("FAIL"), r
+        assert re.search(r"\[\d+\.\d+x\]", r[6]), r
+    assert [r[0] for r in _table(stdout, "microbatch")] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    for r in _table(stdout, "Saved"):
+        _, _, _, bn, brn, literal, _bn_c, brn_c = r[:8]
+        assert _mib(brn) <= _mib(bn) and _mib(brn_c) <= _mib(bn), r
+        assert _mib(literal) > 2 * _mib(bn), r  # the autograd-op Algorithm 1 keeps about three inputs' worth
+
+
+def test_readme_table_is_regenerated_from_a_result(layers_result, tmp_path):
+    _, out = layers_result
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table-start -->\nold table\n<!-- bench-table-end -->\noutro\n")
+    printed = _run("readme_table.py", str(out), "--readme", str(readme))
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench-table-start -->\n| shape | format |") and text.endswith(
+        "<!-- bench-table-end -->\noutro\n"
+    )
+    assert "old table" not in text and printed.strip() in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| (")]
+    assert [ln.split("|")[1].strip() for ln in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    assert rows[1].split("|")[2].strip() == "NC"
+
+
+def test_bench_overhead_prints_both_inputs():
+    stdout = _run("bench_overhead.py", "--reps", "2", "--inner", "2", "--scale-shape", "2,16,4,4")
+    rows = [ln for ln in stdout.splitlines() if ln.startswith("| (")]
+    assert [ln.split("|")[1].strip() for ln in rows] == ["(4, 64, 1, 1)", "(2, 16, 4, 4)"]
+    for ln in rows:
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
+        assert re.fullmatch(r"\d+\.\d", cells[0]) and re.fullmatch(r"\d+\.\d \[[+-]\d+\.\d\]", cells[1]), ln
