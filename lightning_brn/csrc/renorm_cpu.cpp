@@ -241,6 +241,43 @@ LBRN_INLINE void chunk_centred_squares(const T* xg, int64_t C, int64_t w, int64_
   }
 }
 
+// Planar layout, block gc = g * C + c (the k rows of channel c in group g): mean and biased variance.
+template <typename T>
+LBRN_INLINE void planar_moments(const T* x, const Layout& lay, int64_t gc, T* mean, T* var) {
+  const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  const int64_t g = gc / C, c = gc % C;
+  const double count = static_cast<double>(k) * static_cast<double>(L);
+  const T* xc = x + c * L;
+  const double s = channel_sum<Sum::kPlain>(xc, xc, g * k, (g + 1) * k, C * L, L, T(0));
+  const T m = static_cast<T>(s / count);
+  const double ss = channel_sum<Sum::kCentredSquares>(xc, xc, g * k, (g + 1) * k, C * L, L, m);
+  *mean = m;
+  *var = static_cast<T>(ss / count);
+}
+
+// Planar layout, block gc: sum of dy and of dy * (x - mean) over its rows (mean: the block's), as doubles.
+template <typename T>
+LBRN_INLINE void planar_grad_sums(const T* x, const T* dy, const Layout& lay, int64_t gc, T mean, double* sum_dy,
+                                  double* sum_dyx) {
+  const int64_t C = lay.C, L = lay.L, k = lay.per_group();
+  const int64_t g = gc / C, c = gc % C;
+  const T* xc = x + c * L;
+  const T* dc = dy + c * L;
+  if (L < kBlock) {
+    channel_sum_pair<T>(xc, dc, g * k, (g + 1) * k, C * L, L, mean, sum_dy, sum_dyx);
+    return;
+  }
+  double s = 0, sx = 0;  // long rows: both sums row by row, the second one over a row still in the L1 cache
+  for (int64_t n = g * k; n < (g + 1) * k; ++n) {
+    const T* xr = xc + n * C * L;
+    const T* dr = dc + n * C * L;
+    s += lane_sum<Sum::kPlain>(dr, dr, L, T(0));
+    sx += lane_sum<Sum::kCentredProducts>(xr, dr, L, mean);
+  }
+  *sum_dy = s;
+  *sum_dyx = sx;
+}
+
 // Per (group, channel) mean and biased variance. mean, var: (G, C).
 template <typename T>
 void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
@@ -248,15 +285,7 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
   const double count = static_cast<double>(k) * static_cast<double>(L);
   if (!lay.rows) {
     at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t gc = b; gc < e; ++gc) {
-        const int64_t g = gc / C, c = gc % C;
-        const T* xc = x + c * L;
-        const double s = channel_sum<Sum::kPlain>(xc, xc, g * k, (g + 1) * k, C * L, L, T(0));
-        const T m = static_cast<T>(s / count);
-        const double ss = channel_sum<Sum::kCentredSquares>(xc, xc, g * k, (g + 1) * k, C * L, L, m);
-        mean[gc] = m;
-        var[gc] = static_cast<T>(ss / count);
-      }
+      for (int64_t gc = b; gc < e; ++gc) planar_moments<T>(x, lay, gc, mean + gc, var + gc);
     });
     return;
   }
@@ -312,21 +341,8 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
   if (!lay.rows) {
     at::parallel_for(0, G * C, 1, [&](int64_t b, int64_t e) {
       for (int64_t gc = b; gc < e; ++gc) {
-        const int64_t g = gc / C, c = gc % C;
-        const T* xc = x + c * L;
-        const T* dc = dy + c * L;
         double s, sx;
-        if (L < kBlock) {
-          channel_sum_pair<T>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc], &s, &sx);
-        } else {  // long rows: both sums row by row, the second one over a row still in the L1 cache
-          s = sx = 0;
-          for (int64_t n = g * k; n < (g + 1) * k; ++n) {
-            const T* xr = xc + n * C * L;
-            const T* dr = dc + n * C * L;
-            s += lane_sum<Sum::kPlain>(dr, dr, L, T(0));
-            sx += lane_sum<Sum::kCentredProducts>(xr, dr, L, mean[gc]);
-          }
-        }
+        planar_grad_sums<T>(x, dy, lay, gc, mean[gc], &s, &sx);
         sum_dy[gc] = static_cast<T>(s);
         sum_dyx[gc] = static_cast<T>(sx);
       }
@@ -787,18 +803,12 @@ template <typename T>
 void fused_planar(const T* x, T* out, const Layout& lay, const Step<T>& step, T* mean, T* invstd, T* r, T* d,
                   T* std_b) {
   const int64_t C = lay.C, L = lay.L, G = lay.G, k = lay.per_group();
-  const double count = static_cast<double>(k) * static_cast<double>(L);
   with_stream(out, L, lay.N * C * L, [&](auto stream) {
     at::parallel_for(0, G * C, std::max<int64_t>(1, 32768 / (k * L)), [&](int64_t b, int64_t e) {
       for (int64_t gc = b; gc < e; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        const T* xc = x + c * L;
-        const double s = channel_sum<Sum::kPlain>(xc, xc, g * k, (g + 1) * k, C * L, L, T(0));
-        const T m = static_cast<T>(s / count);
-        const double ss = channel_sum<Sum::kCentredSquares>(xc, xc, g * k, (g + 1) * k, C * L, L, m);
-        const T v = static_cast<T>(ss / count);
-        mean[gc] = m;
-        T w_eff, b_eff, scale, shift;
+        T v, w_eff, b_eff, scale, shift;
+        planar_moments<T>(x, lay, gc, mean + gc, &v);
         step.row(mean + gc, &v, c, 1, r + gc, d + gc, &w_eff, &b_eff, invstd + gc, std_b + gc);
         affine_constants<T>(&w_eff, &b_eff, invstd + gc, mean + gc, &scale, &shift, 1);
         for (int64_t n = g * k; n < (g + 1) * k; ++n) {
@@ -825,18 +835,8 @@ void fused_planar_backward(const T* x, const T* dy, const Layout& lay, const T* 
     at::parallel_for(0, G * C, std::max<int64_t>(1, 16384 / (k * L)), [&](int64_t b, int64_t e) {
       for (int64_t gc = b; gc < e; ++gc) {
         const int64_t g = gc / C, c = gc % C;
-        const T* xc = x + c * L;
-        const T* dc = dy + c * L;
         double s, sx;
-        if (L < kBlock) {
-          channel_sum_pair<T>(xc, dc, g * k, (g + 1) * k, C * L, L, mean[gc], &s, &sx);
-        } else {
-          s = sx = 0;
-          for (int64_t n = g * k; n < (g + 1) * k; ++n) {
-            s += lane_sum<Sum::kPlain>(dc + n * C * L, dc + n * C * L, L, T(0));
-            sx += lane_sum<Sum::kCentredProducts>(xc + n * C * L, dc + n * C * L, L, mean[gc]);
-          }
-        }
+        planar_grad_sums<T>(x, dy, lay, gc, mean[gc], &s, &sx);
         T sum_dy = static_cast<T>(s), sum_dyx = static_cast<T>(sx);
         term_w[gc] = T(0);
         term_b[gc] = T(0);
@@ -853,11 +853,6 @@ void fused_planar_backward(const T* x, const T* dy, const Layout& lay, const T* 
       if (decltype(stream)::value) stream_fence();
     });
   });
-  if (G == 1) {  // 0 + term: the general path's sum over one group
-    if (grad_weight) std::copy(term_w, term_w + C, grad_weight);
-    if (grad_bias) std::copy(term_b, term_b + C, grad_bias);
-    return;
-  }
   std::vector<T> acc_w(C, T(0)), acc_b(C, T(0));
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t c = 0; c < C; ++c) {
@@ -876,9 +871,14 @@ inline bool use_fused_planar(const Layout& lay) {
   return !lay.rows && lay.G * lay.C >= 4 * static_cast<int64_t>(at::get_num_threads());
 }
 
-// The moving averages' update towards the mean over the G groups of the (G, C) batch means mp and sigmas sp.
+// After the step of all G groups: the clipping record (added to acc, group by group, when not null), then the
+// moving averages' update towards the mean over the groups of the (G, C) batch means mp and sigmas sp.
 template <typename T>
-void update_groups(const Step<T>& step, const T* mp, const T* sp, int64_t G, int64_t C, T* rmp, T* rvp) {
+void finish_groups(const Step<T>& step, const T* mp, const T* sp, const T* rp, const T* dp, int64_t G, int64_t C,
+                   T* rmp, T* rvp, double* acc) {
+  if (acc) {
+    for (int64_t o = 0; o < G * C; o += C) step.record(mp + o, sp + o, rp + o, dp + o, 0, C, acc);
+  }
   if (!step.update) return;
   if (G == 1) {
     for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], sp[c]);
@@ -899,9 +899,8 @@ void step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64
   for (int64_t g = 0; g < G; ++g) {
     const int64_t o = g * C;
     step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o, sp + o);
-    if (acc) step.record(mp + o, sp + o, rp + o, dp + o, 0, C, acc);
   }
-  update_groups<T>(step, mp, sp, G, C, rmp, rvp);
+  finish_groups<T>(step, mp, sp, rp, dp, G, C, rmp, rvp, acc);
 }
 
 // ---- autograd node ---------------------------------------------------------------------------------------
@@ -944,10 +943,7 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     if (use_fused_planar(lay)) {
       std::vector<T> sp(G * C);  // sigma_B
       fused_planar<T>(xp, op, lay, step, mp, ip, rp, dp, sp.data());
-      if (want_record) {
-        for (int64_t o = 0; o < G * C; o += C) step.record(mp + o, sp.data() + o, rp + o, dp + o, 0, C, acc);
-      }
-      update_groups<T>(step, mp, sp.data(), G, C, rmp, rvp);
+      finish_groups<T>(step, mp, sp.data(), rp, dp, G, C, rmp, rvp, want_record ? acc : nullptr);
       return;
     }
     // general: statistics of every group, the step, the update, then one elementwise pass
