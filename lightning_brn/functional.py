@@ -283,6 +283,7 @@ def batch_renorm(
     dmax: Number = 0.0,
     microbatch_size: Optional[int] = None,
     correction_stats: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Batch Renormalization over the channel dimension (dim 1) of ``input``.
 
@@ -317,6 +318,8 @@ def batch_renorm(
             per call towards the mean over groups of :math:`\mu_B` and of :math:`\sigma_B`.
         correction_stats: optional float tensor of shape (5,) that receives, in place, the sums over
             channels (and groups) of: r clipped, d clipped, :math:`|r-1|`, :math:`|d|`, and the count.
+        num_batches_tracked: optional counter (batchnorm's ``num_batches_tracked``), incremented in place by one
+            per training call, once the input has passed every check (a rejected input counts no batch).
 
     Shape:
         - Input: (N, C, *); Output: same shape (and memory format) as the input.
@@ -354,6 +357,9 @@ def batch_renorm(
             f"Expected more than 1 value per channel when training, got input size {list(input.shape)}"
             + (f" with microbatch_size={microbatch_size}" if groups > 1 else "")
         )
+
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
 
     if _is_compiling():
         return _batch_renorm_composite(

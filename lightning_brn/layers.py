@@ -325,8 +325,6 @@ class _BatchRenorm(nn.Module):
         tracing = not compiling and _is_fx_symbolic_tracing()
         if not tracing:
             self._check_input(input)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
         # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
@@ -350,6 +348,10 @@ class _BatchRenorm(nn.Module):
             dmax,
             self._microbatch_size if self.training else None,  # microbatches split training batches only
             self._correction if (self.track_correction and self.training) else None,
+            # counted by batch_renorm once the input passed its checks; an argument rather than an add_ here, so
+            # that an fx graph records it in its one call (in eval mode too, where nothing is counted: the graphs
+            # of both modes have the same nodes)
+            self.num_batches_tracked if self.track_running_stats else None,
         )
 
     def _check_input(self, input: Tensor) -> None:

@@ -212,6 +212,32 @@ def test_reverted_model_fuses_conv_bn() -> None:
         torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_converted_model_works_with_fx_feature_extraction(training: bool) -> None:
+    """timm's (torchvision's) fx feature extractor traces the model in both modes: the converted layers trace the
+    same nodes in each (no train/eval node mismatch warning), and the traced extractor keeps counting batches and
+    moving the averages of the layers it shares with the model."""
+    from timm.models import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = convert_model(timm.create_model("resnet18", num_classes=10), rmax=2.0, dmax=1.0).train(training)
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the node-mismatch UserWarning included
+        extractor = create_feature_extractor(model, return_nodes={"layer2": "mid", "layer4": "last"})
+    x = torch.randn(4, 3, 64, 64)
+    for _ in range(3):
+        out = extractor(x)
+        expected = reference(x)  # the same steps through the module itself
+    layers = [m for m in model.modules() if is_batch_renorm(m)]
+    assert [int(m.num_batches_tracked) for m in layers] == [3 if training else 0] * len(layers)
+    for ours, theirs in zip(layers, (m for m in reference.modules() if is_batch_renorm(m))):
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert out["last"].shape == (4, 512, 2, 2) and out["mid"].shape == (4, 128, 8, 8)
+    assert expected.shape == (4, 10)
+
+
 def _reverted_timm() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     original = _randomize_bn(timm.create_model("mobilenetv3_small_050", num_classes=10)).eval()  # BatchNormAct2d

@@ -211,6 +211,20 @@ def test_microbatch_errors_name_the_sizes():
             assert rm.eq(0).all()
 
 
+def test_num_batches_tracked_counts_training_calls_that_pass_the_checks():
+    x = torch.randn(6, 3, 2, 2)
+    count = torch.tensor(0)
+    for training, mb in ((True, None), (True, 3), (False, None)):
+        batch_renorm(x, torch.zeros(3), torch.ones(3), training=training, microbatch_size=mb, num_batches_tracked=count)
+    batch_renorm(x, None, None, training=True, num_batches_tracked=count)  # no running statistics: still a batch
+    assert count.item() == 3  # the eval call counts nothing
+    for bad_x, mb in ((x, 4), (x, 0), (torch.randn(1, 3, 1, 1), None), (torch.randn(6, 3, 1, 1), 1)):
+        with pytest.raises(ValueError):
+            batch_renorm(bad_x, torch.zeros(3), torch.ones(3), training=True, microbatch_size=mb,
+                         num_batches_tracked=count)
+    assert count.item() == 3, "a rejected input must not count as a batch"
+
+
 def test_correction_stats_are_recorded():
     stats = torch.zeros(5)
     x = torch.randn(64, 4, dtype=torch.float64) * torch.tensor([10.0, 0.01, 1.0, 1.0], dtype=torch.float64)

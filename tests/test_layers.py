@@ -243,8 +243,11 @@ def test_microbatch_errors_before_any_state_changes():
     with pytest.raises(ValueError, match=r"microbatch_size=4 does not divide the batch size 6"):
         layer(torch.randn(6, 3, 2, 2) + 5)
     assert torch.equal(layer.running_mean, before)
+    assert layer.num_batches_tracked.item() == 0, "a rejected input must not count as a step"
+    one_value = BatchRenorm1d(3, microbatch_size=1)
     with pytest.raises(ValueError, match=r"more than 1 value per channel"):
-        BatchRenorm1d(3, microbatch_size=1)(torch.randn(4, 3))
+        one_value(torch.randn(4, 3))
+    assert one_value.num_batches_tracked.item() == 0
     # eval mode ignores microbatches (inference uses moving averages)
     layer.eval()(torch.randn(6, 3, 2, 2))
 
@@ -511,11 +514,16 @@ def test_fx_symbolic_trace_records_one_call_per_layer_and_follows_new_values():
     calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "batch_renorm"]
     assert len(calls) == 2
     x = torch.randn(8, 3, 5, 5) * 2 + 1
+    renorms = [m for m in model.modules() if is_batch_renorm(m)]
+    assert [int(m.num_batches_tracked) for m in renorms] == [0, 0]  # tracing itself counts no batch
     torch.testing.assert_close(traced(x), reference(x))
     for m in list(model.modules()) + list(reference.modules()):
         if is_batch_renorm(m):
             m.rmax, m.dmax = 1.0, 0.0  # the traced graph reads the shared 0-dim buffers: no stale constants
     torch.testing.assert_close(traced(x), reference(x))
+    # every call of the graph counts a batch, as the module does
+    assert [int(m.num_batches_tracked) for m in renorms] == [2, 2]
+    assert [int(m.num_batches_tracked) for m in reference.modules() if is_batch_renorm(m)] == [2, 2]
     # like any fx trace, the graph is specialized to the mode it was traced in: trace eval separately
     traced_eval = torch.fx.symbolic_trace(model.eval())
     torch.testing.assert_close(traced_eval(x), reference.eval()(x))
