@@ -15,10 +15,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_brn._traced import batch_renorm as _traced_batch_renorm
 from lightning_brn.functional import _is_compiling, batch_renorm
 
-# torch.fx (and timm's fx feature extraction) records batch_renorm as one call instead of tracing into it.
-torch.fx.wrap("batch_renorm")
+# torch.fx (and timm's fx feature extraction) records one call per layer instead of tracing into it.
+torch.fx.wrap("_traced_batch_renorm")
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
 
@@ -328,9 +329,28 @@ class _BatchRenorm(nn.Module):
         # As in batchnorm: batch statistics in training, and in eval when there are no running stats.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        if tracing or compiling:
-            # tensors: slices of one graph input, so new values never trigger a recompilation (nor go stale in an
-            # fx graph)
+        # batchnorm's counter, counted by batch_renorm once the input passed its checks (and so recorded in an fx
+        # graph's one call); passed in eval mode too, where nothing is counted: fx graphs of both modes have the
+        # same nodes
+        num_batches_tracked = self.num_batches_tracked if self.track_running_stats else None
+        microbatch_size = self._microbatch_size if self.training else None  # microbatches split training batches
+        correction = self._correction if (self.track_correction and self.training) else None
+        if tracing:  # the graph reads the schedule buffer when it runs (see lightning_brn._traced)
+            return _traced_batch_renorm(
+                input,
+                self.running_mean if pass_running else None,
+                self.running_var if pass_running else None,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                self._schedule,
+                self.eps,
+                microbatch_size,
+                correction,
+                num_batches_tracked,
+            )
+        if compiling:
+            # tensors: slices of one graph input, so new values never trigger a recompilation
             schedule = self._schedule
             rmax, dmax, momentum = schedule[0:1], schedule[1:2], schedule[2:3]
         else:
@@ -346,12 +366,9 @@ class _BatchRenorm(nn.Module):
             self.eps,
             rmax,
             dmax,
-            self._microbatch_size if self.training else None,  # microbatches split training batches only
-            self._correction if (self.track_correction and self.training) else None,
-            # counted by batch_renorm once the input passed its checks; an argument rather than an add_ here, so
-            # that an fx graph records it in its one call (in eval mode too, where nothing is counted: the graphs
-            # of both modes have the same nodes)
-            self.num_batches_tracked if self.track_running_stats else None,
+            microbatch_size,
+            correction,
+            num_batches_tracked,
         )
 
     def _check_input(self, input: Tensor) -> None:

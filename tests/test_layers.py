@@ -513,6 +513,11 @@ def test_fx_symbolic_trace_records_one_call_per_layer_and_follows_new_values():
     traced = torch.fx.symbolic_trace(model)  # shares parameters and buffers with ``model``
     calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "batch_renorm"]
     assert len(calls) == 2
+    # the graph reads the layers' own buffers (the schedule included), not tensor constants of its own: its state
+    # dict is the model's, and a checkpoint of the model loads into it strictly
+    assert not [n.target for n in traced.graph.nodes if n.op == "get_attr" and "constant" in n.target]
+    assert list(traced.state_dict()) == list(model.state_dict())
+    traced.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(8, 3, 5, 5) * 2 + 1
     renorms = [m for m in model.modules() if is_batch_renorm(m)]
     assert [int(m.num_batches_tracked) for m in renorms] == [0, 0]  # tracing itself counts no batch
