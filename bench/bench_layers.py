@@ -19,7 +19,10 @@ random ``grad``), float32. For every shape and memory format it builds, with the
 
 All variants of one shape are timed interleaved (each repetition runs every variant once, in a
 shuffled order) after warm-up; the tables show medians and ratios to eager batchnorm (compiled renorm
-also against compiled batchnorm). Memory is the bytes of the unique storages saved for backward,
+also against compiled batchnorm). The paired-ratio table divides each repetition's renorm time by batchnorm's
+from the same round, so that a slow spell of a shared machine cancels out, and gives the median of those ratios
+with a distribution-free 95% interval (order statistics; 15 repetitions: the 4th to the 12th smallest ratio): an
+interval that contains 1 means the run cannot tell the two apart. Memory is the bytes of the unique storages saved for backward,
 counted with :class:`torch.autograd.graph.saved_tensors_hooks` during one forward; the INPUT's storage
 IS INCLUDED when a variant saves it (every variant here does), so subtract the "input MiB" column to
 get the extra memory a layer keeps alive. On CUDA the tables also give
@@ -35,6 +38,7 @@ import contextlib
 import copy
 import datetime
 import hashlib
+import math
 import os
 import platform
 import random
@@ -309,6 +313,7 @@ def bench_config(
         "inner": inner,
         "clip": clip,
         "compile_s": compile_s,
+        "times": times,
         "input_mib": x.numel() * x.element_size() / MIB,
         "micro": "brn_mb" in mods,
     }
@@ -326,6 +331,34 @@ def fmt_time(res: dict, name: str, ref: Optional[str] = "bn", ref2: Optional[str
         cell += f" ({t / res['med'][ref]:.2f}x)"
     if ref2 is not None and ref2 in res["med"]:
         cell += f" [{t / res['med'][ref2]:.2f}x]"
+    return cell
+
+
+def median_interval_ranks(n: int, level: float = 0.95) -> Optional[tuple[int, int]]:
+    """0-based ranks (lo, hi) of the sorted sample whose values bound a distribution-free interval for the median
+    with coverage >= ``level`` (order statistics: P(lo < rank of the median <= hi) from Binomial(n, 1/2)); ``None``
+    when ``n`` is too small for that coverage (n < 6 at 95%)."""
+    tail, k = 0.0, 0
+    while True:
+        p_next = tail + math.comb(n, k) / 2.0**n  # P(Binomial(n, 1/2) <= k)
+        if p_next > (1.0 - level) / 2.0:
+            break
+        tail, k = p_next, k + 1
+    return None if k == 0 else (k - 1, n - k)
+
+
+def paired_ratio(res: dict, name: str, ref: str) -> str:
+    """Median over repetitions of (time of ``name`` / time of ``ref`` in the same shuffled round), with its 95%
+    interval: the two were timed seconds apart, so a slow spell of the machine cancels out of each ratio."""
+    if name in res["errors"]:
+        return res["errors"][name]
+    if name not in res["times"] or ref not in res["times"]:
+        return "-"
+    ratios = sorted(a / b for a, b in zip(res["times"][name], res["times"][ref]))
+    cell = f"{statistics.median(ratios):.3f}x"
+    ranks = median_interval_ranks(len(ratios))
+    if ranks is not None:
+        cell += f" ({ratios[ranks[0]]:.3f}-{ratios[ranks[1]]:.3f})"
     return cell
 
 
@@ -358,6 +391,20 @@ def tables(results: list[dict], device: torch.device) -> str:
                 f"{fmt_time(r, 'literal_mb')} | {fmt_time(r, 'bn_c')} | {fmt_time(r, 'brn_mb_c', 'bn', 'bn_c')} | "
                 f"{fmt_time(r, 'brn_mb_py')} |"
             )
+    out.append(
+        "\n### Paired ratios (median over repetitions of renorm's time / batchnorm's in the same round; "
+        "in parentheses a distribution-free 95% interval for that median)\n"
+    )
+    out.append(
+        f"| shape | format | brn / bn, eager | brn compiled / bn compiled | brn mb{MICRO} / bn, eager "
+        f"| brn mb{MICRO} compiled / bn compiled |"
+    )
+    out.append("|---|---|---|---|---|---|")
+    for r in results:
+        out.append(
+            f"| {shape_cell(r)} | {r['fmt']} | {paired_ratio(r, 'brn', 'bn')} | {paired_ratio(r, 'brn_c', 'bn_c')} | "
+            f"{paired_ratio(r, 'brn_mb', 'bn')} | {paired_ratio(r, 'brn_mb_c', 'bn_c')} |"
+        )
     names = ["bn", "brn", "literal", "bn_c", "brn_c", "brn_mb", "literal_mb", "brn_mb_c", "brn_py", "brn_mb_py"]
     heads = [
         "bn", "brn", "literal", "bn comp.", "brn comp.", f"brn mb{MICRO}", f"literal mb{MICRO}", f"brn mb{MICRO} comp.",

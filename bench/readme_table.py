@@ -26,13 +26,23 @@ def _ratio(cell: str, brackets: bool = False) -> str:
     return f"{m.group(1)}x" if m else "-"
 
 
+def _paired(cell: str) -> str:
+    """``0.987x (0.962-1.004)`` (a paired ratio and its interval) as ``0.99x (0.96-1.00)``."""
+    m = re.fullmatch(r"(\d+\.\d+)x(?: \((\d+\.\d+)-(\d+\.\d+)\))?", cell)
+    if not m:
+        return "-"
+    out = f"{float(m.group(1)):.2f}x"
+    return out + (f" ({float(m.group(2)):.2f}-{float(m.group(3)):.2f})" if m.group(2) else "")
+
+
 def table(text: str) -> str:
     main = _rows(text, "Time")
     micro = {(r[0], r[1]): r for r in _rows(text, "microbatch")}
     memory = {(r[0], r[1]): r for r in _rows(text, "Saved")}
+    paired = {(r[0], r[1]): r for r in _rows(text, "Paired")} if "### Paired" in text else {}
     lines = [
         "| shape | format | batchnorm (ms) | renorm | literal Alg. 1 | renorm, microbatches of 4 "
-        "| compiled renorm / compiled batchnorm | saved for backward, renorm / batchnorm (MiB) "
+        "| compiled renorm / compiled batchnorm (95% interval) | saved for backward, renorm / batchnorm (MiB) "
         "| renorm, Python path (no C++) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -41,9 +51,11 @@ def table(text: str) -> str:
         fmt = "channels_last" if r[1] == "channels_last" else ("NC" if r[0].count(",") == 1 else "NCHW")
         mb = micro.get(key)
         mem = memory[key]
+        pair = paired.get(key)
+        compiled = _paired(pair[3]) if pair else _ratio(r[6], brackets=True)
         lines.append(
             f"| {r[0]} | {fmt} | {r[2]} | {_ratio(r[3])} | {_ratio(r[4])} | {_ratio(mb[3]) if mb else '-'} "
-            f"| {_ratio(r[6], brackets=True)} | {mem[4].split()[0]} / {mem[3].split()[0]} "
+            f"| {compiled} | {mem[4].split()[0]} / {mem[3].split()[0]} "
             f"| {_ratio(r[7]) if len(r) > 7 else '-'} |"
         )
     meta = {k: v for k, v in re.findall(r"^- (date|device): (.*)$", text, flags=re.M)}

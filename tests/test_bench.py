@@ -37,7 +37,7 @@ def _mib(cell: str) -> float:
 def layers_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp("bench") / "cpu.md"
     stdout = _run(
-        "bench_layers.py", "--quick", "--reps", "2", "--warmup", "1", "--sample-ms", "2", "--shapes", "3,5",
+        "bench_layers.py", "--quick", "--reps", "6", "--warmup", "1", "--sample-ms", "2", "--shapes", "3,5",
         "--formats", "contiguous", "--threads", "1", "--out", str(out),
     )
     return stdout, out
@@ -47,7 +47,7 @@ def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layer
     stdout, out = layers_result
     written = out.read_text()
     assert "- command: `python bench/bench_layers.py" in written and "- allocator: " in written
-    for title in ("Time", "microbatch", "Saved"):
+    for title in ("Time", "microbatch", "Paired", "Saved"):
         assert _table(written, title) == _table(stdout, title)
     rows = _table(stdout, "Time")
     assert [r[0] for r in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
@@ -59,6 +59,13 @@ def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layer
             assert not cell.startswith("FAIL"), r
         assert re.search(r"\[\d+\.\d+x\]", r[6]), r
     assert [r[0] for r in _table(stdout, "microbatch")] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    paired = _table(stdout, "Paired")
+    assert [r[0] for r in paired] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    for r in paired:  # eager, compiled, microbatches eager and compiled: a median inside its interval
+        for cell in r[2:6]:
+            m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
+            assert m, r
+            assert float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), r
     for r in _table(stdout, "Saved"):
         _, _, _, bn, brn, literal, _bn_c, brn_c = r[:8]
         assert _mib(brn) <= _mib(bn) and _mib(brn_c) <= _mib(bn), r
@@ -78,6 +85,26 @@ def test_readme_table_is_regenerated_from_a_result(layers_result, tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| (")]
     assert [ln.split("|")[1].strip() for ln in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
     assert rows[1].split("|")[2].strip() == "NC"
+    for ln in rows:  # compiled renorm / compiled batchnorm: the paired median and its interval
+        assert re.fullmatch(r"\d+\.\d{2}x \(\d+\.\d{2}-\d+\.\d{2}\)", ln.split("|")[7].strip()), ln
+
+
+def test_median_interval_covers_the_median_at_95_percent():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_layers import median_interval_ranks
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from math import comb
+
+    assert median_interval_ranks(5) is None and median_interval_ranks(15) == (3, 11)
+    for n in range(6, 60):
+        lo, hi = median_interval_ranks(n)
+        # P(x_(lo) <= median <= x_(hi)) = P(lo < B <= hi) for B ~ Binomial(n, 1/2), B = #values below the median
+        coverage = sum(comb(n, k) for k in range(lo + 1, hi + 1)) / 2**n
+        assert coverage >= 0.95, n
+        narrower = sum(comb(n, k) for k in range(lo + 2, hi)) / 2**n  # one rank in on each side
+        assert narrower < 0.95, n
 
 
 def test_bench_overhead_prints_both_inputs():
