@@ -443,13 +443,13 @@ def code_version() -> str:
         head, dirty = "unknown", ""
     pkg = os.path.dirname(lightning_brn.__file__)
     h = hashlib.sha256()
-    for name in ("functional.py", "layers.py", "_ext.py", "csrc/renorm_cpu.cpp"):
+    for name in ("functional.py", "layers.py", "_traced.py", "_ext.py", "csrc/renorm_cpu.cpp"):
         try:
             with open(os.path.join(pkg, name), "rb") as f:
                 h.update(f.read())
         except OSError:
             pass
-    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py, layers.py, _ext.py, csrc/renorm_cpu.cpp) {h.hexdigest()[:12]}"
+    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py, layers.py, _traced.py, _ext.py, csrc/renorm_cpu.cpp) {h.hexdigest()[:12]}"
 
 
 def header(args: argparse.Namespace, device: torch.device) -> str:

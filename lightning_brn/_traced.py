@@ -26,9 +26,11 @@ def batch_renorm(
     """:func:`lightning_brn.functional.batch_renorm` with (rmax, dmax, momentum) read from a layer's ``_schedule``
     buffer each time the graph runs.
 
-    The graph takes the buffer itself as an argument (a ``get_attr`` of the layer's ``_schedule``), not slices of it:
-    slices would be recorded as tensor constants of the graph, which a move or cast of the traced module
-    (``.to(device)``, ``.half()``) turns into copies that no longer see new values assigned to the layer."""
+    The graph takes the buffer itself as an argument (a ``get_attr`` of the layer's ``_schedule``), not slices of it,
+    which fx would record as tensor constants: persistent buffers of the graph's own, so that its state dict would
+    not be the model's. The traced module shares the buffer with the layer, so it follows new values assigned to
+    the layer, until the traced module is moved or cast (``.to(device)``, ``.half()``: fx's copy of the layer is a
+    plain ``nn.Module``, which copies the buffer, and ``.half()`` rounds it to float16); trace again after that."""
     return functional.batch_renorm(
         input, running_mean, running_var, weight, bias, training, schedule[2:3], eps, schedule[0:1], schedule[1:2],
         microbatch_size, correction_stats, num_batches_tracked,

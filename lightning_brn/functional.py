@@ -319,7 +319,8 @@ def batch_renorm(
         correction_stats: optional float tensor of shape (5,) that receives, in place, the sums over
             channels (and groups) of: r clipped, d clipped, :math:`|r-1|`, :math:`|d|`, and the count.
         num_batches_tracked: optional counter (batchnorm's ``num_batches_tracked``), incremented in place by one
-            per training call, once the input has passed every check (a rejected input counts no batch).
+            per call with ``training=True``, once the input has passed every check (a rejected input counts no
+            batch); calls with ``training=False`` count nothing, with or without running statistics.
 
     Shape:
         - Input: (N, C, *); Output: same shape (and memory format) as the input.
@@ -358,7 +359,7 @@ def batch_renorm(
             + (f" with microbatch_size={microbatch_size}" if groups > 1 else "")
         )
 
-    if num_batches_tracked is not None:
+    if training and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
 
     if _is_compiling():

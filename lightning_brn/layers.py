@@ -330,9 +330,11 @@ class _BatchRenorm(nn.Module):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
         # batchnorm's counter, counted by batch_renorm once the input passed its checks (and so recorded in an fx
-        # graph's one call); passed in eval mode too, where nothing is counted: fx graphs of both modes have the
-        # same nodes
-        num_batches_tracked = self.num_batches_tracked if self.track_running_stats else None
+        # graph's one call); in training only, as batchnorm counts (an eval call with the running statistics removed
+        # uses batch statistics but counts nothing). Passed in ordinary eval mode too, where batch_renorm counts
+        # nothing: the fx graphs of the two modes then have the same nodes (unless track_correction is on)
+        counted = self.track_running_stats and (self.training or not use_batch_stats)
+        num_batches_tracked = self.num_batches_tracked if counted else None
         microbatch_size = self._microbatch_size if self.training else None  # microbatches split training batches
         correction = self._correction if (self.track_correction and self.training) else None
         if tracing:  # the graph reads the schedule buffer when it runs (see lightning_brn._traced)

@@ -217,7 +217,8 @@ def test_num_batches_tracked_counts_training_calls_that_pass_the_checks():
     for training, mb in ((True, None), (True, 3), (False, None)):
         batch_renorm(x, torch.zeros(3), torch.ones(3), training=training, microbatch_size=mb, num_batches_tracked=count)
     batch_renorm(x, None, None, training=True, num_batches_tracked=count)  # no running statistics: still a batch
-    assert count.item() == 3  # the eval call counts nothing
+    batch_renorm(x, None, None, training=False, num_batches_tracked=count)  # batch statistics, but not training
+    assert count.item() == 3  # the eval calls count nothing
     for bad_x, mb in ((x, 4), (x, 0), (torch.randn(1, 3, 1, 1), None), (torch.randn(6, 3, 1, 1), 1)):
         with pytest.raises(ValueError):
             batch_renorm(bad_x, torch.zeros(3), torch.ones(3), training=True, microbatch_size=mb,

@@ -237,6 +237,23 @@ def test_bad_inputs(layer, shape, match):
     assert layer.num_batches_tracked.item() == 0, "a rejected input must not count as a step"
 
 
+@pytest.mark.parametrize("cls, shape", [(BatchRenorm2d, (6, 3, 2, 2)), (BatchRenormAct2d, (6, 3, 2, 2)),
+                                        (BatchRenorm1d, (6, 3))])
+def test_num_batches_tracked_counts_as_batchnorm_does(cls, shape):
+    """Training calls count; eval calls do not, also with the running statistics removed (batch statistics in
+    eval mode, as batchnorm then uses)."""
+    bn_cls = {BatchRenorm1d: nn.BatchNorm1d}.get(cls, nn.BatchNorm2d)
+    ours, theirs = cls(3), bn_cls(3)
+    x = torch.randn(*shape)
+    for layer in (ours, theirs):
+        for _ in range(2):
+            layer.train()(x)
+        layer.eval()(x)
+        layer.running_mean = layer.running_var = None
+        layer.eval()(x)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+
+
 def test_microbatch_errors_before_any_state_changes():
     layer = BatchRenorm2d(3, microbatch_size=4)
     before = layer.running_mean.clone()
