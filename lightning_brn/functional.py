@@ -338,6 +338,14 @@ def batch_renorm(
         raise ValueError(f"batch_renorm expects input of shape (N, C, *), got shape {tuple(input.shape)}")
     if microbatch_size is not None and microbatch_size < 1:
         raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={microbatch_size}")
+    if num_batches_tracked is not None and not (
+        isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.numel() == 1
+    ):
+        raise TypeError(
+            "num_batches_tracked must be a one-element tensor (batchnorm's counter) or None, got "
+            + (f"a tensor of shape {tuple(num_batches_tracked.shape)}" if isinstance(num_batches_tracked, torch.Tensor)
+               else f"num_batches_tracked={num_batches_tracked!r}")
+        )
     num_features = input.shape[1]
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:

@@ -337,19 +337,12 @@ class _BatchRenorm(nn.Module):
         num_batches_tracked = self.num_batches_tracked if counted else None
         microbatch_size = self._microbatch_size if self.training else None  # microbatches split training batches
         correction = self._correction if (self.track_correction and self.training) else None
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
         if tracing:  # the graph reads the schedule buffer when it runs (see lightning_brn._traced)
             return _traced_batch_renorm(
-                input,
-                self.running_mean if pass_running else None,
-                self.running_var if pass_running else None,
-                self.weight,
-                self.bias,
-                use_batch_stats,
-                self._schedule,
-                self.eps,
-                microbatch_size,
-                correction,
-                num_batches_tracked,
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self._schedule, self.eps,
+                microbatch_size, correction, num_batches_tracked,
             )
         if compiling:
             # tensors: slices of one graph input, so new values never trigger a recompilation
@@ -358,19 +351,8 @@ class _BatchRenorm(nn.Module):
         else:
             rmax, dmax, momentum = self._rmax_value, self._dmax_value, self._momentum_value
         return batch_renorm(
-            input,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            rmax,
-            dmax,
-            microbatch_size,
-            correction,
-            num_batches_tracked,
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, rmax, dmax,
+            microbatch_size, correction, num_batches_tracked,
         )
 
     def _check_input(self, input: Tensor) -> None:

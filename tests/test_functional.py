@@ -224,6 +224,11 @@ def test_num_batches_tracked_counts_training_calls_that_pass_the_checks():
             batch_renorm(bad_x, torch.zeros(3), torch.ones(3), training=True, microbatch_size=mb,
                          num_batches_tracked=count)
     assert count.item() == 3, "a rejected input must not count as a batch"
+    rm = torch.zeros(3)
+    for bad, match in ((3, r"num_batches_tracked=3"), (torch.zeros(2), r"tensor of shape \(2,\)")):
+        with pytest.raises(TypeError, match=rf"num_batches_tracked must be a one-element tensor.*{match}"):
+            batch_renorm(x, rm, torch.ones(3), training=True, num_batches_tracked=bad)
+    assert rm.eq(0).all(), "a refused counter changes nothing"
 
 
 def test_correction_stats_are_recorded():
