@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 from typing_extensions import override
 
 import lightning.pytorch as pl
@@ -196,7 +197,7 @@ class BatchRenormScheduler(Callback):
                 f"convert_model replaced the LightningModule itself ({type(pl_module).__name__} -> "
                 f"{type(converted).__name__}); BatchRenormScheduler(convert=True) can only convert its submodules"
             )
-        counts = collections.Counter(type(m).__name__ for m in pl_module.modules() if is_batch_renorm(m))
+        counts = collections.Counter(type_before_parametrizations(m).__name__ for m in pl_module.modules() if is_batch_renorm(m))
         self._converted = {"converted": sum(counts.values()) - before}
 
     # ----------------------------------------------------------------- fit start: find layers, set values
@@ -303,7 +304,7 @@ class BatchRenormScheduler(Callback):
         return {f"brn/{name}": v / count for name, v in zip(_CORRECTION_METRICS, (r_cl, d_cl, abs_r, abs_d))}
 
     def _print_summary(self, trainer: "pl.Trainer") -> None:
-        counts = collections.Counter(type(m).__name__ for m in self._layers)
+        counts = collections.Counter(type_before_parametrizations(m).__name__ for m in self._layers)
         s = self._schedule
         step = trainer.global_step
         values = self._values(step)

@@ -9,7 +9,10 @@ itself may be replaced (use the returned module).
 
 Both directions move the *same* Parameter objects and buffer tensors into the new layer (an optimizer
 built before the surgery keeps training them; nothing is copied or re-allocated), and the state dict
-keys are batchnorm's, so checkpoints load with ``strict=True`` either way.
+keys are batchnorm's, so checkpoints load with ``strict=True`` either way. The module's own hooks
+(forward, backward, state-dict) and the parametrizations of its weight and bias
+(``torch.nn.utils.parametrize``) move with them. Every layer is checked before any is changed: a model
+that cannot be converted (or reverted) faithfully raises and is left as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Union
 
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from lightning_brn.layers import (
     BatchRenorm1d,
@@ -35,6 +39,7 @@ from lightning_brn.layers import (
     BatchRenormAct2d,
     _BatchRenorm,
     _check_dmax,
+    _check_eps,
     _check_microbatch_size,
     _check_momentum,
     _check_rmax,
@@ -55,6 +60,22 @@ _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 _SOURCE_ATTR = "_bn_source"
 _BN_MOMENTUM_ATTR = "_bn_momentum"
 _MISSING = object()
+# torch.nn.Module's per-instance hook tables (and the flag that goes with the backward hooks): they move to
+# the new layer as they are, so the handles that registered the hooks can still remove them.
+_HOOK_ATTRS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +112,7 @@ def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
     expected = "exclude must be a module-name pattern (str), a list of patterns or a predicate (name, module) -> bool"
     if exclude is None:
         return lambda name, module: False
-    if isinstance(exclude, (nn.Module, Tensor, bytes, bytearray)):
+    if isinstance(exclude, (nn.Module, Tensor, bytes, bytearray, Mapping)):
         raise TypeError(f"{expected}; got {exclude!r} of type {type(exclude).__name__}")
     if isinstance(exclude, str):
         patterns: tuple[str, ...] = (exclude,)
@@ -120,10 +141,32 @@ def _torch_base(module: _BatchNorm) -> Optional[type[_BatchNorm]]:
 
 def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
     where = f"module {name!r}" if name else "the root module"
+    cls = parametrize.type_before_parametrizations(module)
     return TypeError(
-        f"convert_model cannot convert {where} of type {type(module).__module__}.{type(module).__qualname__}: {why}. "
+        f"convert_model cannot convert {where} of type {cls.__module__}.{cls.__qualname__}: {why}. "
         f"Keep it as batchnorm with exclude=[{name!r}] (or a predicate), or replace it before converting"
     )
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's class name, ``BatchNorm2d`` rather than ``ParametrizedBatchNorm2d``."""
+    return parametrize.type_before_parametrizations(module).__name__
+
+
+def _parametrized_names(module: nn.Module) -> list[str]:
+    return list(module.parametrizations.keys()) if parametrize.is_parametrized(module) else []
+
+
+def _unmovable_parametrizations(module: nn.Module) -> Optional[str]:
+    """Why the module's parametrizations cannot move to the new layer, or ``None``: only the weight's and the
+    bias' can (a parametrized running statistic would not receive the in-place moving-average updates)."""
+    bad = [k for k in _parametrized_names(module) if k not in _PARAM_NAMES]
+    if bad:
+        return (
+            f"it has parametrizations (torch.nn.utils.parametrize) on {bad}; only those of weight and bias can move "
+            "to the new layer"
+        )
+    return None
 
 
 def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: int) -> type[_BatchRenorm]:
@@ -142,6 +185,9 @@ def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: int) -> typ
     extra += [k for k, v in module._buffers.items() if k not in _BUFFER_NAMES and v is not None]
     if extra:
         raise _unsupported(name, module, f"it holds extra parameters/buffers {extra} that Batch Renorm has no place for")
+    why_not = _unmovable_parametrizations(module)
+    if why_not:
+        raise _unsupported(name, module, why_not)
     if base in _timm_norm_act()[0]:
         return BatchRenormAct2d
     if base is nn.SyncBatchNorm:
@@ -153,11 +199,14 @@ def _state_device(module: nn.Module) -> Optional[torch.device]:
     for t in (*(module._parameters.get(k) for k in _PARAM_NAMES), *(module._buffers.get(k) for k in _BUFFER_NAMES)):
         if t is not None:
             return t.device
+    for t in (*module.parameters(), *module.buffers()):  # e.g. a parametrized weight's original
+        return t.device
     return None
 
 
 def _move_state(src: nn.Module, dst: nn.Module) -> None:
-    """Hand ``src``'s Parameter objects and buffer tensors (not copies) to ``dst``, and its flags."""
+    """Hand ``src``'s Parameter objects and buffer tensors (not copies) to ``dst``, and its flags, hooks and
+    weight/bias parametrizations."""
     for k in _PARAM_NAMES:
         dst._parameters[k] = src._parameters.get(k)
     for k in _BUFFER_NAMES:
@@ -165,6 +214,17 @@ def _move_state(src: nn.Module, dst: nn.Module) -> None:
     dst.training = src.training
     if hasattr(src, "qconfig"):
         dst.qconfig = src.qconfig  # type: ignore[assignment]
+    for attr in _HOOK_ATTRS:
+        if attr in vars(src):
+            setattr(dst, attr, getattr(src, attr))
+    names = _parametrized_names(src)
+    if names:
+        # register_parametrization gives dst its parametrized class and the properties (a placeholder tensor and an
+        # identity, replaced at once); then src's ParametrizationLists, with their original Parameters, take over.
+        for k in names:
+            dst._parameters[k] = nn.Parameter(torch.empty(0), requires_grad=False)
+            parametrize.register_parametrization(dst, k, nn.Identity(), unsafe=True)
+        dst.parametrizations = src.parametrizations
 
 
 def _make_renorm(
@@ -189,7 +249,7 @@ def _make_renorm(
     new.affine = module.affine
     new.track_running_stats = module.track_running_stats
     _move_state(module, new)
-    setattr(new, _SOURCE_ATTR, type(module).__name__)
+    setattr(new, _SOURCE_ATTR, _class_name(module))
     setattr(new, _BN_MOMENTUM_ATTR, module.momentum)
     return new
 
@@ -273,7 +333,7 @@ def conversion_summary(model: nn.Module) -> ConversionSummary:
     batchnorm: Counter[str] = Counter()
     names: list[str] = []
     for name, m in model.named_modules():
-        cls = type(m).__name__
+        cls = _class_name(m)
         if isinstance(m, _BatchRenorm):
             renorm[cls] += 1
             names.append(name)
@@ -288,6 +348,23 @@ def conversion_summary(model: nn.Module) -> ConversionSummary:
 
 
 # --------------------------------------------------------------------------------------------- convert
+def _walk(model: nn.Module, visit: Callable[[nn.Module, str], bool]) -> None:
+    """Calls ``visit(module, qualified_name)`` top-down in :func:`_map_modules`' order (each module once),
+    descending into the children where it returns True: the checks that run before anything is changed."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, name: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if visit(module, name):
+            for child_name, child in list(module._modules.items()):
+                if child is not None:
+                    walk(child, f"{name}.{child_name}" if name else child_name)
+
+    walk(model, "")
+
+
 def _map_modules(model: nn.Module, replace: Callable[[nn.Module, str], tuple[nn.Module, bool]]) -> nn.Module:
     """Rebuilds the module tree top-down: ``replace(module, qualified_name)`` returns the module to put in its
     place and whether to descend into its children (re-attached with ``add_module``). A module shared by
@@ -333,12 +410,16 @@ def convert_model(
     Frozen batchnorms (timm's ``FrozenBatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, which timm
     uses as its ``FrozenBatchNorm2d``) are left alone and reported. A batchnorm that cannot be converted
     faithfully raises ``TypeError``: a subclass overriding ``forward`` (e.g. timm's ``SplitBatchNorm2d``)
-    or holding extra parameters, an uninitialized lazy batchnorm, a bare ``_BatchNorm`` subclass.
+    or holding extra parameters, an uninitialized lazy batchnorm, a bare ``_BatchNorm`` subclass, a
+    parametrized running statistic. Every layer is checked before any is replaced, so a model that raises
+    is left exactly as it was.
 
     The new layers take over the original Parameter objects and the ``running_mean``, ``running_var``
     and ``num_batches_tracked`` tensors themselves (an optimizer built before conversion keeps training
     them), and keep device, dtype, ``requires_grad``, ``training``, ``eps``, ``affine``,
-    ``track_running_stats`` and ``qconfig``. So right after conversion the model computes the same
+    ``track_running_stats`` and ``qconfig``, the batchnorm's own hooks (forward, backward, state-dict;
+    the handles that registered them still remove them) and the parametrizations of its weight and bias
+    (``torch.nn.utils.parametrize``, with their original Parameters). So right after conversion the model computes the same
     function in eval mode (and, with the default ``rmax=1, dmax=0``, in training mode too). Batchnorm's
     ``momentum`` is *not* carried over: the renorm layers use ``momentum`` (the paper's :math:`\alpha`);
     batchnorm's value is remembered for :func:`revert_model`.
@@ -358,7 +439,8 @@ def convert_model(
         microbatch_size: examples per independently normalized group in training, or ``None``.
         exclude: modules to keep as they are: a glob pattern on qualified module names
             (``fnmatch``-style, e.g. ``"head.*"``; the root is ``""``), a list of patterns, or a predicate
-            ``(name, module) -> bool``. A matching module *and everything below it* is left untouched.
+            ``(name, module) -> bool`` (called once per module). A matching module *and everything below it*
+            is left untouched.
         sync_batchnorm_dim: ``torch.nn.SyncBatchNorm`` accepts inputs of any rank and does not record
             which one it normalizes, so its rank is given here: 1, 2 (the default: images, (N, C, H, W))
             or 3, giving ``BatchRenorm1d/2d/3d``. (timm's ``SyncBatchNormAct`` is always 2d.)
@@ -372,6 +454,7 @@ def convert_model(
         TypeError: ``model`` is not a module, ``exclude`` has the wrong type, or a batchnorm cannot be
             converted faithfully (the message names the module).
         ValueError: a hyper-parameter is out of range, or a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``).
+        Nothing in the model is changed when either is raised.
 
     Examples::
 
@@ -398,30 +481,45 @@ def convert_model(
         raise ValueError(f"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim={sync_batchnorm_dim!r}")
     is_excluded = _make_exclude(exclude)
 
+    # First every check, then the changes: a model that cannot be converted is left as it was.
+    excluded_ids: set[int] = set()
+    targets: dict[int, type[_BatchRenorm]] = {}
+
+    def check(module: nn.Module, name: str) -> bool:
+        if is_excluded(name, module):  # (the predicate is called once per module)
+            excluded_ids.add(id(module))
+            return False
+        if isinstance(module, _BatchNorm):
+            targets[id(module)] = _target_class(name, module, sync_batchnorm_dim)
+            try:
+                _check_eps(module.eps)
+            except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
+                where = f"module {name!r}" if name else "the root module"
+                raise ValueError(f"convert_model cannot convert {where} ({module!r}): {err}") from err
+        return True
+
+    _walk(model, check)
+
     converted: Counter[str] = Counter()
     frozen: Counter[str] = Counter()
     excluded: Counter[str] = Counter()
     already: Counter[str] = Counter()
 
     def convert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
-        if is_excluded(name, module):
+        if id(module) in excluded_ids:
             for m in module.modules():
                 if isinstance(m, (_BatchNorm, _BatchRenorm)):
-                    excluded[type(m).__name__] += 1
+                    excluded[_class_name(m)] += 1
             return module, False
         out = module
         if isinstance(module, _BatchNorm):
-            cls = _target_class(name, module, sync_batchnorm_dim)
-            try:
-                out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
-            except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
-                where = f"module {name!r}" if name else "the root module"
-                raise ValueError(f"convert_model cannot convert {where} ({module!r}): {err}") from err
-            converted[f"{type(module).__name__} -> {cls.__name__}"] += 1
+            cls = targets[id(module)]
+            out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
+            converted[f"{_class_name(module)} -> {cls.__name__}"] += 1
         elif isinstance(module, _BatchRenorm):
-            already[type(module).__name__] += 1
+            already[_class_name(module)] += 1
         elif _is_frozen(module):
-            frozen[type(module).__name__] += 1
+            frozen[_class_name(module)] += 1
         return out, True
 
     model = _map_modules(model, convert)
@@ -447,16 +545,20 @@ def convert_model(
 
 # --------------------------------------------------------------------------------------------- revert
 def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
+    where = f"module {name!r}" if name else "the root module"
+    qualname = parametrize.type_before_parametrizations(module).__qualname__
     for renorm_cls, bn_cls in _revert_table():
         if isinstance(module, renorm_cls):
             if type(module).forward is not renorm_cls.forward:
-                where = f"module {name!r}" if name else "the root module"
                 raise TypeError(
-                    f"revert_model cannot revert {where} of type {type(module).__qualname__}: it overrides the "
+                    f"revert_model cannot revert {where} of type {qualname}: it overrides the "
                     f"forward of {renorm_cls.__name__}, so batchnorm would not compute the same function"
                 )
+            why_not = _unmovable_parametrizations(module)
+            if why_not:
+                raise TypeError(f"revert_model cannot revert {where} of type {qualname}: {why_not}")
             return bn_cls
-    raise TypeError(f"revert_model does not know the Batch Renorm class {type(module).__qualname__} of {name!r}")
+    raise TypeError(f"revert_model does not know the Batch Renorm class {qualname} of {name!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -482,7 +584,10 @@ def revert_model(model: nn.Module) -> nn.Module:
     exports (``torch.export``, ONNX) wherever the batchnorm original did. Their ``momentum`` is
     batchnorm's original value when the layer came from :func:`convert_model`, else the renorm layer's
     :math:`\alpha`. ``rmax``, ``dmax`` and ``microbatch_size`` have no batchnorm counterpart and are
-    dropped. A model with no Batch Renorm layer comes back unchanged with a ``UserWarning``.
+    dropped. Hooks and weight/bias parametrizations move with the layer, as in :func:`convert_model`. A
+    layer that cannot be reverted faithfully (a subclass overriding ``forward``, a parametrized running
+    statistic) raises ``TypeError`` before anything is changed. A model with no Batch Renorm layer comes
+    back unchanged with a ``UserWarning``.
 
     Args:
         model: any ``torch.nn.Module``.
@@ -502,16 +607,26 @@ def revert_model(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
+    # First every check, then the changes: a model that cannot be reverted is left as it was.
+    targets: dict[int, type[_BatchNorm]] = {}
+
+    def check(module: nn.Module, name: str) -> bool:
+        if isinstance(module, _BatchRenorm):
+            targets[id(module)] = _bn_target(name, module)
+        return True
+
+    _walk(model, check)
     reverted: Counter[str] = Counter()
+
     def revert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         out = module
         if isinstance(module, _BatchRenorm):
-            bn_cls = _bn_target(name, module)
+            bn_cls = targets[id(module)]
             bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
             if bn_momentum is _MISSING:
                 bn_momentum = module.momentum  # a Python float, also on the meta device
             out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
-            reverted[f"{type(module).__name__} -> {bn_cls.__name__}"] += 1
+            reverted[f"{_class_name(module)} -> {bn_cls.__name__}"] += 1
         return out, True
 
     model = _map_modules(model, revert)

@@ -14,6 +14,7 @@ import torchvision
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SplitBatchNorm2d, SyncBatchNormAct
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
+from torch.nn.utils import parametrize
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -499,6 +500,7 @@ def test_initialized_lazy_batchnorm_converts() -> None:
         ({"exclude": 3}, TypeError, r"exclude must be a module-name pattern.*got 3 of type int"),
         ({"exclude": ["head", 3]}, TypeError, r"got a collection holding 3 of type int"),
         ({"exclude": nn.ReLU()}, TypeError, r"exclude must be .*got ReLU\(\) of type ReLU"),
+        ({"exclude": {"0": True}}, TypeError, r"exclude must be .*got \{'0': True\} of type dict"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
@@ -618,3 +620,149 @@ def test_revert_refuses_overriding_subclass() -> None:
     match = r"revert_model cannot revert module '0' of type .*Doubling: it overrides the forward of BatchRenorm2d"
     with pytest.raises(TypeError, match=match):
         revert_model(nn.Sequential(Doubling(3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What else lives on a batchnorm module: hooks and parametrizations; and refusals that change nothing.
+
+
+class _Softplus(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(w)
+
+
+class _Scale(nn.Module):  # a parametrization with a right inverse: registering it rewrites the original
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2.0 * w
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w / 2.0
+
+
+def _parametrized_bn() -> nn.BatchNorm2d:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(-1.0, 1.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-1.0, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+    parametrize.register_parametrization(bn, "weight", _Softplus())
+    parametrize.register_parametrization(bn, "weight", _Scale())
+    parametrize.register_parametrization(bn, "bias", _Scale())
+    return bn
+
+
+def test_weight_and_bias_parametrizations_move_both_ways() -> None:
+    bn = _parametrized_bn()
+    originals = (bn.parametrizations.weight.original, bn.parametrizations.bias.original)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bn).eval()
+    x = torch.randn(4, 3, 5, 5)
+    ref = model(x)
+    state = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    model = convert_model(model, rmax=3.0, dmax=5.0)
+    layer = model[1]
+    assert isinstance(layer, BatchRenorm2d) and parametrize.is_parametrized(layer, "weight")
+    assert (layer.parametrizations.weight.original, layer.parametrizations.bias.original) == originals
+    assert [type(p) for p in layer.parametrizations.weight] == [_Softplus, _Scale]
+    assert torch.equal(model(x), ref)  # gamma = 2 softplus(w), beta = 2 b: the same function as before
+    assert sorted(model.state_dict()) == sorted(state)
+    model.load_state_dict(state, strict=True)
+    assert conversion_summary(model).converted == {"BatchNorm2d -> BatchRenorm2d": 1}
+
+    model.train()  # the optimizer built before conversion trains the originals through the parametrizations
+    before = [p.detach().clone() for p in originals]
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(originals, before))
+
+    model.eval()
+    out = model(x)
+    back = revert_model(model)
+    assert type(back[1]).__name__ == "ParametrizedBatchNorm2d" and isinstance(back[1], nn.BatchNorm2d)
+    assert back[1].parametrizations.weight.original is originals[0]
+    assert torch.equal(back(x), out)
+    nn.Sequential(nn.Conv2d(3, 3, 1), _parametrized_bn()).load_state_dict(back.state_dict(), strict=True)
+
+
+def test_parametrized_running_statistic_is_refused_and_nothing_changes() -> None:
+    bn = nn.BatchNorm2d(3)
+    parametrize.register_parametrization(bn, "running_var", nn.Identity())
+    first = nn.BatchNorm2d(3)
+    model = nn.Sequential(first, bn)
+    with pytest.raises(TypeError, match=r"module '1' .*parametrizations .* on \['running_var'\]"):
+        convert_model(model)
+    assert model[0] is first and model[1] is bn
+    renorm = BatchRenorm2d(3)
+    parametrize.register_parametrization(renorm, "running_mean", nn.Identity())
+    model = nn.Sequential(BatchRenorm2d(3), renorm)
+    kept = model[0]
+    with pytest.raises(TypeError, match=r"revert_model cannot revert module '1' .*\['running_mean'\]"):
+        revert_model(model)
+    assert model[0] is kept and model[1] is renorm
+
+
+def test_hooks_move_with_the_layer_both_ways() -> None:
+    bn = nn.BatchNorm2d(3)
+    calls: list[str] = []
+    handles = [
+        bn.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+        bn.register_forward_hook(lambda m, args, out: calls.append("fwd")),
+        bn.register_forward_hook(lambda m, args, kwargs, out: calls.append("fwd-kw"), with_kwargs=True),
+        bn.register_full_backward_hook(lambda m, gin, gout: calls.append("bwd")),
+    ]
+    bn.register_state_dict_post_hook(lambda m, sd, prefix, local_metadata: calls.append("sd"))
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    model(x).sum().backward()
+    model.state_dict()
+    assert isinstance(model[1], BatchRenorm2d) and calls == ["pre", "fwd", "fwd-kw", "bwd", "sd"]
+
+    calls.clear()
+    back = revert_model(model)
+    back(x).sum().backward()
+    assert type(back[1]) is nn.BatchNorm2d and calls == ["pre", "fwd", "fwd-kw", "bwd"]
+
+    calls.clear()
+    for h in handles:  # the handles of the original registrations still remove them
+        h.remove()
+    back(x).sum().backward()
+    assert calls == []
+
+
+def test_refused_conversion_changes_nothing() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4), SplitBatchNorm2d(4, num_splits=2)))
+    before = list(model.modules())
+    with pytest.raises(TypeError, match=r"module '1\.1' .*SplitBatchNorm2d"):
+        convert_model(model)
+    assert list(model.modules()) == before and type(model[0]) is nn.BatchNorm2d
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, eps=0.0))
+    with pytest.raises(ValueError, match=r"module '1' .*eps must be > 0"):
+        convert_model(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_refused_revert_changes_nothing() -> None:
+    class Doubling(BatchRenorm2d):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(input)
+
+    model = nn.Sequential(BatchRenorm2d(3), Doubling(3))
+    first = model[0]
+    with pytest.raises(TypeError, match=r"module '1' of type .*Doubling"):
+        revert_model(model)
+    assert model[0] is first
+
+
+def test_exclude_predicate_is_called_once_per_module() -> None:
+    seen: list[str] = []
+
+    def predicate(name: str, module: nn.Module) -> bool:
+        seen.append(name)
+        return False
+
+    model = _model()
+    convert_model(model, exclude=predicate)
+    assert sorted(seen) == sorted(n for n, _ in _model().named_modules())
