@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument(
         "--cpp-route", action="store_true",
-        help="compiled renorm calls the C++ operators at every size (default: small layers take the inline step)",
+        help="compiled renorm calls the C++ operators (default: the inline step, as compiled graphs without microbatches do)",
     )
     p.add_argument(
         "--malloc", choices=("pinned", "default"), default="pinned",

@@ -27,15 +27,17 @@ Under ``torch.compile`` the same maths is written from primitives for inductor t
 (:class:`_RenormCompiled`), with the moving-average update in the opaque custom operator
 ``lightning_brn::renorm_update`` so that no compiled backward can recompute r and d from buffers the
 forward already updated. On CPU (float32/float64, with running statistics) compiled graphs instead take one of
-two routes: small inputs are written as ``x * scale + shift`` per channel with batchnorm's backward (weight
-``gamma * r``) (:func:`_batch_renorm_inline`), which inductor fuses into one forward and one backward kernel,
-with the statistics, r and d in one ``torch.stack`` the partitioner saves rather than recomputes; larger inputs
-call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to the compiler. Under
+two routes: without microbatches the step is written as ``x * scale + shift`` per channel with batchnorm's
+backward (weight ``gamma * r``) (:func:`_batch_renorm_inline`), which inductor fuses into one forward and one
+backward kernel, with the statistics, r and d in one ``torch.stack`` the partitioner saves rather than
+recomputes, and which it fuses with the model's neighbouring ops (an activation, a residual add) as it does
+batchnorm; microbatches call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to
+the compiler. Under
 ``torch._functorch.config.activation_memory_budget`` < 1 (or ``aggressive_recomputation``), where the
 partitioner may recompute what it would otherwise save, every compiled graph with running statistics takes the
 inline route with r and d saved by a ``MUST_SAVE`` selective-checkpoint policy. The route is decided once per
-traced graph (:func:`_compiled_route`, a constant with no guard; only the size test stays in the graph, where sizes
-may be symbolic), and the traced code reads few globals: every global, builtin or helper function a trace reads
+traced graph (:func:`_compiled_route`, a constant with no guard; only the microbatch test stays in the graph, where
+sizes may be symbolic), and the traced code reads few globals: every global, builtin or helper function a trace reads
 becomes a guard that the compiled graph checks on each call.
 """
 
@@ -617,10 +619,11 @@ def _batch_renorm_composite(
 ) -> Tensor:
     """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`.
 
-    On CPU (float32/float64, with running statistics) small inputs take :func:`_batch_renorm_inline`, which the
-    compiler fuses into one forward and one backward kernel; larger ones call the functional C++ operator
-    ``lightning_brn_cpu::renorm_fwd`` (and its backward), opaque to the compiler, and copy the running
-    statistics it returns into the buffers (:func:`_compiled_route` decides, once per traced graph).
+    On CPU (float32/float64, with running statistics) inputs without microbatches take
+    :func:`_batch_renorm_inline`, which the compiler fuses into one forward and one backward kernel (and with the
+    model's neighbouring ops); microbatches call the functional C++ operator ``lightning_brn_cpu::renorm_fwd``
+    (and its backward), opaque to the compiler, and copy the running statistics it returns into the buffers
+    (:func:`_compiled_route` decides, once per traced graph).
 
     What this traces is kept lean on purpose: every global, builtin and helper function the trace touches becomes a
     guard that the compiled graph checks on each call, so the route is one constant and the hot path reads only
@@ -633,7 +636,7 @@ def _batch_renorm_composite(
         and _per_channel_ok(running_mean, x.dtype) and _per_channel_ok(running_var, x.dtype)
     )
     route = _compiled_route(x.device.type, x.dtype, has_running, per_channel_ok)
-    if route != "generic" and route != "must_save":  # the size test in the graph: the sizes may be symbolic
+    if route != "generic" and route != "must_save":  # the microbatch test in the graph: the sizes may be symbolic
         route = "inline" if _inline_eligible(x, groups) else route
     if route == "inline" or route == "must_save":
         assert running_mean is not None and running_var is not None
@@ -641,7 +644,7 @@ def _batch_renorm_composite(
             x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
             route == "must_save",
         )
-    if route == "cpp":  # an input too large for the inline step, and the C++ operators are built
+    if route == "cpp":  # microbatches (or an input above _INLINE_MAX_NUMEL), and the C++ operators are built
         assert running_mean is not None and running_var is not None
         out, _, running, record = torch.ops.lightning_brn_cpu.renorm_fwd(
             x, weight, bias, running_mean, running_var, _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum),
@@ -668,19 +671,21 @@ def _batch_renorm_composite(
     return out
 
 
-# Compiled CPU graphs: inputs up to this many values take the inline step; larger ones the C++ operators. Per
-# layer and step, the two opaque operators cost more fixed time than the inline step's generated kernels
-# (bench/bench_overhead.py), whose passes are in turn slower than the C++ kernels on large inputs
-# (bench/bench_layers.py).
-_INLINE_MAX_NUMEL = 1 << 17
+# Compiled CPU graphs without microbatches: the largest input (in values) that takes the inline step, larger ones
+# calling the C++ operators; None: no limit (the default). A layer on its own runs faster through the C++ operators
+# once it holds a few hundred thousand values (bench/bench_layers.py), but in a compiled model the inline step
+# fuses with the neighbouring activation or residual add, forward and backward, as batchnorm does, and an opaque
+# operator cannot: whole models trained 1.1-1.3x slower through the C++ operators (bench/bench_model.py). Tests
+# and ``bench_overhead.py --cpp-route`` set -1 to take the C++ operators at every size.
+_INLINE_MAX_NUMEL: Optional[int] = None
 
 
 @torch.compiler.assume_constant_result
 def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per_channel_ok: bool) -> str:
     """How a compiled graph runs the training step, as far as it does not depend on the input's size:
     ``"must_save"`` (:func:`_batch_renorm_inline` with r and d saved by a selective-checkpoint policy), ``"cpp"``
-    (the inline step for small inputs, the C++ operators for the others), ``"cpu"`` (the same without the C++
-    operators: :class:`_RenormCompiled` for the others) or ``"generic"`` (:class:`_RenormCompiled`: CUDA and the
+    (the inline step without microbatches, the C++ operators with), ``"cpu"`` (the same without the C++
+    operators: :class:`_RenormCompiled` for microbatches) or ``"generic"`` (:class:`_RenormCompiled`: CUDA and the
     rest).
 
     Decided once, while the graph is traced, and baked in as a constant with no guard: the partitioner that splits
@@ -711,7 +716,7 @@ def _partitioner_may_recompute_stacks() -> bool:
 
 def _inline_eligible(x: Tensor, groups: int) -> bool:
     """Whether a compiled CPU graph takes the inline step for ``x`` (tested in the graph: sizes may be symbolic)."""
-    return groups == 1 and x.numel() <= _INLINE_MAX_NUMEL
+    return groups == 1 and (_INLINE_MAX_NUMEL is None or x.numel() <= _INLINE_MAX_NUMEL)
 
 
 def _batch_renorm_inline(

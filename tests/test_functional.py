@@ -309,21 +309,25 @@ def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case, clipping_layer
         assert ref.correction_stats()["r_clipped"] > 0
 
 
-def test_compiled_inline_step_is_chosen_by_size():
-    """Small CPU inputs take the inline step, large ones (and microbatches) the C++ operators when built."""
-    from lightning_brn import _ext
-    from lightning_brn.functional import _INLINE_MAX_NUMEL, _inline_eligible
+def test_compiled_cpu_graphs_take_the_inline_step_unless_microbatched():
+    """Compiled CPU graphs without microbatches take the inline step at every size (it fuses with the model's
+    neighbouring ops); microbatches take the C++ operators when built. ``_INLINE_MAX_NUMEL`` bounds the inline
+    step when set (tests and ``bench_overhead.py --cpp-route`` set -1)."""
+    from lightning_brn import _ext, functional
+    from lightning_brn.functional import _inline_eligible
 
-    small = torch.empty(4, 512, 7, 7)
-    assert _inline_eligible(small, 1) and not _inline_eligible(small, 2)
-    assert _inline_eligible(small.contiguous(memory_format=torch.channels_last), 1)
-    assert not _inline_eligible(torch.empty(2, 64, 56, 56), 1)
-    assert not _inline_eligible(torch.empty(_INLINE_MAX_NUMEL + 1, 1), 1)
+    assert functional._INLINE_MAX_NUMEL is None
+    for x in (torch.empty(4, 512, 7, 7), torch.empty(2, 64, 56, 56), torch.empty(1 << 18, 1)):
+        assert _inline_eligible(x, 1) and not _inline_eligible(x, 2)
+    assert _inline_eligible(torch.empty(2, 64, 56, 56).contiguous(memory_format=torch.channels_last), 1)
     if not _ext.available():
         return
     from lightning_brn import BatchRenorm1d
 
-    _, code = _dynamo_code(BatchRenorm1d(4, rmax=2.0), torch.randn(_INLINE_MAX_NUMEL // 4 + 1, 4))
+    big = torch.randn((1 << 17) // 4 + 1, 4)
+    _, code = _dynamo_code(BatchRenorm1d(4, rmax=2.0), big)
+    assert "lightning_brn_cpu.renorm_fwd" not in code and "var_mean" in code
+    _, code = _dynamo_code(BatchRenorm1d(4, rmax=2.0, microbatch_size=4), big[:-1])
     assert "lightning_brn_cpu.renorm_fwd" in code
 
 
