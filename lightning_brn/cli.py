@@ -35,9 +35,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_brn.data import ClassificationDataModule
 from lightning_brn.module import TimmClassifier, check_batch_config
@@ -224,6 +226,8 @@ class BatchRenormCLI(LightningCLI):
         if self.datamodule is not None and isinstance(self.model, TimmClassifier):
             try:
                 check_batch_config(self.model, self.datamodule)
+                if isinstance(self.datamodule, ClassificationDataModule):
+                    self.datamodule.check_data("fit" if self.subcommand in (None, "fit") else self.subcommand)
             except Exception as err:
                 _mark_config_error(err)
                 raise
@@ -232,7 +236,18 @@ class BatchRenormCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = _default_loggers(self.run_name)
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            accelerator = str(trainer_cfg.get("accelerator", "auto"))
+            if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+                raise
+            raise MisconfigurationException(
+                f"{err} The configuration asks for trainer.accelerator={accelerator!r} (devices="
+                f"{trainer_cfg.get('devices')!r}, strategy={trainer_cfg.get('strategy')!r}) and this machine has no "
+                "CUDA GPU: to run it on the CPU, add --trainer.accelerator cpu --trainer.devices 1 "
+                "--trainer.strategy auto (docs/recipes.md, 'One GPU, 8 GPUs, several nodes')"
+            ) from None
 
     def before_fit(self) -> None:
         self._start_time = time.perf_counter()

@@ -268,6 +268,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         """The class index of every training example (no image decoding)."""
         raise NotImplementedError
 
+    def check_data(self, stage: Optional[str] = None) -> None:
+        """Read as much of what ``setup(stage)`` needs as it takes to find what is wrong with the data (a folder
+        without images, files that disagree) and raise now, before a Trainer starts: the CLI calls it right after
+        building the data module. What it reads is kept for ``setup``. The base class checks nothing."""
+
     # -- distributed context ------------------------------------------------------------
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -465,6 +470,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         self.num_classes = 10
         self.in_chans = 1
         self._train_labels: Optional[np.ndarray] = None
+        self._loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def _locate(data_dir: Path) -> dict[str, Path]:
@@ -482,6 +488,8 @@ class FashionMNISTDataModule(ClassificationDataModule):
         return {k: p for k, p in found.items() if p is not None}
 
     def _load(self, split: str, limit: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+        if split in self._loaded:  # read by check_data
+            return self._loaded.pop(split)
         images = read_idx(self.files[f"{split}_images"])
         labels = read_idx(self.files[f"{split}_labels"])
         if images.ndim != 3 or len(images) != len(labels):
@@ -497,6 +505,15 @@ class FashionMNISTDataModule(ClassificationDataModule):
         if self._train_labels is None:
             self._train_labels = self._load("train", self.limit_train)[1].astype(np.int64)
         return self._train_labels  # type: ignore[return-value]
+
+    def check_data(self, stage: Optional[str] = None) -> None:
+        """Read the IDX files ``setup(stage)`` needs (kept for it): a truncated or mismatched file raises here."""
+        splits = ("train", "test") if stage in (None, "fit") else ("test",)
+        for split in splits:
+            if split == "train" and self.train_set is not None or split == "test" and self.val_set is not None:
+                continue
+            if split not in self._loaded:
+                self._loaded[split] = self._load(split, self.limit_train if split == "train" else self.limit_val)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -569,6 +586,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.num_classes = len(self.classes)
         self.in_chans = 3
         self._train_labels: Optional[list[int]] = None
+        self._scanned: dict[str, Dataset] = {}  # folders scanned by check_data / train_labels, for setup
 
     def _data_config(self) -> dict[str, Any]:
         from timm.data import resolve_data_config
@@ -585,7 +603,19 @@ class ImageFolderDataModule(ClassificationDataModule):
             args["input_size"] = (3, 224, 224)
         return resolve_data_config(args, model=model)
 
-    def _folder(self, sub: str, transform: Callable) -> Dataset:
+    def _folder(self, sub: str, transform: Optional[Callable]) -> Dataset:
+        """The dataset of folder ``sub`` with ``transform`` (reusing a scan made earlier)."""
+        ds = self._scanned.pop(sub, None)
+        if ds is None:
+            ds = self._scan(sub)
+            del self._scanned[sub]
+        ds.transform = transform  # type: ignore[attr-defined]
+        return ds
+
+    def _scan(self, sub: str) -> Dataset:
+        """Folder ``sub`` as a dataset without transform, scanned once (the file lists of ImageNet take a while)."""
+        if sub in self._scanned:
+            return self._scanned[sub]
         from torchvision.datasets import ImageFolder
 
         class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -598,13 +628,28 @@ class ImageFolderDataModule(ClassificationDataModule):
                     raise ValueError(f"'{directory}' has classes not in the training folder: {unknown[:5]}")
                 return present, {c: class_to_idx[c] for c in present}
 
-        return _Fixed(str(self.data_dir / sub), transform=transform)
+        try:
+            ds = _Fixed(str(self.data_dir / sub))
+        except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
+            raise FileNotFoundError(
+                f"image folder '{self.data_dir / sub}': {err} (expected <class>/<image> files, e.g. *.JPEG)"
+            ) from None
+        self._scanned[sub] = ds
+        return ds
 
     def train_labels(self) -> Sequence[int]:
         if self._train_labels is None:
-            ds = self.train_set if self.train_set is not None else self._folder(self.train_dir, lambda x: x)
+            ds = self.train_set if self.train_set is not None else self._scan(self.train_dir)
             self._train_labels = list(ds.targets)  # type: ignore[attr-defined]
         return self._train_labels
+
+    def check_data(self, stage: Optional[str] = None) -> None:
+        """Scan the folders ``setup(stage)`` needs (kept for it): a class folder without images, or a validation
+        class the training folder lacks, raises here."""
+        if stage in (None, "fit") and self.train_set is None:
+            self._scan(self.train_dir)
+        if self.val_set is None:
+            self._scan(self.val_dir)
 
     def setup(self, stage: Optional[str] = None) -> None:
         from timm.data import create_transform

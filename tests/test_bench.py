@@ -114,3 +114,20 @@ def test_bench_overhead_prints_both_inputs():
     for ln in rows:
         cells = [c.strip() for c in ln.strip().strip("|").split("|")[1:]]
         assert re.fullmatch(r"\d+\.\d", cells[0]) and re.fullmatch(r"\d+\.\d \[[+-]\d+\.\d\]", cells[1]), ln
+
+
+def test_bench_model_times_a_converted_model_eager_and_compiled(tmp_path):
+    out = tmp_path / "model.md"
+    stdout = _run(
+        "bench_model.py", "--models", "test_resnet", "--batch", "4", "--size", "32", "--reps", "6", "--warmup", "1",
+        "--sample-ms", "1", "--out", str(out),
+    )
+    assert "- command: `python bench/bench_model.py --models test_resnet" in out.read_text()
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in stdout.splitlines() if ln.startswith("| test_")]
+    assert len(rows) == 1
+    name, layers, shape, bn_eager, brn_eager, bn_compiled, brn_compiled = rows[0]
+    assert name == "test_resnet" and int(layers) > 0 and shape == "(4, 3, 32, 32) NCHW"
+    assert re.fullmatch(r"\d+\.\d{2}", bn_eager) and re.fullmatch(r"\d+\.\d{2}", bn_compiled), rows
+    for cell in (brn_eager, brn_compiled):  # paired ratio: a median inside its interval
+        m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
+        assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), rows

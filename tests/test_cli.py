@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_brn.cli import DEFAULT_RECIPE, available_recipes, cli_main, expand_recipe_args, main, recipe_path
 
@@ -181,6 +184,51 @@ def test_console_script_reports_config_errors_without_traceback(
     monkeypatch.setenv("LIGHTNING_BRN_TRACEBACK", "1")
     with pytest.raises((ValueError, FileNotFoundError)):
         main(["fit", *argv, *QUIET])
+
+
+@pytest.mark.parametrize("broken", ["no_images", "val_class_not_in_train"])
+def test_broken_image_folder_fails_before_training_without_traceback(
+    broken: str, tmp_path: Path, make_image_folder: Any, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What only a scan of the files finds (a class folder with no image, a validation class the training folder
+    lacks) is reported like the other configuration errors: before any training, one line, exit status 2."""
+    monkeypatch.delenv("LIGHTNING_BRN_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "inet", classes=2, per_class=2)
+    if broken == "no_images":
+        for f in (root / "train" / "n00000001").iterdir():
+            f.unlink()
+        (root / "train" / "n00000001" / "readme.txt").write_text("not an image")
+        match = r"FileNotFoundError: image folder '.*train': Found no valid file for the classes n00000001"
+    else:
+        (root / "val" / "n00000001").rename(root / "val" / "n99999999")
+        match = r"ValueError: '.*val' has classes not in the training folder: \['n99999999'\]"
+    argv = [
+        "fit", "--recipe", "imagenet_iid_brn", "--data.init_args.data_dir", str(root), "--data.init_args.img_size", "75",
+        "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "auto", "--trainer.fast_dev_run", "1",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and re.search(r"lightning-brn: error: " + match, err), err
+    assert "Traceback" not in err and "nothing was trained" in err
+    assert not Path("runs").exists()
+
+
+def test_gpu_recipe_on_a_machine_without_gpu_names_the_flags_to_change(
+    tmp_path: Path, make_image_folder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the recipe's accelerator works")
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "inet", classes=2, per_class=2)
+    _fails(
+        ["fit", "--recipe", "imagenet_iid_brn", "--data.init_args.data_dir", str(root), "--trainer.fast_dev_run", "1"],
+        MisconfigurationException,
+        r"trainer.accelerator='gpu'.*no CUDA GPU.*--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
+    )
+    assert not Path("runs").exists()
 
 
 def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path) -> None:

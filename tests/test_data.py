@@ -103,6 +103,51 @@ def test_image_folder_missing(tmp_path: Path) -> None:
         ImageFolderDataModule(tmp_path / "nope")
 
 
+def test_image_folder_check_data_scans_once_and_raises_early(tmp_path: Path, make_image_folder, monkeypatch) -> None:
+    import torchvision.datasets
+
+    root = make_image_folder(tmp_path / "inet", classes=2, per_class=2)
+    scans: list[str] = []
+    real = torchvision.datasets.ImageFolder.make_dataset
+
+    def counting(directory, *args, **kwargs):
+        scans.append(Path(directory).name)
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.datasets.ImageFolder, "make_dataset", staticmethod(counting))
+    dm = ImageFolderDataModule(root, batch_size=2, num_workers=0, img_size=16)
+    dm.check_data("fit")
+    assert sorted(scans) == ["train", "val"]
+    dm.setup("fit")  # reuses the scans, with the transforms set
+    assert sorted(scans) == ["train", "val"] and dm.train_set.transform is not None and dm.val_set.transform is not None
+    assert next(iter(dm.train_dataloader()))[0].shape == (2, 3, 16, 16)
+    scans.clear()
+    ImageFolderDataModule(root, batch_size=2, num_workers=0).check_data("validate")
+    assert scans == ["val"]
+
+    (root / "val" / "n00000001").rename(root / "val" / "n99999999")
+    with pytest.raises(ValueError, match=r"val' has classes not in the training folder: \['n99999999'\]"):
+        ImageFolderDataModule(root, batch_size=2, num_workers=0).check_data("fit")
+    for f in (root / "train" / "n00000001").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"image folder '.*train': Found no valid file for the classes n00000001"):
+        ImageFolderDataModule(root, batch_size=2, num_workers=0).check_data("fit")
+
+
+def test_fashion_mnist_check_data_reads_once_and_raises_early(tmp_path: Path, make_fmnist, write_idx) -> None:
+    folder = make_fmnist(tmp_path / "fm")
+    dm = FashionMNISTDataModule(folder, batch_size=4)
+    dm.check_data("fit")
+    assert sorted(dm._loaded) == ["test", "train"]
+    dm.setup("fit")
+    assert dm._loaded == {} and len(dm.train_set) > 0 and len(dm.val_set) > 0
+    for f in folder.glob("t10k-labels*"):
+        f.unlink()
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.arange(3) % 10, False)  # fewer labels than images
+    with pytest.raises(ValueError, match=r"Fashion-MNIST test files .* disagree"):
+        FashionMNISTDataModule(folder, batch_size=4).check_data("fit")
+
+
 # ----------------------------------------------------------------------------- non-i.i.d. sampler
 def _check_composition(batch: list[int], labels: np.ndarray, k: int, batch_size: int) -> None:
     assert len(batch) == batch_size
