@@ -99,6 +99,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
         except Exception as e:  # noqa: BLE001
             errors[key] = short_error(e)
             del steps[key]
+    if "bn" not in steps:
+        raise RuntimeError(f"{name}: eager batchnorm, the reference of every ratio, failed: {errors['bn']}")
     t_bn = float("inf")
     for _ in range(2):
         t0 = time.perf_counter()
@@ -175,7 +177,11 @@ def header(args: argparse.Namespace, device: torch.device, argv: list[str]) -> s
             f"- allocator: {malloc_note()}",
             f"- step = `loss = cross_entropy(model(x), y); torch.autograd.grad(loss, parameters)`, train mode, float32; "
             f"renorm layers: rmax={RMAX}, dmax={DMAX}, microbatch_size={args.microbatch_size}; compiled renorm on CPU: "
-            + ("the C++ operators (`--cpp-route`)" if args.cpp_route else "the inline step, fused with neighbouring ops"),
+            + (
+                "the C++ operators (`--cpp-route`)" if args.cpp_route
+                else "the C++ operators (microbatches)" if args.microbatch_size
+                else "the inline step, fused with neighbouring ops"
+            ),
             "",
         ]
     )

@@ -11,8 +11,9 @@ Both directions move the *same* Parameter objects and buffer tensors into the ne
 built before the surgery keeps training them; nothing is copied or re-allocated), and the state dict
 keys are batchnorm's, so checkpoints load with ``strict=True`` either way. The module's own hooks
 (forward, backward, state-dict) and the parametrizations of its weight and bias
-(``torch.nn.utils.parametrize``) move with them. Every layer is checked before any is changed: a model
-that cannot be converted (or reverted) faithfully raises and is left as it was.
+(``torch.nn.utils.parametrize``) move with them (the replaced module keeps references to the same tables and
+tensors: it is not meant to be used afterwards). Every layer is checked, and its replacement built, before any
+is swapped in: a model that cannot be converted (or reverted) faithfully raises and is left as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import fnmatch
 import functools
 import logging
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -225,6 +227,15 @@ def _move_state(src: nn.Module, dst: nn.Module) -> None:
             dst._parameters[k] = nn.Parameter(torch.empty(0), requires_grad=False)
             parametrize.register_parametrization(dst, k, nn.Identity(), unsafe=True)
         dst.parametrizations = src.parametrizations
+
+
+def _retarget_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Point the hooks that hold a reference to ``src`` itself (``register_load_state_dict_pre_hook`` wraps them
+    with a weak reference to their module) at ``dst``, which has taken over ``src``'s hook tables."""
+    for hook in getattr(dst, "_load_state_dict_pre_hooks", {}).values():
+        ref = getattr(hook, "module", None) if getattr(hook, "with_module", False) else None
+        if isinstance(ref, weakref.ReferenceType) and ref() is src:
+            hook.module = weakref.ref(dst)
 
 
 def _make_renorm(
@@ -481,18 +492,20 @@ def convert_model(
         raise ValueError(f"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim={sync_batchnorm_dim!r}")
     is_excluded = _make_exclude(exclude)
 
-    # First every check, then the changes: a model that cannot be converted is left as it was.
+    # First every check and every new layer (built from the originals, which stay as they are), then the swap: a
+    # model that cannot be converted is left as it was.
     excluded_ids: set[int] = set()
-    targets: dict[int, type[_BatchRenorm]] = {}
+    targets: dict[int, tuple[type[_BatchRenorm], _BatchRenorm]] = {}
 
     def check(module: nn.Module, name: str) -> bool:
         if is_excluded(name, module):  # (the predicate is called once per module)
             excluded_ids.add(id(module))
             return False
         if isinstance(module, _BatchNorm):
-            targets[id(module)] = _target_class(name, module, sync_batchnorm_dim)
+            cls = _target_class(name, module, sync_batchnorm_dim)
             try:
                 _check_eps(module.eps)
+                targets[id(module)] = (cls, _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size))
             except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
                 where = f"module {name!r}" if name else "the root module"
                 raise ValueError(f"convert_model cannot convert {where} ({module!r}): {err}") from err
@@ -513,8 +526,8 @@ def convert_model(
             return module, False
         out = module
         if isinstance(module, _BatchNorm):
-            cls = targets[id(module)]
-            out = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size)
+            cls, out = targets[id(module)]
+            _retarget_hooks(module, out)
             converted[f"{_class_name(module)} -> {cls.__name__}"] += 1
         elif isinstance(module, _BatchRenorm):
             already[_class_name(module)] += 1
@@ -607,12 +620,16 @@ def revert_model(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
-    # First every check, then the changes: a model that cannot be reverted is left as it was.
-    targets: dict[int, type[_BatchNorm]] = {}
+    # First every check and every new layer, then the swap: a model that cannot be reverted is left as it was.
+    targets: dict[int, tuple[type[_BatchNorm], _BatchNorm]] = {}
 
     def check(module: nn.Module, name: str) -> bool:
         if isinstance(module, _BatchRenorm):
-            targets[id(module)] = _bn_target(name, module)
+            bn_cls = _bn_target(name, module)
+            bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
+            if bn_momentum is _MISSING:
+                bn_momentum = module.momentum  # a Python float, also on the meta device
+            targets[id(module)] = (bn_cls, _make_batchnorm(module, bn_cls, bn_momentum))  # type: ignore[arg-type]
         return True
 
     _walk(model, check)
@@ -621,11 +638,8 @@ def revert_model(model: nn.Module) -> nn.Module:
     def revert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         out = module
         if isinstance(module, _BatchRenorm):
-            bn_cls = targets[id(module)]
-            bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
-            if bn_momentum is _MISSING:
-                bn_momentum = module.momentum  # a Python float, also on the meta device
-            out = _make_batchnorm(module, bn_cls, bn_momentum)  # type: ignore[arg-type]
+            bn_cls, out = targets[id(module)]
+            _retarget_hooks(module, out)
             reverted[f"{_class_name(module)} -> {bn_cls.__name__}"] += 1
         return out, True
 

@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
 
 __all__ = [
     "NonIIDBatchSampler",
@@ -503,7 +504,11 @@ class FashionMNISTDataModule(ClassificationDataModule):
 
     def train_labels(self) -> Sequence[int]:
         if self._train_labels is None:
-            self._train_labels = self._load("train", self.limit_train)[1].astype(np.int64)
+            if "train" in self._loaded:  # read by check_data, kept for setup
+                labels = self._loaded["train"][1]
+            else:
+                labels = self._load("train", self.limit_train)[1]
+            self._train_labels = labels.astype(np.int64)
         return self._train_labels  # type: ignore[return-value]
 
     def check_data(self, stage: Optional[str] = None) -> None:
@@ -528,6 +533,23 @@ class FashionMNISTDataModule(ClassificationDataModule):
 # --------------------------------------------------------------------------------------
 # ImageNet-layout folders
 # --------------------------------------------------------------------------------------
+class _KnownClassesImageFolder(ImageFolder):
+    """An ``ImageFolder`` whose class indices are the training folder's (``class_to_idx``), so that a validation
+    folder missing a class keeps the labels right; a class it does not know is an error. Defined at module level:
+    the data module and its datasets pickle (``ddp_spawn``, DataLoader workers started by spawn)."""
+
+    def __init__(self, root: str, class_to_idx: dict[str, int], transform: Optional[Callable] = None) -> None:
+        self._known = dict(class_to_idx)
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory: Union[str, os.PathLike]) -> tuple[list[str], dict[str, int]]:
+        present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        unknown = [c for c in present if c not in self._known]
+        if unknown:
+            raise ValueError(f"'{directory}' has classes not in the training folder: {unknown[:5]}")
+        return present, {c: self._known[c] for c in present}
+
+
 class ImageFolderDataModule(ClassificationDataModule):
     """Image folders in the ImageNet layout: ``<data_dir>/train/<class>/*.JPEG``, ``<data_dir>/val/<class>/*``.
 
@@ -609,27 +631,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         if ds is None:
             ds = self._scan(sub)
             del self._scanned[sub]
+        from torchvision.datasets.vision import StandardTransform
+
         ds.transform = transform  # type: ignore[attr-defined]
+        ds.transforms = StandardTransform(transform, None) if transform is not None else None  # type: ignore[attr-defined]
         return ds
 
     def _scan(self, sub: str) -> Dataset:
         """Folder ``sub`` as a dataset without transform, scanned once (the file lists of ImageNet take a while)."""
         if sub in self._scanned:
             return self._scanned[sub]
-        from torchvision.datasets import ImageFolder
-
-        class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-        class _Fixed(ImageFolder):
-            def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-                present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-                unknown = [c for c in present if c not in class_to_idx]
-                if unknown:
-                    raise ValueError(f"'{directory}' has classes not in the training folder: {unknown[:5]}")
-                return present, {c: class_to_idx[c] for c in present}
-
         try:
-            ds = _Fixed(str(self.data_dir / sub))
+            ds = _KnownClassesImageFolder(str(self.data_dir / sub), {c: i for i, c in enumerate(self.classes)})
         except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
             raise FileNotFoundError(
                 f"image folder '{self.data_dir / sub}': {err} (expected <class>/<image> files, e.g. *.JPEG)"

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from lightning_brn._traced import batch_renorm as _traced_batch_renorm
 from lightning_brn.functional import _is_compiling, batch_renorm
@@ -364,7 +365,7 @@ class _BatchRenorm(nn.Module):
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} channels "
+                f"{type_before_parametrizations(self).__name__}({self.num_features}) got input with {input.shape[1]} channels "
                 f"(shape {tuple(input.shape)}): expected {self.num_features} channels in dim 1"
             )
 

@@ -714,16 +714,22 @@ def test_hooks_move_with_the_layer_both_ways() -> None:
         bn.register_full_backward_hook(lambda m, gin, gout: calls.append("bwd")),
     ]
     bn.register_state_dict_post_hook(lambda m, sd, prefix, local_metadata: calls.append("sd"))
+    # a load pre-hook is called with its module, which torch keeps as a weak reference: it must be the new layer
+    handles.append(bn.register_load_state_dict_pre_hook(lambda m, *args: calls.append(f"load:{type(m).__name__}")))
     model = convert_model(nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+    del bn
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     model(x).sum().backward()
-    model.state_dict()
-    assert isinstance(model[1], BatchRenorm2d) and calls == ["pre", "fwd", "fwd-kw", "bwd", "sd"]
+    model.load_state_dict(model.state_dict())
+    assert isinstance(model[1], BatchRenorm2d)
+    assert calls == ["pre", "fwd", "fwd-kw", "bwd", "sd", "load:BatchRenorm2d"]
 
     calls.clear()
     back = revert_model(model)
+    del model
     back(x).sum().backward()
-    assert type(back[1]) is nn.BatchNorm2d and calls == ["pre", "fwd", "fwd-kw", "bwd"]
+    back.load_state_dict(back.state_dict())
+    assert type(back[1]) is nn.BatchNorm2d and calls == ["pre", "fwd", "fwd-kw", "bwd", "sd", "load:BatchNorm2d"]
 
     calls.clear()
     for h in handles:  # the handles of the original registrations still remove them
@@ -740,6 +746,10 @@ def test_refused_conversion_changes_nothing() -> None:
     assert list(model.modules()) == before and type(model[0]) is nn.BatchNorm2d
     model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4, eps=0.0))
     with pytest.raises(ValueError, match=r"module '1' .*eps must be > 0"):
+        convert_model(model)
+    assert type(model[0]) is nn.BatchNorm2d
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(0))  # refused by the renorm layer's constructor
+    with pytest.raises(ValueError, match=r"module '1' .*num_features must be a positive int"):
         convert_model(model)
     assert type(model[0]) is nn.BatchNorm2d
 

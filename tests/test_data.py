@@ -125,6 +125,15 @@ def test_image_folder_check_data_scans_once_and_raises_early(tmp_path: Path, mak
     ImageFolderDataModule(root, batch_size=2, num_workers=0).check_data("validate")
     assert scans == ["val"]
 
+    dm = ImageFolderDataModule(root, batch_size=2, num_workers=0)
+    dm.check_data("fit")
+    import pickle
+
+    again = pickle.loads(pickle.dumps(dm))  # ddp_spawn pickles the data module, spawned loader workers its datasets
+    again.setup("fit")
+    assert len(again.train_set) == 4 and again.train_set.class_to_idx == {"n00000000": 0, "n00000001": 1}
+    pickle.loads(pickle.dumps(again.val_set))
+
     (root / "val" / "n00000001").rename(root / "val" / "n99999999")
     with pytest.raises(ValueError, match=r"val' has classes not in the training folder: \['n99999999'\]"):
         ImageFolderDataModule(root, batch_size=2, num_workers=0).check_data("fit")
