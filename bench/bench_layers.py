@@ -184,6 +184,58 @@ def set_realistic_running_stats(brn: nn.Module, lit: nn.Module, c: int, gen: tor
         lit.running_std.copy_(sigma)
 
 
+def warm_up(steps: dict[str, Callable[[], None]], n: int, device: torch.device, errors: dict[str, str]) -> None:
+    """Run every step ``n`` times; a step that raises is dropped from ``steps`` and reported in ``errors``."""
+    for name in list(steps):
+        try:
+            for _ in range(n):
+                steps[name]()
+            sync(device)
+        except Exception as e:  # noqa: BLE001 - reported in the table cell
+            errors[name] = short_error(e)
+            del steps[name]
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]],
+    ref: str,
+    *,
+    reps: int,
+    sample_ms: float,
+    probes: int,
+    max_inner: int,
+    clock: str,
+    device: torch.device,
+    seed: int,
+) -> tuple[dict[str, list[float]], int]:
+    """Seconds per call of every step, ``reps`` samples each: every round runs each step once, in an order shuffled
+    by ``random.Random(seed)``, ``inner`` calls per sample, so that a sample of ``ref`` lasts about ``sample_ms``
+    (from the fastest of ``probes`` timed calls of ``ref``; at most ``max_inner``). ``clock``: ``"cpu"``
+    (``time.process_time``) or ``"wall"``. Returns the samples and ``inner``."""
+    t_ref = float("inf")
+    for _ in range(probes):
+        t0 = time.perf_counter()
+        steps[ref]()
+        sync(device)
+        t_ref = min(t_ref, time.perf_counter() - t0)
+    inner = max(1, min(max_inner, round(sample_ms / 1000.0 / max(t_ref, 1e-6))))
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    rng = random.Random(seed)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            st = steps[name]
+            sync(device)
+            t0 = timer()
+            for _ in range(inner):
+                st()
+            sync(device)
+            times[name].append((timer() - t0) / inner)
+    return times, inner
+
+
 # ----------------------------------------------------------------------------- one configuration
 def bench_config(
     shape: tuple[int, ...], fmt: str, args: argparse.Namespace, device: torch.device, seed: int
@@ -257,39 +309,11 @@ def bench_config(
             except Exception as e:  # noqa: BLE001 - reported in the table cell
                 errors[name] = short_error(e)
 
-    # Warm-up (also the compiled ones: second call runs the cached graph).
-    for name in list(steps):
-        try:
-            for _ in range(args.warmup):
-                steps[name]()
-            sync(device)
-        except Exception as e:  # noqa: BLE001
-            errors[name] = short_error(e)
-            del steps[name]
-
-    # Inner repetitions so that one sample of eager batchnorm lasts about --sample-ms.
-    t_bn = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        steps["bn"]()
-        sync(device)
-        t_bn = min(t_bn, time.perf_counter() - t0)
-    inner = max(1, min(200, round(args.sample_ms / 1000.0 / max(t_bn, 1e-6))))
-
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps)
-    rng = random.Random(seed)
-    for _ in range(args.reps):
-        rng.shuffle(order)
-        for name in order:
-            st = steps[name]
-            sync(device)
-            t0 = clock()
-            for _ in range(inner):
-                st()
-            sync(device)
-            times[name].append((clock() - t0) / inner)
+    warm_up(steps, args.warmup, device, errors)  # (also the compiled ones: the second call runs the cached graph)
+    times, inner = time_interleaved(
+        steps, "bn", reps=args.reps, sample_ms=args.sample_ms, probes=3, max_inner=200, clock=args.clock,
+        device=device, seed=seed,
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
 
     mem: dict[str, str] = {}

@@ -28,7 +28,6 @@ import copy
 import datetime
 import os
 import platform
-import random
 import shlex
 import statistics
 import sys
@@ -44,7 +43,15 @@ from lightning_brn import _ext, convert_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import malloc_note, pin_malloc  # noqa: E402
-from bench_layers import code_version, cpu_name, median_interval_ranks, short_error, sync  # noqa: E402
+from bench_layers import (  # noqa: E402
+    code_version,
+    cpu_name,
+    paired_ratio,
+    short_error,
+    sync,
+    time_interleaved,
+    warm_up,
+)
 
 MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
 RMAX, DMAX = 3.0, 5.0
@@ -91,51 +98,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> di
                 steps[key] = st
             except Exception as e:  # noqa: BLE001 - reported in the table cell
                 errors[key] = short_error(e)
-    for key in list(steps):
-        try:
-            for _ in range(args.warmup):
-                steps[key]()
-            sync(device)
-        except Exception as e:  # noqa: BLE001
-            errors[key] = short_error(e)
-            del steps[key]
+    warm_up(steps, args.warmup, device, errors)
     if "bn" not in steps:
         raise RuntimeError(f"{name}: eager batchnorm, the reference of every ratio, failed: {errors['bn']}")
-    t_bn = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        steps["bn"]()
-        sync(device)
-        t_bn = min(t_bn, time.perf_counter() - t0)
-    inner = max(1, min(50, round(args.sample_ms / 1000.0 / max(t_bn, 1e-6))))
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for _ in range(args.reps):
-        rng.shuffle(order)
-        for key in order:
-            st = steps[key]
-            sync(device)
-            t0 = clock()
-            for _ in range(inner):
-                st()
-            sync(device)
-            times[key].append((clock() - t0) / inner)
+    times, inner = time_interleaved(
+        steps, "bn", reps=args.reps, sample_ms=args.sample_ms, probes=2, max_inner=50, clock=args.clock,
+        device=device, seed=0,
+    )
     return {"name": name, "layers": n_layers, "times": times, "errors": errors, "compile_s": compile_s, "inner": inner}
-
-
-def paired(res: dict, name: str, ref: str) -> str:
-    if name in res["errors"]:
-        return res["errors"][name]
-    if ref in res["errors"]:
-        return f"- ({ref} failed)"
-    ratios = sorted(a / b for a, b in zip(res["times"][name], res["times"][ref]))
-    cell = f"{statistics.median(ratios):.3f}x"
-    ranks = median_interval_ranks(len(ratios))
-    if ranks is not None:
-        cell += f" ({ratios[ranks[0]]:.3f}-{ratios[ranks[1]]:.3f})"
-    return cell
 
 
 def ms(res: dict, name: str) -> str:
@@ -156,8 +126,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     ]
     for r in results:
         shape = f"({args.batch}, 3, {args.size}, {args.size}) {fmt}"
-        comp = ("-", "-") if args.no_compile else (ms(r, "bn compiled"), paired(r, "brn compiled", "bn compiled"))
-        out.append(f"| {r['name']} | {r['layers']} | {shape} | {ms(r, 'bn')} | {paired(r, 'brn', 'bn')} | {comp[0]} | {comp[1]} |")
+        comp = ("-", "-") if args.no_compile else (ms(r, "bn compiled"), paired_ratio(r, "brn compiled", "bn compiled"))
+        out.append(f"| {r['name']} | {r['layers']} | {shape} | {ms(r, 'bn')} | {paired_ratio(r, 'brn', 'bn')} | {comp[0]} | {comp[1]} |")
     return "\n".join(out) + "\n"
 
 

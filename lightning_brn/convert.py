@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import logging
 import warnings
 import weakref
@@ -201,9 +202,8 @@ def _state_device(module: nn.Module) -> Optional[torch.device]:
     for t in (*(module._parameters.get(k) for k in _PARAM_NAMES), *(module._buffers.get(k) for k in _BUFFER_NAMES)):
         if t is not None:
             return t.device
-    for t in (*module.parameters(), *module.buffers()):  # e.g. a parametrized weight's original
-        return t.device
-    return None
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)  # e.g. a parametrized weight's original
+    return None if t is None else t.device
 
 
 def _move_state(src: nn.Module, dst: nn.Module) -> None:

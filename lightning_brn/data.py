@@ -504,21 +504,17 @@ class FashionMNISTDataModule(ClassificationDataModule):
 
     def train_labels(self) -> Sequence[int]:
         if self._train_labels is None:
-            if "train" in self._loaded:  # read by check_data, kept for setup
-                labels = self._loaded["train"][1]
-            else:
-                labels = self._load("train", self.limit_train)[1]
+            # (a read by check_data stays for setup)
+            labels = self._loaded["train"][1] if "train" in self._loaded else self._load("train", self.limit_train)[1]
             self._train_labels = labels.astype(np.int64)
         return self._train_labels  # type: ignore[return-value]
 
     def check_data(self, stage: Optional[str] = None) -> None:
         """Read the IDX files ``setup(stage)`` needs (kept for it): a truncated or mismatched file raises here."""
-        splits = ("train", "test") if stage in (None, "fit") else ("test",)
-        for split in splits:
-            if split == "train" and self.train_set is not None or split == "test" and self.val_set is not None:
-                continue
-            if split not in self._loaded:
-                self._loaded[split] = self._load(split, self.limit_train if split == "train" else self.limit_val)
+        if stage in (None, "fit") and self.train_set is None and "train" not in self._loaded:
+            self._loaded["train"] = self._load("train", self.limit_train)
+        if self.val_set is None and "test" not in self._loaded:
+            self._loaded["test"] = self._load("test", self.limit_val)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -627,11 +623,10 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _folder(self, sub: str, transform: Optional[Callable]) -> Dataset:
         """The dataset of folder ``sub`` with ``transform`` (reusing a scan made earlier)."""
-        ds = self._scanned.pop(sub, None)
-        if ds is None:
-            ds = self._scan(sub)
-            del self._scanned[sub]
         from torchvision.datasets.vision import StandardTransform
+
+        ds = self._scan(sub)  # the earlier scan, or a new one
+        del self._scanned[sub]  # the caller owns it now
 
         ds.transform = transform  # type: ignore[attr-defined]
         ds.transforms = StandardTransform(transform, None) if transform is not None else None  # type: ignore[attr-defined]

@@ -131,3 +131,20 @@ def test_bench_model_times_a_converted_model_eager_and_compiled(tmp_path):
     for cell in (brn_eager, brn_compiled):  # paired ratio: a median inside its interval
         m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
         assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), rows
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--reps", "0"], "--reps must be >= 1, got 0"),
+        (["--microbatch-size", "3"], "--microbatch-size must be >= 1 and divide --batch 8, got 3"),
+    ],
+)
+def test_bench_model_refuses_bad_arguments_naming_them(args, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(
+        [sys.executable, "bench/bench_model.py", "--malloc", "default", *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
