@@ -21,7 +21,7 @@ All variants of one shape are timed interleaved (each repetition runs every vari
 shuffled order) after warm-up; the tables show medians and ratios to eager batchnorm (compiled renorm
 also against compiled batchnorm). The paired-ratio table divides each repetition's renorm time by batchnorm's
 from the same round, so that a slow spell of a shared machine cancels out, and gives the median of those ratios
-with a distribution-free 95% interval (order statistics; 15 repetitions: the 4th to the 12th smallest ratio): an
+with a distribution-free 95% interval (order statistics; 41 repetitions: the 14th to the 28th smallest ratio): an
 interval that contains 1 means the run cannot tell the two apart. Memory is the bytes of the unique storages saved for backward,
 counted with :class:`torch.autograd.graph.saved_tensors_hooks` during one forward; the INPUT's storage
 IS INCLUDED when a variant saves it (every variant here does), so subtract the "input MiB" column to
@@ -507,7 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="short run: few repetitions, short samples")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 15; quick 5)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default 41; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; quick 1)")
     p.add_argument("--sample-ms", type=float, default=None, help="length of one timed sample (default 40; quick 10)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
@@ -531,7 +531,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if argv is None:
         pin_malloc(args.malloc)
-    args.reps = args.reps or (5 if args.quick else 15)
+    args.reps = args.reps or (5 if args.quick else 41)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.sample_ms = args.sample_ms or (10.0 if args.quick else 40.0)
 

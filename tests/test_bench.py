@@ -148,3 +148,37 @@ def test_bench_model_refuses_bad_arguments_naming_them(args, message):
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+
+
+def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
+    out = tmp_path / "kernels.md"
+    stdout = _run(
+        "bench_kernels.py", "--shapes", "3,5", "--formats", "channels_last", "--reps", "6", "--warmup", "1",
+        "--sample-ms", "1", "--out", str(out),
+    )
+    assert "- command: `python bench/bench_kernels.py --shapes 3,5" in out.read_text()
+    rows = _table(stdout, "Generated code alone")
+    assert [r[:2] for r in rows] == [["(4, 512, 7, 7)", "channels_last"], ["(256, 1024)", "contiguous"]]
+    for r in rows:
+        assert all(re.fullmatch(r"\d+\.\d", r[i]) for i in (2, 3, 5, 6)), r  # microseconds
+        for cell in (r[4], r[7], r[8]):  # paired ratios: a median inside its interval
+            m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
+            assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), r
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reps", "0"], "--reps must be >= 1, got 0"),
+        (["--sample-ms", "0"], "--sample-ms must be > 0, got 0.0"),
+        (["--shapes", "9"], "--shapes '9': expected comma-separated indices in 0-5"),
+        (["--formats", "nhwc"], "--formats 'nhwc': expected contiguous and/or channels_last, got ['nhwc']"),
+    ],
+)
+def test_bench_kernels_refuses_bad_arguments_naming_them(args, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(
+        [sys.executable, "bench/bench_kernels.py", "--malloc", "default", *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
