@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="microbatch_size of the renorm layers (paper section 4.2; batchnorm normalizes the whole batch)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--reps", type=int, default=15, help="timed repetitions per variant (default 15)")
+    p.add_argument("--reps", type=int, default=41, help="timed repetitions per variant (default 41)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant (default 2)")
     p.add_argument("--sample-ms", type=float, default=200.0, help="length of one timed sample (default 200)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
