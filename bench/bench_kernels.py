@@ -12,7 +12,8 @@ slows either side). Interleaved, shuffled rounds as in ``bench_layers.py``; the 
 rounds of renorm's time over batchnorm's in the same round, with a distribution-free 95% interval.
 
 The difference between ``bench_layers.py``'s compiled column and this one is the fixed per-call cost of the
-compiled step, which ``bench_overhead.py`` measures on its own.
+compiled step, which ``bench_overhead.py`` measures on its own. CPU only: on CUDA the generated code launches
+asynchronous Triton kernels, which ``bench_layers.py --device cuda`` times with synchronization.
 
 Usage::
 
