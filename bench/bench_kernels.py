@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import importlib.util
 import os
@@ -114,7 +113,6 @@ def bench_shape(shape: tuple[int, ...], fmt: str, args: argparse.Namespace, tmp:
     x.requires_grad_(True)
     steps: dict[str, Callable[[], None]] = {}
     for tag, mod in (("bn", bn), ("brn", brn)):
-        mod = copy.deepcopy(mod).train()
         cm = torch.compile(mod)
 
         def step(cm: nn.Module = cm, mod: nn.Module = mod) -> None:

@@ -15,10 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def _run(script: str, *args: str, timeout: int = 600) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(  # from the repository root, as the README runs them
-        [sys.executable, f"bench/{script}", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, f"bench/{script}", *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
@@ -27,6 +30,12 @@ def _run(script: str, *args: str, timeout: int = 600) -> str:
 def _table(text: str, title: str) -> list[list[str]]:
     section = next(s for s in text.split("### ") if s.startswith(title))
     return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in section.splitlines() if ln.startswith("| (")]
+
+
+def _assert_paired_ratio(cell: str, context: object) -> None:
+    """A paired-ratio cell, ``"1.002x (0.990-1.010)"``: a median inside its interval."""
+    m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
+    assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), context
 
 
 def _mib(cell: str) -> float:
@@ -128,26 +137,8 @@ def test_bench_model_times_a_converted_model_eager_and_compiled(tmp_path):
     name, layers, shape, bn_eager, brn_eager, bn_compiled, brn_compiled = rows[0]
     assert name == "test_resnet" and int(layers) > 0 and shape == "(4, 3, 32, 32) NCHW"
     assert re.fullmatch(r"\d+\.\d{2}", bn_eager) and re.fullmatch(r"\d+\.\d{2}", bn_compiled), rows
-    for cell in (brn_eager, brn_compiled):  # paired ratio: a median inside its interval
-        m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
-        assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), rows
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--batch", "0"], "--batch must be >= 1, got 0"),
-        (["--reps", "0"], "--reps must be >= 1, got 0"),
-        (["--microbatch-size", "3"], "--microbatch-size must be >= 1 and divide --batch 8, got 3"),
-    ],
-)
-def test_bench_model_refuses_bad_arguments_naming_them(args, message):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run(
-        [sys.executable, "bench/bench_model.py", "--malloc", "default", *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
-    )
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    for cell in (brn_eager, brn_compiled):
+        _assert_paired_ratio(cell, rows)
 
 
 def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
@@ -161,24 +152,25 @@ def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
     assert [r[:2] for r in rows] == [["(4, 512, 7, 7)", "channels_last"], ["(256, 1024)", "contiguous"]]
     for r in rows:
         assert all(re.fullmatch(r"\d+\.\d", r[i]) for i in (2, 3, 5, 6)), r  # microseconds
-        for cell in (r[4], r[7], r[8]):  # paired ratios: a median inside its interval
-            m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
-            assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), r
+        for cell in (r[4], r[7], r[8]):
+            _assert_paired_ratio(cell, r)
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("script", "args", "message"),
     [
-        (["--reps", "0"], "--reps must be >= 1, got 0"),
-        (["--sample-ms", "0"], "--sample-ms must be > 0, got 0.0"),
-        (["--shapes", "9"], "--shapes '9': expected comma-separated indices in 0-5"),
-        (["--formats", "nhwc"], "--formats 'nhwc': expected contiguous and/or channels_last, got ['nhwc']"),
+        ("bench_model.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
+        ("bench_model.py", ["--reps", "0"], "--reps must be >= 1, got 0"),
+        ("bench_model.py", ["--microbatch-size", "3"], "--microbatch-size must be >= 1 and divide --batch 8, got 3"),
+        ("bench_kernels.py", ["--reps", "0"], "--reps must be >= 1, got 0"),
+        ("bench_kernels.py", ["--sample-ms", "0"], "--sample-ms must be > 0, got 0.0"),
+        ("bench_kernels.py", ["--shapes", "9"], "--shapes '9': expected comma-separated indices in 0-5"),
+        ("bench_kernels.py", ["--formats", "nhwc"], "--formats 'nhwc': expected contiguous and/or channels_last, got ['nhwc']"),
     ],
 )
-def test_bench_kernels_refuses_bad_arguments_naming_them(args, message):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message):
     res = subprocess.run(
-        [sys.executable, "bench/bench_kernels.py", "--malloc", "default", *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+        [sys.executable, f"bench/{script}", "--malloc", "default", *args],
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT,
     )
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
