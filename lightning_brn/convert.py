@@ -42,7 +42,6 @@ from lightning_brn.layers import (
     BatchRenormAct2d,
     _BatchRenorm,
     _check_dmax,
-    _check_eps,
     _check_microbatch_size,
     _check_momentum,
     _check_rmax,
@@ -142,8 +141,13 @@ def _torch_base(module: _BatchNorm) -> Optional[type[_BatchNorm]]:
     return None
 
 
+def _where(name: str) -> str:
+    """How an error names the module at qualified name ``name``."""
+    return f"module {name!r}" if name else "the root module"
+
+
 def _unsupported(name: str, module: nn.Module, why: str) -> TypeError:
-    where = f"module {name!r}" if name else "the root module"
+    where = _where(name)
     cls = parametrize.type_before_parametrizations(module)
     return TypeError(
         f"convert_model cannot convert {where} of type {cls.__module__}.{cls.__qualname__}: {why}. "
@@ -503,12 +507,10 @@ def convert_model(
             return False
         if isinstance(module, _BatchNorm):
             cls = _target_class(name, module, sync_batchnorm_dim)
-            try:
-                _check_eps(module.eps)
+            try:  # the new layer's constructor checks eps (and num_features) before any state moves in
                 targets[id(module)] = (cls, _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size))
             except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
-                where = f"module {name!r}" if name else "the root module"
-                raise ValueError(f"convert_model cannot convert {where} ({module!r}): {err}") from err
+                raise ValueError(f"convert_model cannot convert {_where(name)} ({module!r}): {err}") from err
         return True
 
     _walk(model, check)
@@ -558,7 +560,7 @@ def convert_model(
 
 # --------------------------------------------------------------------------------------------- revert
 def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
-    where = f"module {name!r}" if name else "the root module"
+    where = _where(name)
     qualname = parametrize.type_before_parametrizations(module).__qualname__
     for renorm_cls, bn_cls in _revert_table():
         if isinstance(module, renorm_cls):

@@ -675,7 +675,7 @@ def _batch_renorm_composite(
 # calling the C++ operators; None: no limit (the default). A layer on its own runs faster through the C++ operators
 # once it holds a few hundred thousand values (bench/bench_layers.py), but in a compiled model the inline step
 # fuses with the neighbouring activation or residual add, forward and backward, as batchnorm does, and an opaque
-# operator cannot: whole models trained 1.06-1.18x slower through the C++ operators (bench/bench_model.py). Tests
+# operator cannot: whole models trained 1.07-1.19x slower through the C++ operators (bench/bench_model.py). Tests
 # and ``bench_overhead.py --cpp-route`` set -1 to take the C++ operators at every size.
 _INLINE_MAX_NUMEL: Optional[int] = None
 

@@ -69,13 +69,6 @@ def _check_momentum(value: Any) -> float:
     return v
 
 
-def _check_eps(value: Any) -> float:
-    v = _check_number("eps", value)
-    if v <= 0.0:
-        raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={v}")
-    return v
-
-
 def _check_microbatch_size(value: Any) -> Optional[int]:
     if value is None:
         return None
@@ -126,7 +119,9 @@ class _BatchRenorm(nn.Module):
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got num_features={num_features!r}")
-        eps_v = _check_eps(eps)
+        eps_v = _check_number("eps", eps)
+        if eps_v <= 0.0:
+            raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={eps_v}")
         momentum_v = _check_momentum(momentum)
         rmax_v = _check_rmax(rmax)
         dmax_v = _check_dmax(dmax)
