@@ -32,6 +32,14 @@ _CORRECTION_METRICS = ("r_clipped_frac", "d_clipped_frac", "mean_abs_r_minus_1",
 ExcludeType = Optional[Union[str, Sequence[str], Callable[..., bool]]]
 
 
+class _ConfigTypeError(MisconfigurationException, TypeError):
+    """An argument of the wrong type: Lightning's MisconfigurationException, and a TypeError as in RenormSchedule."""
+
+
+class _ConfigValueError(MisconfigurationException, ValueError):
+    """An argument (or a model) that cannot be used: Lightning's MisconfigurationException, and a ValueError."""
+
+
 class BatchRenormScheduler(Callback):
     r"""Sets ``rmax``, ``dmax`` and ``momentum`` of every Batch Renorm layer at every optimizer step.
 
@@ -44,6 +52,12 @@ class BatchRenormScheduler(Callback):
     - validation, test and predict run in eval mode (Lightning's loops call ``model.eval()``), where
       Batch Renorm is batchnorm's inference and never updates the moving averages.
 
+    ``trainer.global_step`` counts optimizer steps, as ``Trainer(max_steps=...)`` does: under manual
+    optimization with several optimizers it grows by one for each ``optimizer.step()``, so a GAN that
+    steps two optimizers per batch moves through the schedule two steps per batch. Size such a schedule
+    in optimizer steps, e.g. ``RenormSchedule.for_run(2 * trainer.estimated_stepping_batches)`` (Lightning
+    estimates batches there, not steps).
+
     With ``convert=True`` the model's batchnorm layers are replaced by Batch Renorm layers
     (:func:`lightning_brn.convert_model`) in ``setup``, before the optimizers exist, so
     ``Trainer(callbacks=[BatchRenormScheduler(convert=True)])`` is the whole integration for an
@@ -52,7 +66,10 @@ class BatchRenormScheduler(Callback):
     at fit start is an error, not a silent no-op.
 
     **Logged metrics** (every ``log_every_n_steps`` optimizer steps, at the same steps as Lightning's
-    own step logging, sent to every logger of the Trainer with the global-rank-0 process's values):
+    own step logging, with the global-rank-0 process's values). They are logged with
+    ``pl_module.log(..., on_step=True, on_epoch=False)``, so they reach every logger of the Trainer and
+    ``trainer.callback_metrics`` (a ``ModelCheckpoint(monitor="brn/r_clipped_frac")`` can use them); with a
+    ``log_every_n_steps`` of its own, the callback also sends them to the loggers itself at its steps:
 
     - ``brn/rmax``, ``brn/dmax``, ``brn/momentum``: the values used in that step;
     - ``brn/r_clipped_frac``, ``brn/d_clipped_frac``: fraction of channels (over all layers, and
@@ -84,7 +101,8 @@ class BatchRenormScheduler(Callback):
 
     Raises:
         MisconfigurationException: if an argument is invalid, or if at fit start the model has no
-            Batch Renorm layer.
+            Batch Renorm layer. The exception is also a ``TypeError`` (an argument of the wrong type) or a
+            ``ValueError`` (any other case), as :class:`lightning_brn.RenormSchedule` raises them.
 
     Examples::
 
@@ -109,31 +127,25 @@ class BatchRenormScheduler(Callback):
             schedule = RenormSchedule()
         # Duck-typed (``values(step)`` and ``to_dict()``), so custom schedules with RenormSchedule's interface work too.
         if not (callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))):
-            raise MisconfigurationException(
+            raise _ConfigTypeError(
                 f"`schedule` must be a lightning_brn.RenormSchedule (or have its `values(step)` and `to_dict()` methods) "
                 f"or None, got {schedule!r} of type {type(schedule).__name__}"
             )
         if not isinstance(convert, bool):
-            raise MisconfigurationException(f"`convert` must be a bool, got convert={convert!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
-        ):
-            raise MisconfigurationException(
-                f"`log_every_n_steps` must be None or an int >= 0, got log_every_n_steps={log_every_n_steps!r}"
-            )
-        if microbatch_size is not None and (
-            isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
-        ):
-            raise MisconfigurationException(
-                f"`microbatch_size` must be None or an int >= 1, got microbatch_size={microbatch_size!r}"
-            )
+            raise _ConfigTypeError(f"`convert` must be a bool, got convert={convert!r}")
+        for name, value, minimum in (("log_every_n_steps", log_every_n_steps, 0), ("microbatch_size", microbatch_size, 1)):
+            if value is None:
+                continue
+            error = _ConfigTypeError if isinstance(value, bool) or not isinstance(value, int) else _ConfigValueError
+            if error is _ConfigTypeError or value < minimum:
+                raise error(f"`{name}` must be None or an int >= {minimum}, got {name}={value!r}")
         if not convert and (microbatch_size is not None or exclude is not None):
-            raise MisconfigurationException(
+            raise _ConfigValueError(
                 f"`microbatch_size` and `exclude` apply to the conversion and need convert=True, got "
                 f"convert=False with microbatch_size={microbatch_size!r}, exclude={exclude!r}"
             )
         if not isinstance(verbose, bool):
-            raise MisconfigurationException(f"`verbose` must be a bool, got verbose={verbose!r}")
+            raise _ConfigTypeError(f"`verbose` must be a bool, got verbose={verbose!r}")
         self._schedule = schedule
         self._convert = convert
         self._log_every_n_steps = log_every_n_steps
@@ -193,7 +205,7 @@ class BatchRenormScheduler(Callback):
             exclude=self._exclude,
         )
         if converted is not pl_module:
-            raise MisconfigurationException(
+            raise _ConfigValueError(
                 f"convert_model replaced the LightningModule itself ({type(pl_module).__name__} -> "
                 f"{type(converted).__name__}); BatchRenormScheduler(convert=True) can only convert its submodules"
             )
@@ -212,7 +224,7 @@ class BatchRenormScheduler(Callback):
                 else "pass BatchRenormScheduler(convert=True) to convert its batchnorm layers, or build it with "
                 "lightning_brn layers (lightning_brn.convert_model, BatchRenorm2d, ...)"
             )
-            raise MisconfigurationException(
+            raise _ConfigValueError(
                 f"BatchRenormScheduler found no Batch Renorm layer in {type(pl_module).__name__}: {hint}."
             )
         self._applied = None
@@ -251,9 +263,16 @@ class BatchRenormScheduler(Callback):
         assert values is not None
         metrics = {"brn/rmax": values.rmax, "brn/dmax": values.dmax, "brn/momentum": values.momentum}
         metrics.update(self._correction_metrics())
-        step = _logging_step(trainer)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        # Through ``LightningModule.log``: the values reach ``trainer.callback_metrics`` (so ``ModelCheckpoint`` /
+        # ``EarlyStopping`` can monitor them) and, at the Trainer's logging steps, its loggers, in the same rows as
+        # the module's own step metrics. At other steps (a ``log_every_n_steps`` of our own) the loggers get them here.
+        own_steps = self._every(trainer) != trainer.log_every_n_steps
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=not own_steps, batch_size=1)
+        if own_steps:
+            step = _logging_step(trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
 
     # ----------------------------------------------------------------- end of fit
     @override

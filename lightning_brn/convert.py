@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import inspect
 import itertools
 import logging
 import warnings
@@ -27,7 +28,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,10 +50,12 @@ from lightning_brn.layers import (
 
 __all__ = ["convert_model", "revert_model", "conversion_summary", "ConversionSummary"]
 
-log = logging.getLogger("lightning_brn")
+log = logging.getLogger(__name__)  # "lightning_brn.convert", under the package's "lightning_brn" logger
 
 #: ``exclude`` accepts a glob pattern, a list of patterns, or a predicate ``(name, module) -> bool``.
 ExcludeType = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+#: ``sync_batchnorm_dim``: the rank (1, 2 or 3) of every ``torch.nn.SyncBatchNorm``, or ``(name, module) -> rank``.
+SyncDimType = Union[Literal[1, 2, 3], Callable[[str, nn.Module], int]]
 
 # The state every batchnorm and every renorm layer has, under the same names.
 _PARAM_NAMES = ("weight", "bias")
@@ -116,9 +119,15 @@ def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: False
     if isinstance(exclude, (nn.Module, Tensor, bytes, bytearray, Mapping)):
         raise TypeError(f"{expected}; got {exclude!r} of type {type(exclude).__name__}")
+    if isinstance(exclude, type):  # a class is callable, but calling it with (name, module) builds an instance
+        raise TypeError(
+            f"{expected}; got the class {exclude.__module__}.{exclude.__qualname__}: to keep the modules of a class, "
+            f"pass exclude=lambda name, module: isinstance(module, {exclude.__name__})"
+        )
     if isinstance(exclude, str):
         patterns: tuple[str, ...] = (exclude,)
     elif callable(exclude):
+        _check_two_arguments("exclude", exclude, expected)
         return exclude
     elif isinstance(exclude, Iterable):
         patterns = tuple(exclude)
@@ -128,6 +137,16 @@ def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
     else:
         raise TypeError(f"{expected}; got {exclude!r} of type {type(exclude).__name__}")
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _check_two_arguments(what: str, fn: Callable[..., Any], expected: str) -> None:
+    """Refuses a callable that cannot be called as ``fn(name, module)`` (e.g. ``lambda m: ...``), before the walk."""
+    try:
+        inspect.signature(fn).bind("name", nn.Module())
+    except TypeError:
+        raise TypeError(f"{expected}; got {fn!r}, which cannot be called as {what}(name, module)") from None
+    except ValueError:  # no signature to inspect (some builtins): it is called as it is
+        pass
 
 
 # --------------------------------------------------------------------------------------------- matching
@@ -176,7 +195,17 @@ def _unmovable_parametrizations(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: int) -> type[_BatchRenorm]:
+def _sync_rank(name: str, module: nn.Module, sync_batchnorm_dim: SyncDimType) -> int:
+    rank = sync_batchnorm_dim(name, module) if callable(sync_batchnorm_dim) else sync_batchnorm_dim
+    if isinstance(rank, bool) or rank not in (1, 2, 3):
+        raise ValueError(
+            f"sync_batchnorm_dim must give 1, 2 or 3 (BatchRenorm1d/2d/3d), got {rank!r} for {_where(name)} "
+            "(a SyncBatchNorm)"
+        )
+    return int(rank)
+
+
+def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: SyncDimType) -> type[_BatchRenorm]:
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise _unsupported(
             name, module, "it is an uninitialized lazy batchnorm (num_features unknown); run one forward pass first"
@@ -198,7 +227,7 @@ def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: int) -> typ
     if base in _timm_norm_act()[0]:
         return BatchRenormAct2d
     if base is nn.SyncBatchNorm:
-        return {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}[sync_batchnorm_dim]
+        return {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}[_sync_rank(name, module, sync_batchnorm_dim)]
     return {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}[base]
 
 
@@ -363,6 +392,14 @@ def conversion_summary(model: nn.Module) -> ConversionSummary:
 
 
 # --------------------------------------------------------------------------------------------- convert
+#: Batchnorm classes as a scripted module names its submodules (``original_name``).
+_SCRIPTED_BN_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct"})
+
+
+def _scripted_class(module: nn.Module) -> str:
+    return str(getattr(module, "original_name", type(module).__name__))
+
+
 def _walk(model: nn.Module, visit: Callable[[nn.Module, str], bool]) -> None:
     """Calls ``visit(module, qualified_name)`` top-down in :func:`_map_modules`' order (each module once),
     descending into the children where it returns True: the checks that run before anything is changed."""
@@ -409,7 +446,7 @@ def convert_model(
     momentum: float = 0.01,
     microbatch_size: Optional[int] = None,
     exclude: ExcludeType = None,
-    sync_batchnorm_dim: Literal[1, 2, 3] = 2,
+    sync_batchnorm_dim: SyncDimType = 2,
 ) -> nn.Module:
     r"""Replace every batchnorm of ``model`` by the matching Batch Renorm layer.
 
@@ -417,7 +454,7 @@ def convert_model(
     batchnorm                                      becomes
     =============================================  ======================================================
     ``torch.nn.BatchNorm1d`` / ``2d`` / ``3d``     :class:`BatchRenorm1d` / ``2d`` / ``3d``
-    ``torch.nn.SyncBatchNorm``                     ``BatchRenorm{sync_batchnorm_dim}d`` (default 2d)
+    ``torch.nn.SyncBatchNorm``                     ``BatchRenorm{rank}d``, rank from ``sync_batchnorm_dim``
     timm ``BatchNormAct2d``, ``SyncBatchNormAct``  :class:`BatchRenormAct2d` (the same ``act``, ``drop``)
     subclasses of the above                        as their base, if they keep its ``forward``
     =============================================  ======================================================
@@ -426,7 +463,9 @@ def convert_model(
     uses as its ``FrozenBatchNorm2d``) are left alone and reported. A batchnorm that cannot be converted
     faithfully raises ``TypeError``: a subclass overriding ``forward`` (e.g. timm's ``SplitBatchNorm2d``)
     or holding extra parameters, an uninitialized lazy batchnorm, a bare ``_BatchNorm`` subclass, a
-    parametrized running statistic. Every layer is checked before any is replaced, so a model that raises
+    parametrized running statistic, a scripted (``torch.jit``) submodule holding a batchnorm. A subclass
+    that only overrides ``_check_input_dim`` is converted to the renorm layer of its base class, which
+    takes the inputs of that base class's rank. Every layer is checked before any is replaced, so a model that raises
     is left exactly as it was.
 
     The new layers take over the original Parameter objects and the ``running_mean``, ``running_var``
@@ -457,8 +496,11 @@ def convert_model(
             ``(name, module) -> bool`` (called once per module). A matching module *and everything below it*
             is left untouched.
         sync_batchnorm_dim: ``torch.nn.SyncBatchNorm`` accepts inputs of any rank and does not record
-            which one it normalizes, so its rank is given here: 1, 2 (the default: images, (N, C, H, W))
-            or 3, giving ``BatchRenorm1d/2d/3d``. (timm's ``SyncBatchNormAct`` is always 2d.)
+            which one it normalizes (``convert_sync_batchnorm`` forgets the class it replaced), so its rank
+            is given here: 1, 2 (the default: images, (N, C, H, W)) or 3, giving ``BatchRenorm1d/2d/3d``;
+            or, for models mixing ranks, a function ``(name, module) -> 1 | 2 | 3`` called once per
+            ``SyncBatchNorm``. (timm's ``SyncBatchNormAct`` is always 2d.) Simplest of all: convert before
+            ``convert_sync_batchnorm``, which leaves Batch Renorm layers alone.
             Batch Renorm layers normalize with each process's own batch: the statistics are not
             synchronized across processes.
 
@@ -468,7 +510,8 @@ def convert_model(
     Raises:
         TypeError: ``model`` is not a module, ``exclude`` has the wrong type, or a batchnorm cannot be
             converted faithfully (the message names the module).
-        ValueError: a hyper-parameter is out of range, or a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``).
+        ValueError: a hyper-parameter is out of range, ``sync_batchnorm_dim`` gives a rank other than 1, 2
+            or 3, or a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``).
         Nothing in the model is changed when either is raised.
 
     Examples::
@@ -492,7 +535,11 @@ def convert_model(
     dmax = _check_dmax(dmax)
     momentum = _check_momentum(momentum)
     microbatch_size = _check_microbatch_size(microbatch_size)
-    if isinstance(sync_batchnorm_dim, bool) or sync_batchnorm_dim not in (1, 2, 3):
+    if callable(sync_batchnorm_dim):
+        _check_two_arguments(
+            "sync_batchnorm_dim", sync_batchnorm_dim, "sync_batchnorm_dim must be 1, 2, 3 or a function (name, module) -> rank"
+        )
+    elif isinstance(sync_batchnorm_dim, bool) or sync_batchnorm_dim not in (1, 2, 3):
         raise ValueError(f"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim={sync_batchnorm_dim!r}")
     is_excluded = _make_exclude(exclude)
 
@@ -504,6 +551,14 @@ def convert_model(
     def check(module: nn.Module, name: str) -> bool:
         if is_excluded(name, module):  # (the predicate is called once per module)
             excluded_ids.add(id(module))
+            return False
+        if isinstance(module, torch.jit.ScriptModule):  # its submodules are compiled code: nothing can be swapped
+            inside = sorted({_scripted_class(m) for m in module.modules()} & _SCRIPTED_BN_NAMES)
+            if inside:
+                raise _unsupported(
+                    name, module, f"it is a scripted (torch.jit) module holding {', '.join(inside)}; convert the eager "
+                    "module, then script it"
+                )
             return False
         if isinstance(module, _BatchNorm):
             cls = _target_class(name, module, sync_batchnorm_dim)
@@ -525,6 +580,8 @@ def convert_model(
             for m in module.modules():
                 if isinstance(m, (_BatchNorm, _BatchRenorm)):
                     excluded[_class_name(m)] += 1
+            return module, False
+        if isinstance(module, torch.jit.ScriptModule):  # checked above: no batchnorm inside
             return module, False
         out = module
         if isinstance(module, _BatchNorm):

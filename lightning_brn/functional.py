@@ -325,7 +325,14 @@ def batch_renorm(
             batch); calls with ``training=False`` count nothing, with or without running statistics.
 
     Shape:
-        - Input: (N, C, *); Output: same shape (and memory format) as the input.
+        - Input: (N, C, *); Output: same shape (and memory format) as the input. An empty input gives an
+          empty output and moves no moving average, as in batchnorm.
+
+    Raises:
+        ValueError: for an input with fewer than 2 dimensions, ``eps <= 0``, and in training for ``momentum``
+            outside [0, 1], ``rmax < 1`` or ``dmax < 0`` (given as numbers: tensors are not read), a
+            ``microbatch_size`` below 1 or not dividing the batch, or one value per channel (and group).
+        TypeError: for a ``num_batches_tracked`` that is not a one-element tensor.
 
     Examples::
 
@@ -348,10 +355,19 @@ def batch_renorm(
             + (f"a tensor of shape {tuple(num_batches_tracked.shape)}" if isinstance(num_batches_tracked, torch.Tensor)
                else f"num_batches_tracked={num_batches_tracked!r}")
         )
+    if not (isinstance(eps, Tensor) or eps > 0.0):
+        raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={eps}")
     num_features = input.shape[1]
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    # Python numbers are checked here; tensors (the layers' schedule buffer, checked when assigned) are not read
+    if not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
+    if not (isinstance(rmax, Tensor) or rmax >= 1.0):
+        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
+    if not (isinstance(dmax, Tensor) or dmax >= 0.0):
+        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
 
     n = input.shape[0]
     groups = 1
@@ -362,6 +378,12 @@ def batch_renorm(
                 f"use a batch size that is a multiple of {microbatch_size}"
             )
         groups = n // microbatch_size or 1  # (no builtins here: each one would be a guard of a compiled graph)
+    if input.numel() == 0:
+        # As torch's batch_norm: an empty batch has no statistics. The output is empty and still depends on weight and
+        # bias (zero gradients), the moving averages do not move, and batchnorm's counter counts the call.
+        if training and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     values_per_channel = input.numel() // (num_features or 1) // groups
     if values_per_channel <= 1:
         raise ValueError(

@@ -205,7 +205,8 @@ class RenormSchedule:
         rounded; the momentum, unless given, follows :meth:`momentum_for_run`.
 
         Args:
-            total_steps: optimizer steps of the run (for Lightning: ``trainer.estimated_stepping_batches``), >= 1.
+            total_steps: optimizer steps of the run (for Lightning: ``trainer.estimated_stepping_batches``,
+                times the number of optimizers stepped per batch under manual optimization), >= 1.
             reference_steps: length of the run the paper's points belong to. Default: 130000.
             rmax: final clip of r. Default: 3.0.
             dmax: final clip of d. Default: 5.0.

@@ -501,6 +501,12 @@ def test_initialized_lazy_batchnorm_converts() -> None:
         ({"exclude": ["head", 3]}, TypeError, r"got a collection holding 3 of type int"),
         ({"exclude": nn.ReLU()}, TypeError, r"exclude must be .*got ReLU\(\) of type ReLU"),
         ({"exclude": {"0": True}}, TypeError, r"exclude must be .*got \{'0': True\} of type dict"),
+        # a class is callable, but not a predicate: it is refused with the predicate that keeps its modules
+        ({"exclude": nn.BatchNorm2d}, TypeError, r"got the class torch\.nn\.modules\.batchnorm\.BatchNorm2d.*isinstance"),
+        ({"exclude": nn.Identity}, TypeError, r"got the class torch\.nn\.modules\.linear\.Identity"),
+        ({"exclude": lambda module: True}, TypeError, r"cannot be called as exclude\(name, module\)"),
+        ({"sync_batchnorm_dim": lambda name: 1}, TypeError, r"cannot be called as sync_batchnorm_dim\(name, module\)"),
+        ({"sync_batchnorm_dim": "2"}, ValueError, r"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim='2'"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
@@ -522,6 +528,49 @@ def test_scripted_module_refused() -> None:
         scripted = torch.jit.script(nn.Sequential(nn.BatchNorm2d(2)))
     with pytest.raises(TypeError, match="cannot change a scripted module"):
         convert_model(scripted)
+
+
+def test_batchnorm_inside_a_scripted_submodule_is_refused_not_skipped() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with_bn = torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+        without_bn = torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Sequential(with_bn))
+    with pytest.raises(TypeError, match=r"module '1\.0' .*scripted \(torch\.jit\) module holding BatchNorm2d"):
+        convert_model(model)
+    assert type(model[0]) is nn.BatchNorm2d and model[1][0] is with_bn  # nothing changed
+    assert type(convert_model(model, exclude="1.0")[0]) is BatchRenorm2d
+    # a scripted submodule without batchnorm is kept as it is
+    other = convert_model(nn.Sequential(nn.BatchNorm2d(2), without_bn))
+    assert type(other[0]) is BatchRenorm2d and other[1] is without_bn
+    x = torch.randn(2, 2, 3, 3)
+    torch.testing.assert_close(other.eval()(x), without_bn(other[0](x)))
+
+
+def test_sync_batchnorm_rank_per_module_for_models_mixing_ranks() -> None:
+    """levit mixes BatchNorm1d and BatchNorm2d: after convert_sync_batchnorm no single rank fits all its layers."""
+    torch.manual_seed(0)
+    ref = timm.create_model("levit_128s", img_size=64).eval()
+    ranks = {n: 1 if isinstance(m, nn.BatchNorm1d) else 2 for n, m in ref.named_modules() if isinstance(m, _BatchNorm)}
+    assert set(ranks.values()) == {1, 2}
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)).eval()
+    calls: list[str] = []
+
+    def rank(name: str, module: nn.Module) -> int:
+        calls.append(name)
+        assert type(module) is nn.SyncBatchNorm
+        return ranks[name]
+
+    model = convert_model(synced, sync_batchnorm_dim=rank)
+    assert sorted(calls) == sorted(ranks)  # once per SyncBatchNorm
+    for name, m in model.named_modules():
+        if name in ranks:
+            assert type(m) is (BatchRenorm1d if ranks[name] == 1 else BatchRenorm2d)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"sync_batchnorm_dim must give 1, 2 or 3 .*got 4 for module '.*' \(a SyncBatchNorm\)"):
+        convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)), sync_batchnorm_dim=lambda n, m: 4)
 
 
 def test_zero_eps_batchnorm_error_names_the_module() -> None:
@@ -566,7 +615,8 @@ def test_summary_is_logged_and_returned(caplog: pytest.LogCaptureFixture) -> Non
     with caplog.at_level(logging.INFO, logger="lightning_brn"):
         model = convert_model(model)
     line = "convert_model: 2 BatchNorm2d -> BatchRenorm2d, 1 BatchNorm1d -> BatchRenorm1d, 1 BatchNormAct2d -> BatchRenormAct2d"
-    assert [r.getMessage() for r in caplog.records if r.name == "lightning_brn"] == [line]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning_brn")] == [line]
+    assert {r.name for r in caplog.records if r.name.startswith("lightning_brn")} == {"lightning_brn.convert"}
     s = conversion_summary(model)
     assert isinstance(s, ConversionSummary) and s.num_renorm == 4
     assert s.renorm == {"BatchRenorm2d": 2, "BatchRenorm1d": 1, "BatchRenormAct2d": 1}

@@ -211,6 +211,29 @@ def test_microbatch_errors_name_the_sizes():
             assert rm.eq(0).all()
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rmax": 0.5}, r"rmax must be >= 1 .*got rmax=0.5"),
+        ({"rmax": float("nan")}, r"rmax must be >= 1 .*got rmax=nan"),
+        ({"dmax": -1.0}, r"dmax must be >= 0 .*got dmax=-1.0"),
+        ({"momentum": 1.5}, r"momentum .* must be in \[0, 1\], got momentum=1.5"),
+        ({"momentum": -0.1}, r"momentum .* must be in \[0, 1\], got momentum=-0.1"),
+        ({"eps": 0.0}, r"eps must be > 0 .*got eps=0.0"),
+        ({"eps": -1e-5}, r"eps must be > 0 .*got eps=-1e-05"),
+    ],
+)
+def test_bad_numbers_are_refused_naming_them_before_any_state_moves(kwargs, message):
+    x = torch.randn(6, 3, 2, 2) + 3
+    rm, rv, count = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    with pytest.raises(ValueError, match=message):
+        batch_renorm(x, rm, rv, training=True, num_batches_tracked=count, **kwargs)
+    assert rm.eq(0).all() and rv.eq(1).all() and int(count) == 0
+    # tensor bounds (the layers' schedule buffer) are not read on the host: they are checked where they are set
+    y = batch_renorm(x, rm, rv, training=True, rmax=torch.tensor([2.0], dtype=torch.float64), dmax=torch.tensor([1.0]))
+    assert y.shape == x.shape
+
+
 def test_num_batches_tracked_counts_training_calls_that_pass_the_checks():
     x = torch.randn(6, 3, 2, 2)
     count = torch.tensor(0)

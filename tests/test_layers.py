@@ -605,10 +605,47 @@ def test_bfloat16_microbatches_normalize_in_float32():
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=1.6e-2)  # bfloat16 rounding of the output only
 
 
-def test_empty_batch_is_a_clear_error():
-    for layer in (BatchRenorm2d(3), BatchRenorm2d(3, microbatch_size=2)):
-        with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[0, 3, 2, 2\]"):
-            layer(torch.randn(0, 3, 2, 2))
+@pytest.mark.parametrize(
+    "shape, kwargs, channels_last",
+    [
+        ((0, 3, 2, 2), {}, False),
+        ((0, 3, 2, 2), {}, True),
+        ((4, 3, 0, 2), {}, False),
+        ((4, 3, 0, 2), {}, True),
+        ((0, 3, 2, 2), {"microbatch_size": 2}, False),
+        ((0, 3), {}, False),
+        ((0, 3, 5), {}, False),
+    ],
+)
+def test_empty_batch_behaves_as_batchnorm(shape, kwargs, channels_last):
+    """Detection heads can see batches without an example: batchnorm returns an empty output, keeps its moving
+    averages and counts the batch; renorm does the same in training and eval, whatever rmax and dmax are."""
+    bn_cls, brn_cls = (nn.BatchNorm2d, BatchRenorm2d) if len(shape) == 4 else (nn.BatchNorm1d, BatchRenorm1d)
+    bn, brn = bn_cls(3), brn_cls(3, rmax=2.0, dmax=1.0, **kwargs)
+    for m in (bn, brn):
+        with torch.no_grad():
+            m.weight.copy_(torch.tensor([2.0, 3.0, 4.0]))
+            m.bias.copy_(torch.tensor([0.5, 0.25, -1.0]))
+            m.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+            m.running_var.copy_(torch.tensor([4.0, 5.0, 6.0]))
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [m(xi) for m, xi in zip((bn, brn), xs)]
+    assert ys[1].shape == ys[0].shape == x.shape
+    if channels_last:
+        assert ys[1].is_contiguous(memory_format=torch.channels_last)
+    for y in ys:
+        y.sum().backward()
+    assert xs[1].grad.shape == x.shape
+    torch.testing.assert_close(brn.weight.grad, torch.zeros(3))
+    torch.testing.assert_close(brn.bias.grad, torch.zeros(3))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(brn, name), getattr(bn, name), rtol=0, atol=0)
+    assert int(brn.num_batches_tracked) == 1
+    assert brn.eval()(x).shape == x.shape
+    assert int(brn.num_batches_tracked) == 1
 
 
 def test_double_backward_is_refused_not_silently_wrong():

@@ -334,6 +334,68 @@ def test_logging_follows_trainer_cadence_and_accumulation(tmp_path):
     assert [float(r["brn/rmax"]) for r in rows] == pytest.approx([SMALL.rmax_at(2), SMALL.rmax_at(5)])
 
 
+def test_metrics_reach_callback_metrics_and_the_rows_of_the_module_metrics(tmp_path):
+    model = TinyModule(n=40)
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="brn/mean_abs_d", mode="max", every_n_train_steps=2)
+    t = trainer(
+        tmp_path, [BatchRenormScheduler(SMALL, verbose=False), monitor], max_steps=8, logger=logger, log_every_n_steps=2,
+        enable_checkpointing=True,
+    )
+    t.fit(model)
+    for metrics in (t.callback_metrics, t.logged_metrics):
+        assert set(METRICS) <= set(metrics)
+        assert float(metrics["brn/rmax"]) == pytest.approx(SMALL.rmax_at(7))
+    assert monitor.best_model_path and monitor.best_model_score is not None  # monitored a brn/ metric
+    rows = [r for r in _read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("brn/rmax")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
+    assert all(r["train_loss"] for r in rows)  # one row per step for the module's metrics and the callback's
+
+
+def test_own_cadence_logs_at_its_steps_and_into_callback_metrics(tmp_path):
+    model = TinyModule(n=40)
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(
+        tmp_path, [BatchRenormScheduler(SMALL, log_every_n_steps=2, verbose=False)], max_steps=8, logger=logger,
+        log_every_n_steps=3,
+    )
+    t.fit(model)
+    rows = [r for r in _read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("brn/rmax")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
+    assert [float(r["brn/rmax"]) for r in rows] == pytest.approx([SMALL.rmax_at(s) for s in (1, 3, 5, 7)])
+    assert float(t.callback_metrics["brn/rmax"]) == pytest.approx(SMALL.rmax_at(7))
+
+
+class TwoOptimizers(TinyModule):
+    """Manual optimization stepping two optimizers per batch (a GAN's pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__(n=16)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen.append((self.global_step, batch_idx, layer_values(self)))
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = list(self.parameters())
+        return [torch.optim.SGD(params[:4], lr=0.1), torch.optim.SGD(params[4:], lr=0.1)]
+
+
+def test_several_optimizers_under_manual_optimization_advance_the_schedule_per_optimizer_step(tmp_path):
+    model = TwoOptimizers()
+    t = trainer(tmp_path, [BatchRenormScheduler(SMALL, verbose=False)], max_epochs=1)
+    t.fit(model)
+    assert t.global_step == 8 and t.estimated_stepping_batches == 4  # as documented: size the schedule in steps
+    assert [s for s, _, _ in model.seen] == [0, 2, 4, 6]
+    for step, _, vals in model.seen:
+        assert vals == [pytest.approx(tuple(SMALL.values(step)))] * 2
+
+
 def test_log_every_n_steps_zero_disables_logging_and_recording(tmp_path):
     model = TinyModule()
 
@@ -354,8 +416,9 @@ def test_log_every_n_steps_zero_disables_logging_and_recording(tmp_path):
 # --------------------------------------------------------------------------- conversion and errors
 def test_model_without_renorm_layers_is_an_error_at_fit_start(tmp_path):
     model = TinyModule(norm="bn")
-    with pytest.raises(MisconfigurationException, match="no Batch Renorm layer in TinyModule.*convert=True"):
+    with pytest.raises(MisconfigurationException, match="no Batch Renorm layer in TinyModule.*convert=True") as info:
         trainer(tmp_path, [BatchRenormScheduler(SMALL, verbose=False)], max_steps=1).fit(model)
+    assert isinstance(info.value, ValueError)
 
 
 def test_convert_true_converts_in_setup_before_optimizers(tmp_path):
@@ -400,23 +463,26 @@ def test_custom_schedule_with_the_same_interface(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "kind", "match"),
     [
-        (dict(schedule={"warmup_steps": 3}), "`schedule` must be a lightning_brn.RenormSchedule.*warmup_steps"),
-        (dict(schedule=0.01), "`schedule` must be a lightning_brn.RenormSchedule.*got 0.01 of type float"),
-        (dict(convert="yes"), "`convert` must be a bool, got convert='yes'"),
-        (dict(log_every_n_steps=-1), "log_every_n_steps=-1"),
-        (dict(log_every_n_steps=2.5), "log_every_n_steps=2.5"),
-        (dict(log_every_n_steps=True), "log_every_n_steps=True"),
-        (dict(convert=True, microbatch_size=0), "microbatch_size=0"),
-        (dict(microbatch_size=4), "need convert=True"),
-        (dict(exclude=["head"]), "need convert=True"),
-        (dict(verbose=None), "verbose=None"),
+        (dict(schedule={"warmup_steps": 3}), TypeError, "`schedule` must be a lightning_brn.RenormSchedule.*warmup_steps"),
+        (dict(schedule=0.01), TypeError, "`schedule` must be a lightning_brn.RenormSchedule.*got 0.01 of type float"),
+        (dict(convert="yes"), TypeError, "`convert` must be a bool, got convert='yes'"),
+        (dict(log_every_n_steps=-1), ValueError, "log_every_n_steps=-1"),
+        (dict(log_every_n_steps=2.5), TypeError, "log_every_n_steps=2.5"),
+        (dict(log_every_n_steps=True), TypeError, "log_every_n_steps=True"),
+        (dict(convert=True, microbatch_size=0), ValueError, "microbatch_size=0"),
+        (dict(convert=True, microbatch_size="4"), TypeError, "microbatch_size='4'"),
+        (dict(microbatch_size=4), ValueError, "need convert=True"),
+        (dict(exclude=["head"]), ValueError, "need convert=True"),
+        (dict(verbose=None), TypeError, "verbose=None"),
     ],
 )
-def test_bad_arguments_are_named(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
+def test_bad_arguments_are_named(kwargs, kind, match):
+    # Lightning's MisconfigurationException, and the TypeError / ValueError that RenormSchedule raises
+    with pytest.raises(MisconfigurationException, match=match) as info:
         BatchRenormScheduler(**kwargs)
+    assert isinstance(info.value, kind)
 
 
 def test_defaults_and_jsonargparse():
