@@ -30,7 +30,7 @@ import importlib.util
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -256,23 +256,29 @@ class BatchRenormCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted or trainer.fast_dev_run:
             return
+        # what BatchRenormScheduler logged last: a closing validate() starts with empty callback_metrics
+        renorm = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("brn/")}
         last_val = getattr(self.model, "_last_val_step", None)
         if last_val != trainer.global_step and trainer.limit_val_batches != 0:
             # on every rank: under DDP validation is collective (it syncs metrics and the log folder)
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if trainer.is_global_zero:
-            print_summary(trainer, time.perf_counter() - self._start_time)
+            print_summary(trainer, time.perf_counter() - self._start_time, renorm)
 
 
-def print_summary(trainer: Trainer, seconds: float) -> None:
-    """Print validation accuracy, checkpoint and log locations of a finished ``fit``."""
+def print_summary(trainer: Trainer, seconds: float, renorm: Optional[Mapping[str, float]] = None) -> None:
+    """Print validation accuracy, what Batch Renorm did, checkpoint and log locations of a finished ``fit``.
+
+    ``renorm``: the ``brn/*`` metrics of the last step ``BatchRenormScheduler`` logged (default: those in
+    ``trainer.callback_metrics``).
+    """
     from rich.console import Console
     from rich.table import Table
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     table = Table(title="lightning-brn fit: done", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths wrap rather than lose their end
     table.add_row("steps", f"{trainer.global_step} optimizer steps, {trainer.current_epoch} epoch(s), {seconds:.0f} s")
     if "val/acc1" in metrics:
         acc = f"top-1 {100 * metrics['val/acc1']:.2f}%"
@@ -281,6 +287,16 @@ def print_summary(trainer: Trainer, seconds: float) -> None:
         if "val/loss" in metrics:
             acc += f", loss {metrics['val/loss']:.4f}"
         table.add_row("validation", acc)
+    brn = (
+        dict(renorm) if renorm is not None
+        else {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("brn/")}
+    )
+    if "brn/rmax" in brn:  # the last step BatchRenormScheduler logged
+        text = f"rmax {brn['brn/rmax']:.3g}, dmax {brn['brn/dmax']:.3g}"
+        if "brn/r_clipped_frac" in brn:
+            r_pct, d_pct = 100 * brn["brn/r_clipped_frac"], 100 * brn["brn/d_clipped_frac"]
+            text += f"; channels clipped: r {r_pct:.1f}%, d {d_pct:.1f}%"
+        table.add_row("batch renorm", text + " (last logged step)")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:
         best = getattr(ckpt, "best_model_path", "") or ""

@@ -92,6 +92,7 @@ def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.Cap
     assert cli.model.normalization == "brn"
     out = capsys.readouterr().out
     assert "lightning-brn fit: done" in out and "top-1" in out
+    assert "batch renorm" in out and "channels clipped" in " ".join(out.split())  # (rich may wrap the row)
     assert "val/acc1" in trainer.callback_metrics
     last = Path("runs/default/version_0/checkpoints/last.ckpt")
     assert last.is_file()
