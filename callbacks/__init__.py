@@ -9,5 +9,6 @@ Examples::
 """
 
 from lightning_brn.callbacks.batch_renorm_scheduler import BatchRenormScheduler
+from lightning_brn.callbacks.weight_averaging import EMAWeightAveraging
 
-__all__ = ["BatchRenormScheduler"]
+__all__ = ["BatchRenormScheduler", "EMAWeightAveraging"]

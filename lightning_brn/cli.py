@@ -8,7 +8,8 @@ A thin :class:`lightning.pytorch.cli.LightningCLI` (``fit / validate / test / pr
   from a wheel as well as from a checkout;
 * a bare ``lightning-brn fit`` (no ``--config`` / ``--recipe``) runs the embedded default
   recipe ``default``: Batch Renorm on Fashion-MNIST, a few minutes on a laptop CPU;
-* logging to a CSV logger (plus TensorBoard when it is installed) under ``runs/<recipe>/``,
+* logging to a CSV logger (plus TensorBoard when it is installed) under ``runs/<recipe>/`` (under
+  ``<default_root_dir>/<recipe>/`` with ``--trainer.default_root_dir``),
   and a short summary at the end of ``fit``.
 
 Examples::
@@ -235,7 +236,9 @@ class BatchRenormCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = _default_loggers(self.run_name)
+            # under --trainer.default_root_dir when given (as Lightning's own default logger), else ./runs
+            root = trainer_cfg.get("default_root_dir") or DEFAULT_LOG_DIR
+            kwargs["logger"] = _default_loggers(self.run_name, save_dir=str(root))
         try:
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:

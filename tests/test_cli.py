@@ -99,6 +99,9 @@ def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.Cap
     assert Path("runs/default/version_0/metrics.csv").is_file()
     metrics = Path("runs/default/version_0/metrics.csv").read_text()
     assert "val/acc1" in metrics and "brn/rmax" in metrics
+    saved = torch.load(last, weights_only=True)  # written as fit ended: the EMA, and the training weights to resume
+    assert saved["global_step"] == 6 and saved["state_dict"].keys() == saved["current_model_state"].keys()
+    assert not all(torch.equal(v, saved["current_model_state"][k]) for k, v in saved["state_dict"].items())
 
     cli2 = cli_main(["fit", *budget, "--trainer.max_steps", "9", "--ckpt_path", str(last)])
     assert cli2.trainer.global_step == 9
@@ -106,6 +109,19 @@ def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.Cap
 
     cli3 = cli_main(["validate", *budget, "--ckpt_path", str(last)])
     assert "val/acc1" in cli3.trainer.callback_metrics
+
+
+def test_default_root_dir_holds_logs_config_and_checkpoints(fmnist: Path, tmp_path: Path) -> None:
+    root = tmp_path / "elsewhere"
+    cli = cli_main([
+        "fit", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8", "--trainer.max_steps", "2",
+        "--trainer.default_root_dir", str(root), *QUIET,
+    ])
+    run = root / "default" / "version_0"
+    assert Path(cli.trainer.log_dir) == run
+    for name in ("metrics.csv", "config.yaml", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert not Path("runs").exists()  # (the working directory is tmp_path)
 
 
 # ----------------------------------------------------------------------------- bad configs fail before training
@@ -225,7 +241,8 @@ def test_gpu_recipe_on_a_machine_without_gpu_names_the_flags_to_change(
     monkeypatch.chdir(tmp_path)
     root = make_image_folder(tmp_path / "inet", classes=2, per_class=2)
     _fails(
-        ["fit", "--recipe", "imagenet_iid_brn", "--data.init_args.data_dir", str(root), "--trainer.fast_dev_run", "1"],
+        ["fit", "--recipe", "imagenet_iid_brn", "--data.init_args.data_dir", str(root), "--trainer.fast_dev_run", "1",
+         "--trainer.accelerator", "gpu"],
         MisconfigurationException,
         r"trainer.accelerator='gpu'.*no CUDA GPU.*--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto",
     )
