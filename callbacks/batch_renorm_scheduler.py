@@ -66,14 +66,16 @@ class BatchRenormScheduler(Callback):
     at fit start is an error, not a silent no-op.
 
     **Logged metrics** (every ``log_every_n_steps`` optimizer steps, at the same steps as Lightning's
-    own step logging, with the global-rank-0 process's values). They are logged with
-    ``pl_module.log(..., on_step=True, on_epoch=False)``, so they reach every logger of the Trainer and
-    ``trainer.callback_metrics`` (a ``ModelCheckpoint(monitor="brn/r_clipped_frac")`` can use them); with a
-    ``log_every_n_steps`` of its own, the callback also sends them to the loggers itself at its steps:
+    own step logging; under DDP the correction statistics cover the channels of every process, summed
+    with one all-reduce at those steps). They are logged with ``pl_module.log(..., on_step=True,
+    on_epoch=False)`` on every process, so they reach ``trainer.callback_metrics`` (a
+    ``ModelCheckpoint(monitor="brn/r_clipped_frac")`` or ``EarlyStopping`` can use them, also under DDP) and
+    the Trainer's loggers, in the rows of the module's own step metrics. With a ``log_every_n_steps`` of
+    its own (not the Trainer's), the callback writes them to the loggers itself, in rows of their own:
 
     - ``brn/rmax``, ``brn/dmax``, ``brn/momentum``: the values used in that step;
-    - ``brn/r_clipped_frac``, ``brn/d_clipped_frac``: fraction of channels (over all layers, and
-      microbatch groups) whose r, resp. d, hit its clipping bound (with gradient accumulation: in the
+    - ``brn/r_clipped_frac``, ``brn/d_clipped_frac``: fraction of channels (over all layers, microbatch
+      groups and processes) whose r, resp. d, hit its clipping bound (with gradient accumulation: in the
       last batch of the step);
     - ``brn/mean_abs_r_minus_1``, ``brn/mean_abs_d``: mean of :math:`|r - 1|` and :math:`|d|` after clipping.
 
@@ -262,14 +264,15 @@ class BatchRenormScheduler(Callback):
         values = self._values_at_batch_start
         assert values is not None
         metrics = {"brn/rmax": values.rmax, "brn/dmax": values.dmax, "brn/momentum": values.momentum}
-        metrics.update(self._correction_metrics())
+        metrics.update(self._correction_metrics(trainer))
         # Through ``LightningModule.log``: the values reach ``trainer.callback_metrics`` (so ``ModelCheckpoint`` /
         # ``EarlyStopping`` can monitor them) and, at the Trainer's logging steps, its loggers, in the same rows as
         # the module's own step metrics. At other steps (a ``log_every_n_steps`` of our own) the loggers get them here.
+        # Every process logs the same (all-reduced) values, so a monitored brn/ metric exists on every rank.
         own_steps = self._every(trainer) != trainer.log_every_n_steps
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, logger=not own_steps, batch_size=1)
-        if own_steps:
+        if own_steps and trainer.is_global_zero:
             step = _logging_step(trainer)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
@@ -302,8 +305,9 @@ class BatchRenormScheduler(Callback):
 
     def _should_log(self, trainer: "pl.Trainer") -> bool:
         every = self._every(trainer)
-        if every <= 0 or not trainer.loggers or not trainer.is_global_zero:
+        if every <= 0:
             return False
+        # (the same answer on every process: the correction sums are all-reduced at these steps)
         # The steps at which Lightning logs ``self.log(..., on_step=True)`` (LoggerConnector.should_update_logs).
         return (_logging_step(trainer) + 1) % every == 0
 
@@ -313,11 +317,13 @@ class BatchRenormScheduler(Callback):
                 m.track_correction = on
             self._recording = on
 
-    def _correction_metrics(self) -> dict[str, float]:
+    def _correction_metrics(self, trainer: "pl.Trainer") -> dict[str, float]:
         bufs: list[Tensor] = [m._correction for m in self._layers]
         device = bufs[0].device
-        # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers: one stack, one sync.
-        r_cl, d_cl, abs_r, abs_d, count = torch.stack([b.to(device) for b in bufs]).sum(0).tolist()
+        # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers and over processes (one
+        # all-reduce under DDP; none on one device), then read with one sync.
+        sums = trainer.strategy.reduce(torch.stack([b.to(device) for b in bufs]).sum(0), reduce_op="sum")
+        r_cl, d_cl, abs_r, abs_d, count = sums.tolist()
         if count <= 0:  # no layer ran in training mode with running statistics
             return {}
         return {f"brn/{name}": v / count for name, v in zip(_CORRECTION_METRICS, (r_cl, d_cl, abs_r, abs_d))}

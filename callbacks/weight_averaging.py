@@ -22,14 +22,20 @@ from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeigh
 __all__ = ["EMAWeightAveraging"]
 
 
-def _warmup_ema_avg_fn(decay: float) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``: the rate of update n is
-    ``min(decay, (1 + n) / (10 + n))`` (``AveragedModel`` copies the weights at its first update, n = 0)."""
+def _warmup_ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``: update n (``AveragedModel``'s count of
+    updates; it copies the weights at n = 0) uses the decay ``min(decay, (1 + n) / (10 + n))``. In place, one
+    ``_foreach_lerp_`` per group of tensors of one device and dtype, as ``torch.optim.swa_utils``' EMA."""
 
-    def ema_update(ema_param: Tensor, current_param: Tensor, num_averaged: Tensor) -> Tensor:
-        # a 0-dim tensor on the parameters' device: no host sync per parameter, and no type promotion
-        d = ((1 + num_averaged) / (10 + num_averaged)).clamp(max=decay)
-        return d * ema_param + (1 - d) * current_param
+    @torch.no_grad()
+    def ema_update(ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)  # one read per group, not per tensor
+        d = min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+            torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
+        else:  # integer buffers (num_batches_tracked), as torch's get_ema_multi_avg_fn does them
+            for p_ema, p_model in zip(ema_params, current_params):
+                p_ema.copy_(p_ema * d + p_model * (1.0 - d))
 
     return ema_update
 
@@ -48,8 +54,9 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
     - ``warmup=True`` uses the decay ``min(decay, (1 + n) / (10 + n))`` at the n-th update, as
       TensorFlow's ``ExponentialMovingAverage(decay, num_updates=global_step)`` in the Inception
       training code the paper's runs come from: early in a run the average follows the weights instead
-      of holding on to their initial values for ~1 / (1 - decay) steps. (The count of updates is
-      ``AveragedModel``'s ``n_averaged``, saved in checkpoints.)
+      of holding on to their initial values for ~1 / (1 - decay) steps. n counts the updates
+      (``AveragedModel``'s ``n_averaged``, saved in checkpoints), which is the optimizer step when the
+      average is updated at every step from the first, as by default.
 
     The recipes of ``lightning-brn`` use this class with ``warmup: true``.
 
@@ -57,7 +64,8 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
         device, use_buffers, update_every_n_steps, update_starting_at_step, update_starting_at_epoch:
             as Lightning's ``EMAWeightAveraging``.
         decay: the EMA decay (its ceiling with ``warmup``), in [0, 1]. Default: 0.999.
-        warmup: TensorFlow's ramp of the decay, above. Default: ``False`` (Lightning's fixed decay).
+        warmup: TensorFlow's ramp of the decay, above (not with a ``multi_avg_fn`` of your own, which
+            would replace it). Default: ``False`` (Lightning's fixed decay).
 
     Examples::
 
@@ -80,10 +88,14 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
         warmup: bool = False,
         **kwargs: Any,
     ) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise TypeError(f"decay must be a number in [0, 1], got decay={decay!r} of type {type(decay).__name__}")
+        if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be a number in [0, 1], got decay={decay!r}")
         if not isinstance(warmup, bool):
             raise TypeError(f"warmup must be a bool, got warmup={warmup!r}")
+        if warmup and kwargs.get("multi_avg_fn") is not None:
+            raise ValueError("warmup=True is the averaging function: it cannot be combined with a multi_avg_fn")
         super().__init__(
             device=device,
             use_buffers=use_buffers,
@@ -95,8 +107,9 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
         )
         self.decay = float(decay)
         self.warmup = warmup
-        if warmup:
-            self._kwargs["avg_fn"] = _warmup_ema_avg_fn(float(decay))
+        if warmup:  # in place of the fixed-decay avg_fn Lightning's class gives AveragedModel (it takes one of the two)
+            self._kwargs.pop("avg_fn", None)
+            self._kwargs["multi_avg_fn"] = _warmup_ema_multi_avg_fn(float(decay))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -106,8 +119,9 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # before the average overwrites them (copies: the module's tensors are written in place)
-        self._training_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        # before the average overwrites them (copies, in host memory: the module's tensors are written in place,
+        # and checkpoints are written from the host)
+        self._training_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
 
     @override

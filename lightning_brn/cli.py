@@ -41,6 +41,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_brn.data import ClassificationDataModule
 from lightning_brn.module import TimmClassifier, check_batch_config
@@ -51,6 +52,8 @@ __all__ = ["BatchRenormCLI", "available_recipes", "recipe_path", "expand_recipe_
 DEFAULT_RECIPE = "default"
 #: Root folder of the default loggers.
 DEFAULT_LOG_DIR = "runs"
+#: A run this long on the CPU because ``accelerator: auto`` found no GPU is warned about (the ImageNet recipes).
+_LONG_RUN_STEPS = 20_000
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 _HELP_FLAGS = ("-h", "--help")
 
@@ -180,6 +183,30 @@ def _raw_formatter() -> type:
     return _Formatter
 
 
+def _launched_processes() -> int:
+    """How many processes a cluster launcher started for this job (torchrun, SLURM's srun), else 1."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+def _check_launch(trainer: Trainer) -> None:
+    """A launcher's N processes each running a one-process Trainer would be N independent runs writing one log
+    folder (``devices: auto`` on a node where each task sees one GPU): refused, with what to set."""
+    launched = _launched_processes()
+    if launched > 1 and trainer.world_size == 1:
+        raise MisconfigurationException(
+            f"this process is one of {launched} started by a cluster launcher (torchrun WORLD_SIZE / SLURM_NTASKS), "
+            f"but the Trainer runs a single process ({type(trainer.strategy).__name__}, {trainer.num_devices} "
+            "device(s)), so each would train on its own: set --trainer.devices to the GPUs per node and "
+            "--trainer.num_nodes to the nodes of the launch (docs/recipes.md, 'One GPU, 8 GPUs, several nodes')"
+        )
+
+
 def _default_loggers(run_name: str, save_dir: str = DEFAULT_LOG_DIR) -> list[Logger]:
     """A CSV logger, plus TensorBoard when installed, sharing ``<save_dir>/<run_name>/version_N``."""
     csv = CSVLogger(save_dir=save_dir, name=run_name)
@@ -240,7 +267,7 @@ class BatchRenormCLI(LightningCLI):
             root = trainer_cfg.get("default_root_dir") or DEFAULT_LOG_DIR
             kwargs["logger"] = _default_loggers(self.run_name, save_dir=str(root))
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             accelerator = str(trainer_cfg.get("accelerator", "auto"))
             if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
@@ -251,9 +278,19 @@ class BatchRenormCLI(LightningCLI):
                 "CUDA GPU: to run it on the CPU, add --trainer.accelerator cpu --trainer.devices 1 "
                 "--trainer.strategy auto (docs/recipes.md, 'One GPU, 8 GPUs, several nodes')"
             ) from None
+        _check_launch(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         self._start_time = time.perf_counter()
+        trainer = self.trainer
+        asked = str(self._get(self.config_init, "trainer", default={}).get("accelerator", "auto"))
+        if asked == "auto" and trainer.accelerator.__class__.__name__ == "CPUAccelerator" and not trainer.fast_dev_run:
+            if trainer.max_steps >= _LONG_RUN_STEPS:
+                rank_zero_warn(
+                    f"lightning-brn: no GPU found, so this run of max_steps={trainer.max_steps} trains on the CPU "
+                    "(the recipe's accelerator is 'auto'); pass --trainer.accelerator gpu to require a GPU"
+                )
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -400,6 +400,15 @@ def _scripted_class(module: nn.Module) -> str:
     return str(getattr(module, "original_name", type(module).__name__))
 
 
+def _is_scripted_batchnorm(module: nn.Module) -> bool:
+    """A batchnorm class by name, or any module with batchnorm's three buffers (a subclass of one; frozen
+    batchnorms have no ``num_batches_tracked``)."""
+    if _scripted_class(module) in _SCRIPTED_BN_NAMES:
+        return True
+    buffers = {name for name, _ in module.named_buffers(recurse=False)}
+    return set(_BUFFER_NAMES) <= buffers
+
+
 def _walk(model: nn.Module, visit: Callable[[nn.Module, str], bool]) -> None:
     """Calls ``visit(module, qualified_name)`` top-down in :func:`_map_modules`' order (each module once),
     descending into the children where it returns True: the checks that run before anything is changed."""
@@ -553,7 +562,7 @@ def convert_model(
             excluded_ids.add(id(module))
             return False
         if isinstance(module, torch.jit.ScriptModule):  # its submodules are compiled code: nothing can be swapped
-            inside = sorted({_scripted_class(m) for m in module.modules()} & _SCRIPTED_BN_NAMES)
+            inside = sorted({_scripted_class(m) for m in module.modules() if _is_scripted_batchnorm(m)})
             if inside:
                 raise _unsupported(
                     name, module, f"it is a scripted (torch.jit) module holding {', '.join(inside)}; convert the eager "

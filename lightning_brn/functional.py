@@ -329,9 +329,10 @@ def batch_renorm(
           empty output and moves no moving average, as in batchnorm.
 
     Raises:
-        ValueError: for an input with fewer than 2 dimensions, ``eps <= 0``, and in training for ``momentum``
-            outside [0, 1], ``rmax < 1`` or ``dmax < 0`` (given as numbers: tensors are not read), a
-            ``microbatch_size`` below 1 or not dividing the batch, or one value per channel (and group).
+        ValueError: for an input with fewer than 2 dimensions, ``eps <= 0``; in training with running
+            statistics for ``momentum`` outside [0, 1], ``rmax < 1`` or ``dmax < 0`` (given as numbers:
+            tensors are not read); in training for a ``microbatch_size`` below 1 or not dividing the
+            batch, or one value per channel (and group).
         TypeError: for a ``num_batches_tracked`` that is not a one-element tensor.
 
     Examples::
@@ -361,13 +362,14 @@ def batch_renorm(
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    # Python numbers are checked here; tensors (the layers' schedule buffer, checked when assigned) are not read
-    if not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
-    if not (isinstance(rmax, Tensor) or rmax >= 1.0):
-        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
-    if not (isinstance(dmax, Tensor) or dmax >= 0.0):
-        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
+    if use_running:  # training with moving averages, the only use of momentum, rmax and dmax
+        # Python numbers are checked here; tensors (the layers' schedule buffer, checked when set) are not read
+        if momentum is None or not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
+        if not (isinstance(rmax, Tensor) or rmax >= 1.0):
+            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
+        if not (isinstance(dmax, Tensor) or dmax >= 0.0):
+            raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
 
     n = input.shape[0]
     groups = 1
@@ -383,6 +385,8 @@ def batch_renorm(
         # bias (zero gradients), the moving averages do not move, and batchnorm's counter counts the call.
         if training and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+        if correction_stats is not None:  # nothing was renormalized (count 0), not the previous batch's record
+            correction_stats.zero_()
         return torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     values_per_channel = input.numel() // (num_features or 1) // groups
     if values_per_channel <= 1:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,32 @@ def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.Cap
 
     cli3 = cli_main(["validate", *budget, "--ckpt_path", str(last)])
     assert "val/acc1" in cli3.trainer.callback_metrics
+
+
+def test_a_long_run_on_the_cpu_for_want_of_a_gpu_is_warned_about(fmnist: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    base = ["fit", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8", *QUIET,
+            "--trainer.accelerator", "auto", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    with pytest.warns(UserWarning, match=r"no GPU found, so this run of max_steps=130000 trains on the CPU"):
+        cli_main([*base, "--trainer.max_steps", "130000", "--trainer.max_epochs", "1"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no GPU found.*")
+        cli_main([*base, "--trainer.max_steps", "100", "--trainer.max_epochs", "1"])
+
+
+def test_a_launch_of_several_processes_each_running_one_alone_is_refused(fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun / srun started 4 processes but each Trainer would run alone (e.g. devices: auto seeing one GPU):
+    four independent runs writing one log folder. Refused before training, naming what to set."""
+    for k, v in {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "4",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512", "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(k, v)
+    _fails(
+        ["fit", "--data.init_args.data_dir", str(fmnist), "--trainer.max_steps", "1", *QUIET],
+        MisconfigurationException,
+        r"one of 4 started by a cluster launcher .*single process .*--trainer.devices .*--trainer.num_nodes",
+    )
+    assert not Path("runs").exists()
 
 
 def test_default_root_dir_holds_logs_config_and_checkpoints(fmnist: Path, tmp_path: Path) -> None:

@@ -534,12 +534,17 @@ def test_batchnorm_inside_a_scripted_submodule_is_refused_not_skipped() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with_bn = torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+        with_subclass = torch.jit.script(nn.Sequential(_PlainSubclass(2)))
+        with_frozen = torch.jit.script(nn.Sequential(FrozenBatchNorm2d(2)))
         without_bn = torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 1)))
     model = nn.Sequential(nn.BatchNorm2d(2), nn.Sequential(with_bn))
     with pytest.raises(TypeError, match=r"module '1\.0' .*scripted \(torch\.jit\) module holding BatchNorm2d"):
         convert_model(model)
     assert type(model[0]) is nn.BatchNorm2d and model[1][0] is with_bn  # nothing changed
     assert type(convert_model(model, exclude="1.0")[0]) is BatchRenorm2d
+    with pytest.raises(TypeError, match=r"module '1' .*scripted \(torch\.jit\) module holding _PlainSubclass"):
+        convert_model(nn.Sequential(nn.BatchNorm2d(2), with_subclass))  # a subclass: found by its buffers
+    assert convert_model(nn.Sequential(nn.BatchNorm2d(2), with_frozen))[1] is with_frozen  # frozen: no counter
     # a scripted submodule without batchnorm is kept as it is
     other = convert_model(nn.Sequential(nn.BatchNorm2d(2), without_bn))
     assert type(other[0]) is BatchRenorm2d and other[1] is without_bn

@@ -219,6 +219,7 @@ def test_microbatch_errors_name_the_sizes():
         ({"dmax": -1.0}, r"dmax must be >= 0 .*got dmax=-1.0"),
         ({"momentum": 1.5}, r"momentum .* must be in \[0, 1\], got momentum=1.5"),
         ({"momentum": -0.1}, r"momentum .* must be in \[0, 1\], got momentum=-0.1"),
+        ({"momentum": None}, r"momentum .* must be in \[0, 1\], got momentum=None"),
         ({"eps": 0.0}, r"eps must be > 0 .*got eps=0.0"),
         ({"eps": -1e-5}, r"eps must be > 0 .*got eps=-1e-05"),
     ],

@@ -644,8 +644,13 @@ def test_empty_batch_behaves_as_batchnorm(shape, kwargs, channels_last):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(brn, name), getattr(bn, name), rtol=0, atol=0)
     assert int(brn.num_batches_tracked) == 1
+    brn.track_correction = True
+    brn._correction.fill_(7.0)  # a previous batch's record
+    brn(x)
+    assert brn._correction.eq(0).all()  # nothing renormalized: count 0
+    brn.track_correction = False
     assert brn.eval()(x).shape == x.shape
-    assert int(brn.num_batches_tracked) == 1
+    assert int(brn.num_batches_tracked) == 2  # the two training calls; eval counts nothing
 
 
 def test_double_backward_is_refused_not_silently_wrong():

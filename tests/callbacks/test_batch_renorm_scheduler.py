@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +398,85 @@ def test_several_optimizers_under_manual_optimization_advance_the_schedule_per_o
     assert [s for s, _, _ in model.seen] == [0, 2, 4, 6]
     for step, _, vals in model.seen:
         assert vals == [pytest.approx(tuple(SMALL.values(step)))] * 2
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning_brn import BatchRenorm1d, RenormSchedule
+    from lightning_brn.callbacks import BatchRenormScheduler
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), BatchRenorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x + 3 * self.global_rank), y)  # ranks see different data
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g))
+            return DataLoader(data, batch_size=8)
+
+    class Dump(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("brn/")}
+            with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+                json.dump({"metrics": metrics}, f)
+
+    callbacks = [
+        BatchRenormScheduler(RenormSchedule(warmup_steps=1, rmax_steps=4, dmax_steps=4), verbose=False),
+        ModelCheckpoint(dirpath=f"{out}/ckpt", monitor="brn/mean_abs_d", mode="max", every_n_train_steps=2),
+        EarlyStopping(monitor="brn/rmax", mode="max", patience=100, check_on_train_epoch_end=True),
+        Dump(),
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, log_every_n_steps=2, logger=CSVLogger(out),
+        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True,
+    )
+    trainer.fit(M())
+    """
+)
+
+
+def test_ddp_every_rank_logs_the_all_reduced_metrics_so_they_can_be_monitored(tmp_path):
+    """Under DDP the brn/ metrics exist on every rank (a monitored metric on rank 0 only hangs ModelCheckpoint's
+    barrier and fails EarlyStopping on the others), with the channels of both ranks in the fractions."""
+    script = tmp_path / "ddp_monitor.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert set(METRICS) <= set(ranks[0]["metrics"])
+    # the ranks normalize different data: equal values are the all-reduced ones
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert list((tmp_path / "ckpt").glob("*.ckpt"))  # the monitored checkpoint was written
+    rows = [r for r in _read_csv(next(tmp_path.glob("lightning_logs/version_0/metrics.csv"))) if r.get("brn/rmax")]
+    assert rows and all(r["brn/r_clipped_frac"] for r in rows)
+
+
+def test_without_a_logger_the_metrics_still_reach_callback_metrics(tmp_path):
+    model = TinyModule(n=40)
+    t = trainer(tmp_path, [BatchRenormScheduler(SMALL, verbose=False)], max_steps=4, log_every_n_steps=2)
+    t.fit(model)
+    assert set(METRICS) <= set(t.callback_metrics)
+    assert not any(m.track_correction for m in renorm_layers(model))
 
 
 def test_log_every_n_steps_zero_disables_logging_and_recording(tmp_path):

@@ -73,6 +73,8 @@ def test_recipe_fast_dev_run(name: str, tiny_data: dict[str, Path], tmp_path: Pa
             "--data.init_args.img_size", "75",  # inception_v3's smallest valid input
             "--data.init_args.batch_size", batch,
         ]  # only data-path and size overrides: the recipe's own devices and data workers
+        if torch.cuda.device_count() > 1:  # (DDP would start one copy of this pytest process per GPU)
+            args += ["--trainer.devices", "1"]
     else:
         args += ["--data.init_args.data_dir", str(tiny_data["fmnist"]), "--data.init_args.batch_size", "8"]
     torch.manual_seed(0)
@@ -81,3 +83,4 @@ def test_recipe_fast_dev_run(name: str, tiny_data: dict[str, Path], tmp_path: Pa
     has_renorm = any(is_batch_renorm(m) for m in cli.model.modules())
     assert has_renorm == (name.endswith("brn") or "microbatch" in name or name == "default")
     assert "val/acc1" in cli.trainer.callback_metrics
+    assert cli.trainer.world_size == 1 and not torch.distributed.is_initialized()  # one process, no process group
