@@ -276,6 +276,8 @@ class BatchRenormScheduler(Callback):
             step = _logging_step(trainer)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
+        # logged once: a batch end without its batch start (Lightning skips that hook for a None batch) logs nothing
+        self._step_at_batch_start = trainer.global_step
 
     # ----------------------------------------------------------------- end of fit
     @override
@@ -322,7 +324,9 @@ class BatchRenormScheduler(Callback):
         device = bufs[0].device
         # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers and over processes (one
         # all-reduce under DDP; none on one device), then read with one sync.
-        sums = trainer.strategy.reduce(torch.stack([b.to(device) for b in bufs]).sum(0), reduce_op="sum")
+        # (in float32 whatever the buffers were cast to, e.g. float16 by FSDP's mixed precision: counts overflow it)
+        stacked = torch.stack([b.to(device=device, dtype=torch.float32) for b in bufs])
+        sums = trainer.strategy.reduce(stacked.sum(0), reduce_op="sum")
         r_cl, d_cl, abs_r, abs_d, count = sums.tolist()
         if count <= 0:  # no layer ran in training mode with running statistics
             return {}

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
+import copy
+import functools
+
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -22,22 +25,22 @@ from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeigh
 __all__ = ["EMAWeightAveraging"]
 
 
-def _warmup_ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+@torch.no_grad()
+def _warmup_ema_update(decay: float, ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
     """TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``: update n (``AveragedModel``'s count of
     updates; it copies the weights at n = 0) uses the decay ``min(decay, (1 + n) / (10 + n))``. In place, one
     ``_foreach_lerp_`` per group of tensors of one device and dtype, as ``torch.optim.swa_utils``' EMA."""
+    n = int(num_averaged)  # one host read per group of tensors (a few per update), not one per tensor
+    d = min(decay, (1 + n) / (10 + n))
+    if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
+        torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
+    else:  # integer buffers (num_batches_tracked), as torch's get_ema_multi_avg_fn does them
+        for p_ema, p_model in zip(ema_params, current_params):
+            p_ema.copy_(p_ema * d + p_model * (1.0 - d))
 
-    @torch.no_grad()
-    def ema_update(ema_params: list[Tensor], current_params: list[Tensor], num_averaged: Tensor) -> None:
-        n = int(num_averaged)  # one read per group, not per tensor
-        d = min(decay, (1 + n) / (10 + n))
-        if torch.is_floating_point(ema_params[0]) or torch.is_complex(ema_params[0]):
-            torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
-        else:  # integer buffers (num_batches_tracked), as torch's get_ema_multi_avg_fn does them
-            for p_ema, p_model in zip(ema_params, current_params):
-                p_ema.copy_(p_ema * d + p_model * (1.0 - d))
 
-    return ema_update
+def _warmup_ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    return functools.partial(_warmup_ema_update, decay)  # (picklable, unlike a closure)
 
 
 class EMAWeightAveraging(_LightningEMAWeightAveraging):
@@ -121,8 +124,18 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # before the average overwrites them (copies, in host memory: the module's tensors are written in place,
         # and checkpoints are written from the host)
-        self._training_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        self._training_state = {
+            k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in pl_module.state_dict().items()
+        }
         super().on_train_end(trainer, pl_module)
+        # With use_buffers the average covers every buffer, the renorm layers' non-persistent schedule buffer too:
+        # give it back the values their rmax / dmax / momentum say (compiled graphs read the buffer)
+        from lightning_brn.layers import is_batch_renorm
+
+        for m in pl_module.modules():
+            if is_batch_renorm(m) and m._schedule.device.type != "meta":
+                m._schedule.copy_(m._schedule_tensor(m._schedule.device))
 
     @override
     def on_save_checkpoint(

@@ -41,6 +41,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_brn.data import ClassificationDataModule
@@ -190,7 +191,8 @@ def _launched_processes() -> int:
     if TorchElasticEnvironment.detect():
         return int(os.environ.get("WORLD_SIZE", "1"))
     if SLURMEnvironment.detect():
-        return int(os.environ.get("SLURM_NTASKS", "1"))
+        # tasks that srun started for this job step (a batch script's own process has no step count: not counted)
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
     return 1
 
 
@@ -203,7 +205,9 @@ def _check_launch(trainer: Trainer) -> None:
             f"this process is one of {launched} started by a cluster launcher (torchrun WORLD_SIZE / SLURM_NTASKS), "
             f"but the Trainer runs a single process ({type(trainer.strategy).__name__}, {trainer.num_devices} "
             "device(s)), so each would train on its own: set --trainer.devices to the GPUs per node and "
-            "--trainer.num_nodes to the nodes of the launch (docs/recipes.md, 'One GPU, 8 GPUs, several nodes')"
+            "--trainer.num_nodes to the nodes of the launch, and let every process of a node see all of its GPUs "
+            "(no per-task GPU binding such as srun --gpus-per-task) (docs/recipes.md, 'One GPU, 8 GPUs, several "
+            "nodes')"
         )
 
 
@@ -285,7 +289,7 @@ class BatchRenormCLI(LightningCLI):
         self._start_time = time.perf_counter()
         trainer = self.trainer
         asked = str(self._get(self.config_init, "trainer", default={}).get("accelerator", "auto"))
-        if asked == "auto" and trainer.accelerator.__class__.__name__ == "CPUAccelerator" and not trainer.fast_dev_run:
+        if asked == "auto" and isinstance(trainer.accelerator, CPUAccelerator) and not trainer.fast_dev_run:
             if trainer.max_steps >= _LONG_RUN_STEPS:
                 rank_zero_warn(
                     f"lightning-brn: no GPU found, so this run of max_steps={trainer.max_steps} trains on the CPU "

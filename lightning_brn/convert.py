@@ -401,11 +401,15 @@ def _scripted_class(module: nn.Module) -> str:
 
 
 def _is_scripted_batchnorm(module: nn.Module) -> bool:
-    """A batchnorm class by name, or any module with batchnorm's three buffers (a subclass of one; frozen
-    batchnorms have no ``num_batches_tracked``)."""
-    if _scripted_class(module) in _SCRIPTED_BN_NAMES:
+    """A batchnorm class by name, or a module with batchnorm's three buffers (a subclass of one; frozen
+    batchnorms have no ``num_batches_tracked``) that is not one of the norms with the same buffers that
+    convert_model leaves alone (InstanceNorm with running statistics, Batch Renorm)."""
+    name = _scripted_class(module)
+    if name in _SCRIPTED_BN_NAMES:
         return True
-    buffers = {name for name, _ in module.named_buffers(recurse=False)}
+    if "InstanceNorm" in name or name.startswith("BatchRenorm"):
+        return False
+    buffers = {n for n, _ in module.named_buffers(recurse=False)}
     return set(_BUFFER_NAMES) <= buffers
 
 

@@ -138,6 +138,21 @@ def test_a_launch_of_several_processes_each_running_one_alone_is_refused(fmnist:
     assert not Path("runs").exists()
 
 
+def test_srun_tasks_are_counted_but_a_batch_scripts_own_process_is_not(fmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NAME", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+              "SLURM_LOCALID", "SLURM_NODEID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    base = ["fit", "--data.init_args.data_dir", str(fmnist), "--trainer.max_steps", "1", *QUIET]
+    cli_main([*base, "--trainer.limit_val_batches", "0"])  # sbatch --ntasks=4 running one python: allowed
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun started 4 tasks, each a one-process Trainer
+    for k, v in {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    _fails(base, MisconfigurationException, r"one of 4 started by a cluster launcher")
+
+
 def test_default_root_dir_holds_logs_config_and_checkpoints(fmnist: Path, tmp_path: Path) -> None:
     root = tmp_path / "elsewhere"
     cli = cli_main([

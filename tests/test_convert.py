@@ -545,6 +545,11 @@ def test_batchnorm_inside_a_scripted_submodule_is_refused_not_skipped() -> None:
     with pytest.raises(TypeError, match=r"module '1' .*scripted \(torch\.jit\) module holding _PlainSubclass"):
         convert_model(nn.Sequential(nn.BatchNorm2d(2), with_subclass))  # a subclass: found by its buffers
     assert convert_model(nn.Sequential(nn.BatchNorm2d(2), with_frozen))[1] is with_frozen  # frozen: no counter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with_instance_norm = torch.jit.script(nn.Sequential(nn.InstanceNorm2d(2, track_running_stats=True)))
+    # batchnorm's three buffers, but not a batchnorm (the eager InstanceNorm is left alone as well)
+    assert convert_model(nn.Sequential(nn.BatchNorm2d(2), with_instance_norm))[1] is with_instance_norm
     # a scripted submodule without batchnorm is kept as it is
     other = convert_model(nn.Sequential(nn.BatchNorm2d(2), without_bn))
     assert type(other[0]) is BatchRenorm2d and other[1] is without_bn

@@ -138,3 +138,25 @@ def test_warmup_follows_tensorflows_num_updates_decay(tmp_path: Path) -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, Any], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         EMAWeightAveraging(**kwargs)
+
+
+def test_the_renorm_schedule_buffer_is_not_left_averaged_after_training(tmp_path: Path) -> None:
+    """use_buffers averages every buffer, the layers' non-persistent (rmax, dmax, momentum) buffer too; after the
+    average is copied in at the end of training it must again hold the values rmax / dmax / momentum read."""
+    from lightning_brn import RenormSchedule
+    from lightning_brn.callbacks import BatchRenormScheduler
+
+    torch.manual_seed(0)
+    model = Net()
+    schedule = RenormSchedule(warmup_steps=0, rmax=5.0, rmax_steps=6, dmax=2.0, dmax_steps=6, momentum=0.1)
+    _trainer(tmp_path, [BatchRenormScheduler(schedule, verbose=False), EMAWeightAveraging(decay=0.5)], max_steps=6).fit(model)
+    layer = model.net[1]
+    assert layer.rmax > 4.0  # the ramp moved: an average of the schedule would be smaller
+    assert layer._schedule.tolist() == [layer.rmax, layer.dmax, layer.momentum]
+
+
+def test_pickles_with_warmup() -> None:
+    import pickle
+
+    ema = pickle.loads(pickle.dumps(EMAWeightAveraging(decay=0.9, warmup=True)))
+    assert ema.warmup and ema.decay == 0.9
