@@ -134,8 +134,8 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
         from lightning_brn.layers import is_batch_renorm
 
         for m in pl_module.modules():
-            if is_batch_renorm(m) and m._schedule.device.type != "meta":
-                m._schedule.copy_(m._schedule_tensor(m._schedule.device))
+            if is_batch_renorm(m):
+                m._write_schedule_buffer()
 
     @override
     def on_save_checkpoint(

@@ -301,13 +301,18 @@ class BatchRenormCLI(LightningCLI):
         if trainer.interrupted or trainer.fast_dev_run:
             return
         # what BatchRenormScheduler logged last: a closing validate() starts with empty callback_metrics
-        renorm = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("brn/")}
+        renorm = _metrics(trainer, "brn/")
         last_val = getattr(self.model, "_last_val_step", None)
         if last_val != trainer.global_step and trainer.limit_val_batches != 0:
             # on every rank: under DDP validation is collective (it syncs metrics and the log folder)
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if trainer.is_global_zero:
             print_summary(trainer, time.perf_counter() - self._start_time, renorm)
+
+
+def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:
+    """The Trainer's ``callback_metrics`` whose names start with ``prefix``, as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
 
 def print_summary(trainer: Trainer, seconds: float, renorm: Optional[Mapping[str, float]] = None) -> None:
@@ -319,7 +324,7 @@ def print_summary(trainer: Trainer, seconds: float, renorm: Optional[Mapping[str
     from rich.console import Console
     from rich.table import Table
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = _metrics(trainer, "val/")
     table = Table(title="lightning-brn fit: done", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # paths wrap rather than lose their end
@@ -331,10 +336,7 @@ def print_summary(trainer: Trainer, seconds: float, renorm: Optional[Mapping[str
         if "val/loss" in metrics:
             acc += f", loss {metrics['val/loss']:.4f}"
         table.add_row("validation", acc)
-    brn = (
-        dict(renorm) if renorm is not None
-        else {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("brn/")}
-    )
+    brn = dict(renorm) if renorm is not None else _metrics(trainer, "brn/")
     if "brn/rmax" in brn:  # the last step BatchRenormScheduler logged
         text = f"rmax {brn['brn/rmax']:.3g}, dmax {brn['brn/dmax']:.3g}"
         if "brn/r_clipped_frac" in brn:

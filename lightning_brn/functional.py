@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_brn import _ext
+from lightning_brn._checks import check_dmax, check_eps, check_momentum, check_rmax
 
 # one module global (a guard of its own in compiled graphs) rather than the chain torch.compiler.is_compiling
 _is_compiling = torch.compiler.is_compiling
@@ -356,20 +357,20 @@ def batch_renorm(
             + (f"a tensor of shape {tuple(num_batches_tracked.shape)}" if isinstance(num_batches_tracked, torch.Tensor)
                else f"num_batches_tracked={num_batches_tracked!r}")
         )
-    if not (isinstance(eps, Tensor) or eps > 0.0):
-        raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={eps}")
+    if not isinstance(eps, Tensor):
+        check_eps(eps)
     num_features = input.shape[1]
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     if use_running:  # training with moving averages, the only use of momentum, rmax and dmax
         # Python numbers are checked here; tensors (the layers' schedule buffer, checked when set) are not read
-        if momentum is None or not (isinstance(momentum, Tensor) or 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
-        if not (isinstance(rmax, Tensor) or rmax >= 1.0):
-            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
-        if not (isinstance(dmax, Tensor) or dmax >= 0.0):
-            raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
+        if not isinstance(momentum, Tensor):
+            check_momentum(momentum)
+        if not isinstance(rmax, Tensor):
+            check_rmax(rmax)
+        if not isinstance(dmax, Tensor):
+            check_dmax(dmax)
 
     n = input.shape[0]
     groups = 1

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from lightning_brn._checks import check_dmax, check_eps, check_momentum, check_rmax
 from lightning_brn._traced import batch_renorm as _traced_batch_renorm
 from lightning_brn.functional import _is_compiling, batch_renorm
 
@@ -45,15 +46,13 @@ def _check_number(name: str, value: Any, allow_inf: bool = False) -> float:
 
 def _check_rmax(value: Any) -> float:
     v = _check_number("rmax", value, allow_inf=True)  # inf: r is not clipped
-    if v < 1.0:
-        raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={v}")
+    check_rmax(v)
     return v
 
 
 def _check_dmax(value: Any) -> float:
     v = _check_number("dmax", value, allow_inf=True)  # inf: d is not clipped
-    if v < 0.0:
-        raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={v}")
+    check_dmax(v)
     return v
 
 
@@ -64,8 +63,7 @@ def _check_momentum(value: Any) -> float:
             "give the moving-average rate alpha in [0, 1], e.g. momentum=0.01"
         )
     v = _check_number("momentum", value)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={v}")
+    check_momentum(v)
     return v
 
 
@@ -120,8 +118,7 @@ class _BatchRenorm(nn.Module):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got num_features={num_features!r}")
         eps_v = _check_number("eps", eps)
-        if eps_v <= 0.0:
-            raise ValueError(f"eps must be > 0 (it sits inside the square root of the variance), got eps={eps_v}")
+        check_eps(eps_v)
         momentum_v = _check_momentum(momentum)
         rmax_v = _check_rmax(rmax)
         dmax_v = _check_dmax(dmax)
@@ -261,11 +258,16 @@ class _BatchRenorm(nn.Module):
                 self._buffers[name] = original.to(device=converted.device, dtype=want)
         # The Python mirrors are the schedule's values: ``to_empty`` (e.g. after building on the meta device)
         # leaves the buffers uninitialized, and compiled graphs read the buffers.
+        self._write_schedule_buffer()
+        return self
+
+    def _write_schedule_buffer(self) -> None:
+        """Writes the Python mirrors (``rmax``, ``dmax``, ``momentum``) into the ``_schedule`` buffer, for code
+        that changed the buffer behind the properties (``to_empty``, an average of the buffers)."""
         schedule = self._buffers["_schedule"]
         if schedule is not None and schedule.device.type != "meta":
             with torch.no_grad():
                 schedule.copy_(self._schedule_tensor(schedule.device))
-        return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

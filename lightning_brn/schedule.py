@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple, Optional
 
 from torch import nn
 
+from lightning_brn._checks import check_dmax, check_momentum, check_rmax
 from lightning_brn.layers import is_batch_renorm
 
 __all__ = ["RenormSchedule", "RenormValues"]
@@ -120,8 +121,7 @@ class RenormSchedule:
     ) -> None:
         warmup_steps = _check_int("warmup_steps", warmup_steps)
         rmax = _check_float("rmax", rmax)
-        if rmax < 1.0:
-            raise ValueError(f"rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got rmax={rmax}")
+        check_rmax(rmax)
         rmax_steps = _check_int("rmax_steps", rmax_steps)
         if rmax_steps < warmup_steps:
             raise ValueError(
@@ -129,8 +129,7 @@ class RenormSchedule:
                 f"got rmax_steps={rmax_steps} < warmup_steps={warmup_steps}"
             )
         dmax = _check_float("dmax", dmax)
-        if dmax < 0.0:
-            raise ValueError(f"dmax must be >= 0 (d is clipped to [-dmax, dmax]), got dmax={dmax}")
+        check_dmax(dmax)
         dmax_steps = _check_int("dmax_steps", dmax_steps)
         if dmax_steps < warmup_steps:
             raise ValueError(
@@ -138,8 +137,7 @@ class RenormSchedule:
                 f"got dmax_steps={dmax_steps} < warmup_steps={warmup_steps}"
             )
         momentum = _check_float("momentum", momentum)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum (the moving-average rate alpha) must be in [0, 1], got momentum={momentum}")
+        check_momentum(momentum)
         if shape not in _SHAPES:
             raise ValueError(f"shape must be one of {_SHAPES}, got shape={shape!r}")
         self._warmup_steps = warmup_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,19 @@ def make_fmnist() -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def make_image_folder() -> Callable[..., Path]:
     return make_image_folder_tree
+
+
+#: What an in-process DDP run (Lightning's launcher) leaves in ``os.environ``: a subprocess that inherits them
+#: would join that finished run's rendezvous (its port is taken) instead of starting its own.
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture()
+def ddp_subprocess_env() -> dict[str, str]:
+    """The environment for a subprocess that starts its own multi-process DDP run (one thread per process)."""
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def make_clipping_layer(cls: type, c: int, seed: int = 1, **kw):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -291,7 +290,7 @@ def test_gpu_recipe_on_a_machine_without_gpu_names_the_flags_to_change(
     assert not Path("runs").exists()
 
 
-def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path) -> None:
+def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path, ddp_subprocess_env: dict[str, str]) -> None:
     """A real 2-process DDP run (gloo, CPU) of a non-i.i.d. recipe with EMA: the EMA copy of the module
     works under DDP, and the closing validation runs on every rank (it is collective)."""
     cmd = [
@@ -300,8 +299,7 @@ def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path) -> Non
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "2", *QUIET,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ddp_subprocess_env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Starting with 2 processes" in out.stdout + out.stderr
     assert "lightning-brn fit: done" in out.stdout and "top-1" in out.stdout

@@ -452,14 +452,14 @@ _DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_every_rank_logs_the_all_reduced_metrics_so_they_can_be_monitored(tmp_path):
+def test_ddp_every_rank_logs_the_all_reduced_metrics_so_they_can_be_monitored(tmp_path, ddp_subprocess_env):
     """Under DDP the brn/ metrics exist on every rank (a monitored metric on rank 0 only hangs ModelCheckpoint's
     barrier and fails EarlyStopping on the others), with the channels of both ranks in the fractions."""
     script = tmp_path / "ddp_monitor.py"
     script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, env=ddp_subprocess_env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
