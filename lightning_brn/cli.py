@@ -47,7 +47,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_brn.data import ClassificationDataModule
 from lightning_brn.module import TimmClassifier, check_batch_config
 
-__all__ = ["BatchRenormCLI", "available_recipes", "recipe_path", "expand_recipe_args", "cli_main", "main"]
+__all__ = [
+    "BatchRenormCLI", "available_recipes", "recipe_path", "expand_recipe_args", "find_last_checkpoint", "cli_main", "main",
+]
 
 #: The recipe a bare ``lightning-brn fit`` runs.
 DEFAULT_RECIPE = "default"
@@ -287,6 +289,7 @@ class BatchRenormCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._start_time = time.perf_counter()
+        self._resolve_last_checkpoint("fit")
         trainer = self.trainer
         asked = str(self._get(self.config_init, "trainer", default={}).get("accelerator", "auto"))
         if asked == "auto" and isinstance(trainer.accelerator, CPUAccelerator) and not trainer.fast_dev_run:
@@ -295,6 +298,30 @@ class BatchRenormCLI(LightningCLI):
                     f"lightning-brn: no GPU found, so this run of max_steps={trainer.max_steps} trains on the CPU "
                     "(the recipe's accelerator is 'auto'); pass --trainer.accelerator gpu to require a GPU"
                 )
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._resolve_last_checkpoint("predict")
+
+    def _resolve_last_checkpoint(self, subcommand: str) -> None:
+        """``--ckpt_path last``: the newest ``last*.ckpt`` of this run name, in any of its version folders.
+
+        Lightning looks for ``last`` only in this run's own checkpoint folder, and the default loggers give every
+        run a new ``version_N`` folder, so it would find nothing there and start from scratch with a warning.
+        """
+        config = self.config_init.get(subcommand)
+        if config is None or config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is not None:
+            config["ckpt_path"] = found
+            if self.trainer.is_global_zero:
+                print(f"lightning-brn: --ckpt_path last -> {found}", file=sys.stderr)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -308,6 +335,43 @@ class BatchRenormCLI(LightningCLI):
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         if trainer.is_global_zero:
             print_summary(trainer, time.perf_counter() - self._start_time, renorm)
+
+
+def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
+    """The newest (by modification time) ``last*.ckpt`` a run with the trainer's checkpoint settings has written.
+
+    Looks where Lightning itself looks for ``ckpt_path="last"`` (the ``dirpath`` of each ``ModelCheckpoint``) and,
+    for a ``ModelCheckpoint`` without a ``dirpath`` (it saves under the first logger's ``<version>/checkpoints``),
+    in the ``checkpoints`` folder of every version of the first logger's run (``runs/<recipe>/version_*``).
+    ``None`` when there is none: Lightning then warns and, for ``fit``, starts from scratch.
+
+    Examples::
+
+        >>> from lightning.pytorch import Trainer
+        >>> find_last_checkpoint(Trainer(logger=False, enable_checkpointing=False)) is None
+        True
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    candidates: set[Path] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        if callback.dirpath is not None:
+            folders = [Path(callback.dirpath)]
+        elif trainer.loggers:  # where ModelCheckpoint puts them: <save_dir>/<name>/<version>/checkpoints
+            logger = trainer.loggers[0]
+            run_dir = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+            folders = list(run_dir.glob("*/checkpoints"))
+        else:
+            folders = [Path(trainer.default_root_dir) / "checkpoints"]
+        candidates.update(
+            f for folder in folders if folder.is_dir() for f in folder.iterdir()
+            if f.is_file() and callback.CHECKPOINT_NAME_LAST in f.name and f.suffix == callback.FILE_EXTENSION
+        )
+    if not candidates:
+        return None
+    return os.fspath(max(candidates, key=lambda f: f.stat().st_mtime))
 
 
 def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:

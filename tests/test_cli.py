@@ -111,6 +111,48 @@ def test_embedded_default_end_to_end_and_resume(fmnist: Path, capsys: pytest.Cap
     assert "val/acc1" in cli3.trainer.callback_metrics
 
 
+def _first_logged_step(version_dir: Path) -> int:
+    import csv
+
+    with open(version_dir / "metrics.csv", newline="") as f:
+        return min(int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss"))
+
+
+def test_ckpt_path_last_resumes_from_the_newest_version(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every run gets a new version folder, where Lightning's own ``ckpt_path="last"`` finds nothing and trains
+    from scratch: the CLI looks in all versions of the run and takes the newest last.ckpt."""
+    budget = ["--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1", *QUIET]
+    with pytest.warns(UserWarning, match="no last checkpoint available"):  # nothing yet: Lightning's warning
+        cli = cli_main(["fit", *budget, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 4 and _first_logged_step(Path("runs/default/version_0")) == 0
+    capsys.readouterr()
+
+    cli = cli_main(["fit", *budget, "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    assert "--ckpt_path last -> " + str(Path("runs/default/version_0/checkpoints/last.ckpt")) in capsys.readouterr().err
+    assert cli.trainer.global_step == 6
+    assert _first_logged_step(Path("runs/default/version_1")) >= 4  # resumed at step 4, not retrained from 0
+
+    cli = cli_main(["fit", *budget, "--trainer.max_steps", "8", "--ckpt_path", "last"])
+    assert str(Path("runs/default/version_1/checkpoints/last.ckpt")) in capsys.readouterr().err  # the newest
+    assert _first_logged_step(Path("runs/default/version_2")) >= 6
+
+    cli = cli_main(["validate", *budget, "--ckpt_path", "last"])
+    assert str(Path("runs/default/version_2/checkpoints/last.ckpt")) in capsys.readouterr().err
+    assert cli.trainer.ckpt_path == str(Path("runs/default/version_2/checkpoints/last.ckpt"))
+
+
+def test_ckpt_path_last_with_an_explicit_checkpoint_folder(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    budget = ["--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+              "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1", *QUIET,
+              "--trainer.callbacks.dirpath", "ckpts"]  # the recipe's ModelCheckpoint, its last callback
+    cli_main(["fit", *budget, "--trainer.max_steps", "3"])
+    assert Path("ckpts/last.ckpt").is_file()
+    capsys.readouterr()
+    cli = cli_main(["fit", *budget, "--trainer.max_steps", "5", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 5 and _first_logged_step(Path("runs/default/version_1")) >= 3
+
+
 def test_a_long_run_on_the_cpu_for_want_of_a_gpu_is_warned_about(fmnist: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
