@@ -313,15 +313,27 @@ class ClassificationDataModule(pl.LightningDataModule):
                 rank=rank,
                 seed=self.seed,
             )
-        n = len(self.train_set)  # type: ignore[arg-type]
+        self._check_batch_fits(len(self.train_set), num_replicas)  # type: ignore[arg-type]
+        return DistributedSampler(
+            self.train_set, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+        )
+
+    def _check_batch_fits(self, n: int, num_replicas: int) -> None:
         if n < self.batch_size * num_replicas:
             raise ValueError(
                 f"the training set has {n} examples, fewer than one global batch ({num_replicas} x batch_size="
                 f"{self.batch_size}); lower --data.init_args.batch_size"
             )
-        return DistributedSampler(
-            self.train_set, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-        )
+
+    def _check_train_batches(self) -> None:
+        """For ``check_data``: the training set holds one batch of this process, i.i.d. or not (the world size is
+        checked again when the loader is built, under the Trainer)."""
+        num_replicas, _ = self._replicas()
+        labels = self.train_labels()
+        if self.sampling == "non_iid":
+            NonIIDBatchSampler(labels, self.batch_size, self.examples_per_label, num_replicas=num_replicas)
+        else:
+            self._check_batch_fits(len(labels), num_replicas)
 
     def train_dataloader(self) -> DataLoader:
         self._check_trainer()
@@ -510,11 +522,14 @@ class FashionMNISTDataModule(ClassificationDataModule):
         return self._train_labels  # type: ignore[return-value]
 
     def check_data(self, stage: Optional[str] = None) -> None:
-        """Read the IDX files ``setup(stage)`` needs (kept for it): a truncated or mismatched file raises here."""
+        """Read the IDX files ``setup(stage)`` needs (kept for it): a truncated or mismatched file, or a training
+        set smaller than one batch, raises here."""
         if stage in (None, "fit") and self.train_set is None and "train" not in self._loaded:
             self._loaded["train"] = self._load("train", self.limit_train)
         if self.val_set is None and "test" not in self._loaded:
             self._loaded["test"] = self._load("test", self.limit_val)
+        if stage in (None, "fit"):
+            self._check_train_batches()
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -652,12 +667,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         return self._train_labels
 
     def check_data(self, stage: Optional[str] = None) -> None:
-        """Scan the folders ``setup(stage)`` needs (kept for it): a class folder without images, or a validation
-        class the training folder lacks, raises here."""
+        """Scan the folders ``setup(stage)`` needs (kept for it): a class folder without images, a validation
+        class the training folder lacks, or a training set smaller than one batch, raises here."""
         if stage in (None, "fit") and self.train_set is None:
             self._scan(self.train_dir)
         if self.val_set is None:
             self._scan(self.val_dir)
+        if stage in (None, "fit"):
+            self._check_train_batches()
 
     def setup(self, stage: Optional[str] = None) -> None:
         from timm.data import create_transform

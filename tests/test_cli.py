@@ -263,6 +263,8 @@ def test_bad_normalization_is_rejected_by_the_parser(fmnist: Path, capsys: pytes
         (["--model.model_name", "test_resnett"], "lightning-brn: error: ValueError: unknown timm model 'test_resnett'; did you mean 'test_resnet'"),
         (["--data.init_args.data_dir", "{missing}"], "lightning-brn: error: FileNotFoundError: Fashion-MNIST not found: the folder '{missing}' does not exist"),
         (["--recipe", "fmnist_microbatch_brn", "--data.init_args.batch_size", "30"], "lightning-brn: error: ValueError: batch_size=30 is not divisible by microbatch_size=4"),
+        (["--data.init_args.batch_size", "128"], "lightning-brn: error: ValueError: the training set has 64 examples, fewer than one global batch (1 x batch_size=128)"),
+        (["--recipe", "fmnist_noniid_brn", "--data.init_args.batch_size", "128"], "lightning-brn: error: ValueError: the dataset is too small for non-i.i.d. batches"),
     ],
 )
 def test_console_script_reports_config_errors_without_traceback(
