@@ -192,8 +192,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             p.error(f"{flag} must be >= 1, got {value}")
     if not args.sample_ms > 0:
         p.error(f"--sample-ms must be > 0, got {args.sample_ms}")
-    pin_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
     all_shapes = [*SHAPES_2D, SHAPE_1D]
     if args.shapes is None:
         shapes = all_shapes
@@ -206,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [f for f in formats if f not in ("contiguous", "channels_last")]
     if bad:
         p.error(f"--formats {args.formats!r}: expected contiguous and/or channels_last, got {bad}")
+    pin_malloc(args.malloc)  # every argument checked first: the re-executed run would refuse it again
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:

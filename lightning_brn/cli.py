@@ -309,10 +309,12 @@ class BatchRenormCLI(LightningCLI):
         self._resolve_last_checkpoint("predict")
 
     def _resolve_last_checkpoint(self, subcommand: str) -> None:
-        """``--ckpt_path last``: the newest ``last*.ckpt`` of this run name, in any of its version folders.
+        """``--ckpt_path last``: the newest last checkpoint of this run name, in any of its version folders.
 
         Lightning looks for ``last`` only in this run's own checkpoint folder, and the default loggers give every
-        run a new ``version_N`` folder, so it would find nothing there and start from scratch with a warning.
+        run a new ``version_N`` folder, so it would find nothing there and start from scratch with a warning. When
+        there is none: ``fit`` starts from scratch with Lightning's warning, the other subcommands are refused
+        (they would evaluate the untrained model).
         """
         config = self.config_init.get(subcommand)
         if config is None or config.get("ckpt_path") != "last":
@@ -322,6 +324,14 @@ class BatchRenormCLI(LightningCLI):
             config["ckpt_path"] = found
             if self.trainer.is_global_zero:
                 print(f"lightning-brn: --ckpt_path last -> {found}", file=sys.stderr)
+        elif subcommand != "fit":  # Lightning would warn and evaluate the untrained model
+            err = FileNotFoundError(
+                f"{subcommand} --ckpt_path last: no run of {self.run_name!r} has written a last checkpoint (looked as "
+                "lightning_brn.cli.find_last_checkpoint does, in the run's version_*/checkpoints folders); pass "
+                "--ckpt_path PATH"
+            )
+            _mark_config_error(err)
+            raise err
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -338,12 +348,16 @@ class BatchRenormCLI(LightningCLI):
 
 
 def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
-    """The newest (by modification time) ``last*.ckpt`` a run with the trainer's checkpoint settings has written.
+    """The newest last checkpoint (``last.ckpt``, ``last-v1.ckpt``, ...) of a run with this trainer's settings.
 
-    Looks where Lightning itself looks for ``ckpt_path="last"`` (the ``dirpath`` of each ``ModelCheckpoint``) and,
-    for a ``ModelCheckpoint`` without a ``dirpath`` (it saves under the first logger's ``<version>/checkpoints``),
-    in the ``checkpoints`` folder of every version of the first logger's run (``runs/<recipe>/version_*``).
-    ``None`` when there is none: Lightning then warns and, for ``fit``, starts from scratch.
+    Looks where Lightning itself looks for ``ckpt_path="last"``, with its file-name rule (a name that starts with
+    ``last``): the folder of each ``ModelCheckpoint`` (its ``dirpath``, else the first logger's
+    ``<save_dir>/<name>/<version>/checkpoints``) and the file of each ``OnExceptionCheckpoint``. When the first
+    logger numbers its versions itself (``runs/<recipe>/version_N``: every run, a resumed one too, gets a new
+    one), it also looks in the ``checkpoints`` folder of every ``version_*`` of that run; a version the user
+    named (a string) is searched alone, as Lightning does. The newest file by modification time wins (ties: the
+    larger path, so that every rank picks the same one). Remote folders (``s3://`` and the like) are searched
+    through fsspec. ``None`` when there is none.
 
     Examples::
 
@@ -351,27 +365,57 @@ def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
         >>> find_last_checkpoint(Trainer(logger=False, enable_checkpointing=False)) is None
         True
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    import re
 
-    candidates: set[Path] = set()
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    files: set[str] = set()
+    for callback in trainer.callbacks:
+        if isinstance(callback, OnExceptionCheckpoint):
+            files.add(str(callback.ckpt_path))
+    logger = trainer.loggers[0] if trainer.loggers else None
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue
+        folders: list[str] = []
         if callback.dirpath is not None:
-            folders = [Path(callback.dirpath)]
-        elif trainer.loggers:  # where ModelCheckpoint puts them: <save_dir>/<name>/<version>/checkpoints
-            logger = trainer.loggers[0]
-            run_dir = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
-            folders = list(run_dir.glob("*/checkpoints"))
+            folders.append(str(callback.dirpath))
+        elif logger is None:
+            folders.append(os.path.join(str(trainer.default_root_dir), "checkpoints"))
         else:
-            folders = [Path(trainer.default_root_dir) / "checkpoints"]
-        candidates.update(
-            f for folder in folders if folder.is_dir() for f in folder.iterdir()
-            if f.is_file() and callback.CHECKPOINT_NAME_LAST in f.name and f.suffix == callback.FILE_EXTENSION
-        )
-    if not candidates:
+            save_dir = str(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir)
+            run_dir = os.path.join(save_dir, str(logger.name))
+            version = logger.version
+            if isinstance(version, str):
+                folders.append(os.path.join(run_dir, version, "checkpoints"))
+            else:
+                fs = get_filesystem(run_dir)
+                folders += [str(f) for f in fs.glob(run_dir.rstrip("/") + "/version_*/checkpoints") if fs.isdir(f)]
+        # Lightning's rule (ModelCheckpoint._find_last_checkpoints): the extension, and a stem that starts so
+        last = re.compile(rf"^{callback.CHECKPOINT_NAME_LAST}(-(\d+))?")
+        ext = callback.FILE_EXTENSION
+        for folder in folders:
+            fs = get_filesystem(folder)
+            if fs.isdir(folder):
+                # fsspec drops a remote path's protocol in what it lists: re-join the names to the folder as given
+                files.update(
+                    folder.rstrip("/") + "/" + name
+                    for name in (os.path.basename(str(p).rstrip("/")) for p in fs.ls(folder, detail=False))
+                    if name.endswith(ext) and last.match(name[: -len(ext)])
+                )
+    stamped: dict[str, float] = {}
+    for path in files:
+        fs = get_filesystem(path)
+        try:
+            if fs.isfile(path):  # (a dangling save_last="link" symlink is not)
+                modified = fs.modified(path)
+                stamped[path] = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+        except (OSError, NotImplementedError):  # a file gone meanwhile, a filesystem without modification times
+            continue
+    if not stamped:
         return None
-    return os.fspath(max(candidates, key=lambda f: f.stat().st_mtime))
+    return max(stamped, key=lambda p: (stamped[p], p))
 
 
 def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:

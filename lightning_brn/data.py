@@ -142,7 +142,7 @@ class NonIIDBatchSampler(Sampler[list[int]]):
                 f"the dataset is too small for non-i.i.d. batches: one global step needs {needed} groups of "
                 f"{examples_per_label} distinct same-label examples ({num_replicas} process(es) x batch_size="
                 f"{batch_size}), but the {len(labels_np)} examples in {len(classes)} classes make only {usable}; "
-                f"lower the batch size"
+                f"lower the batch size (--data.init_args.batch_size)"
             )
         if num_batches is None:
             num_batches = len(labels_np) // (batch_size * num_replicas)
@@ -320,9 +320,12 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _check_batch_fits(self, n: int, num_replicas: int) -> None:
         if n < self.batch_size * num_replicas:
+            limit = getattr(self, "limit_train", None)
+            more = f" or raise limit_train={limit}" if limit is not None else ""
             raise ValueError(
-                f"the training set has {n} examples, fewer than one global batch ({num_replicas} x batch_size="
-                f"{self.batch_size}); lower --data.init_args.batch_size"
+                f"the training set has {n} examples, fewer than one global batch of {self.batch_size * num_replicas} "
+                f"({num_replicas} process(es) x batch_size={self.batch_size}): lower batch_size{more} "
+                "(--data.init_args.batch_size, --data.init_args.limit_train)"
             )
 
     def _check_train_batches(self) -> None:

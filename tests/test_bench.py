@@ -168,19 +168,28 @@ def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
         ("bench_kernels.py", ["--formats", "nhwc"], "--formats 'nhwc': expected contiguous and/or channels_last, got ['nhwc']"),
     ],
 )
-def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message, capsys):
-    # in this process (the scripts' main(argv)), not one Python start and torch import per case
+def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message, capsys, monkeypatch):
+    # in this process (the scripts' main(argv)), not one Python start and torch import per case; what importing
+    # them changes (sys.path, sys.modules, torch's thread count) is put back afterwards
     import importlib.util
 
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])  # they import _common, bench_layers
+    before = set(sys.modules)
     spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", ROOT / "bench" / script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import their neighbours (_common, bench_layers)
     try:
         spec.loader.exec_module(module)
         with pytest.raises(SystemExit) as exc:
             module.main(["--malloc", "default", *args])
     finally:
-        sys.path.remove(str(ROOT / "bench"))
+        torch.set_num_threads(threads)
+        bench = str(ROOT / "bench")
+        for name in set(sys.modules) - before:  # the bench scripts' own modules (not what they import)
+            if str(getattr(sys.modules[name], "__file__", "") or "").startswith(bench):
+                del sys.modules[name]
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err, err[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -129,17 +130,28 @@ def test_ckpt_path_last_resumes_from_the_newest_version(fmnist: Path, capsys: py
     capsys.readouterr()
 
     cli = cli_main(["fit", *budget, "--trainer.max_steps", "6", "--ckpt_path", "last"])
-    assert "--ckpt_path last -> " + str(Path("runs/default/version_0/checkpoints/last.ckpt")) in capsys.readouterr().err
+    assert _resolved_last(capsys) == Path("runs/default/version_0/checkpoints/last.ckpt").resolve()
     assert cli.trainer.global_step == 6
     assert _first_logged_step(Path("runs/default/version_1")) >= 4  # resumed at step 4, not retrained from 0
 
     cli = cli_main(["fit", *budget, "--trainer.max_steps", "8", "--ckpt_path", "last"])
-    assert str(Path("runs/default/version_1/checkpoints/last.ckpt")) in capsys.readouterr().err  # the newest
+    assert _resolved_last(capsys) == Path("runs/default/version_1/checkpoints/last.ckpt").resolve()  # the newest
     assert _first_logged_step(Path("runs/default/version_2")) >= 6
 
     cli = cli_main(["validate", *budget, "--ckpt_path", "last"])
-    assert str(Path("runs/default/version_2/checkpoints/last.ckpt")) in capsys.readouterr().err
-    assert cli.trainer.ckpt_path == str(Path("runs/default/version_2/checkpoints/last.ckpt"))
+    assert _resolved_last(capsys) == Path("runs/default/version_2/checkpoints/last.ckpt").resolve()
+    assert Path(cli.trainer.ckpt_path).resolve() == Path("runs/default/version_2/checkpoints/last.ckpt").resolve()
+
+
+def test_ckpt_path_last_with_nothing_to_evaluate_is_refused(fmnist: Path, capsys: pytest.CaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate/test/predict with no last checkpoint would evaluate the untrained model (Lightning warns)."""
+    monkeypatch.delenv("LIGHTNING_BRN_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "--data.init_args.data_dir", str(fmnist), "--ckpt_path", "last", *QUIET])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "validate --ckpt_path last: no run of 'default' has written a last checkpoint" in err
+    assert "Traceback" not in err
 
 
 def test_ckpt_path_last_with_an_explicit_checkpoint_folder(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
@@ -150,7 +162,73 @@ def test_ckpt_path_last_with_an_explicit_checkpoint_folder(fmnist: Path, capsys:
     assert Path("ckpts/last.ckpt").is_file()
     capsys.readouterr()
     cli = cli_main(["fit", *budget, "--trainer.max_steps", "5", "--ckpt_path", "last"])
+    assert _resolved_last(capsys) == Path("ckpts/last.ckpt").resolve()
     assert cli.trainer.global_step == 5 and _first_logged_step(Path("runs/default/version_1")) >= 3
+
+
+def _resolved_last(capsys: pytest.CaptureFixture) -> Path:
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "--ckpt_path last -> " in ln]
+    return Path(line.split(" -> ", 1)[1]).resolve()
+
+
+def _touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_find_last_checkpoint_follows_lightnings_rules(tmp_path: Path) -> None:
+    """Which file ``--ckpt_path last`` takes, without training: the newest last checkpoint of this run's versions
+    (Lightning's name rule), never another run's, a user-named version alone, OnExceptionCheckpoint files, ties
+    broken the same way on every rank, remote (fsspec) folders."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_brn.cli import find_last_checkpoint
+
+    runs = tmp_path / "runs"
+
+    def trainer(*callbacks: Any, version: Any = None) -> Trainer:
+        return Trainer(logger=CSVLogger(runs, name="r", version=version), callbacks=list(callbacks),
+                       default_root_dir=tmp_path, enable_progress_bar=False)
+
+    assert find_last_checkpoint(trainer(ModelCheckpoint(save_last=True))) is None
+    v0 = _touch(runs / "r/version_0/checkpoints/last.ckpt", 1000)
+    v1 = _touch(runs / "r/version_1/checkpoints/last-v1.ckpt", 2000)
+    _touch(runs / "r/version_1/checkpoints/epoch=3-val_last=0.5.ckpt", 3000)  # not a last checkpoint by name
+    _touch(runs / "r/version_1/checkpoints/last.ckpt.tmp", 3000)
+    _touch(runs / "other/version_0/checkpoints/last.ckpt", 4000)  # another run
+    _touch(runs / "r/notes/checkpoints/last.ckpt", 4000)  # not a numbered version
+    found = find_last_checkpoint(trainer(ModelCheckpoint(save_last=True)))
+    assert found is not None and Path(found).resolve() == v1.resolve()
+    os.utime(v0, (2000, 2000))  # a tie: the larger path, whatever the hash seed of each rank
+    assert Path(find_last_checkpoint(trainer(ModelCheckpoint(save_last=True)))).resolve() == v1.resolve()
+    os.utime(v0, (2500, 2500))
+    assert Path(find_last_checkpoint(trainer(ModelCheckpoint(save_last=True)))).resolve() == v0.resolve()
+    (v1.parent / "last-link.ckpt").symlink_to(tmp_path / "gone.ckpt")  # a dangling save_last="link"
+    assert Path(find_last_checkpoint(trainer(ModelCheckpoint(save_last=True)))).resolve() == v0.resolve()
+
+    a = _touch(runs / "r/a/checkpoints/last.ckpt", 1000)  # a version named by the user is searched alone
+    _touch(runs / "r/b/checkpoints/last.ckpt", 5000)
+    assert Path(find_last_checkpoint(trainer(ModelCheckpoint(save_last=True), version="a"))).resolve() == a.resolve()
+
+    exc = _touch(tmp_path / "exc/on_exception.ckpt", 6000)
+    both = trainer(ModelCheckpoint(save_last=True), OnExceptionCheckpoint(tmp_path / "exc"))
+    assert Path(find_last_checkpoint(both)).resolve() == exc.resolve()
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/lbrn_ckpts/last.ckpt", b"x")
+    fs.pipe("/lbrn_ckpts/epoch=0-step=1.ckpt", b"x")
+    try:
+        assert find_last_checkpoint(trainer(ModelCheckpoint(dirpath="memory://lbrn_ckpts", save_last=True))) == (
+            "memory://lbrn_ckpts/last.ckpt"
+        )
+    finally:
+        fs.rm("/lbrn_ckpts", recursive=True)
 
 
 def test_a_long_run_on_the_cpu_for_want_of_a_gpu_is_warned_about(fmnist: Path) -> None:
@@ -263,7 +341,7 @@ def test_bad_normalization_is_rejected_by_the_parser(fmnist: Path, capsys: pytes
         (["--model.model_name", "test_resnett"], "lightning-brn: error: ValueError: unknown timm model 'test_resnett'; did you mean 'test_resnet'"),
         (["--data.init_args.data_dir", "{missing}"], "lightning-brn: error: FileNotFoundError: Fashion-MNIST not found: the folder '{missing}' does not exist"),
         (["--recipe", "fmnist_microbatch_brn", "--data.init_args.batch_size", "30"], "lightning-brn: error: ValueError: batch_size=30 is not divisible by microbatch_size=4"),
-        (["--data.init_args.batch_size", "128"], "lightning-brn: error: ValueError: the training set has 64 examples, fewer than one global batch (1 x batch_size=128)"),
+        (["--data.init_args.batch_size", "128"], "lightning-brn: error: ValueError: the training set has 64 examples, fewer than one global batch of 128 (1 process(es) x batch_size=128): lower batch_size (--data.init_args.batch_size"),
         (["--recipe", "fmnist_noniid_brn", "--data.init_args.batch_size", "128"], "lightning-brn: error: ValueError: the dataset is too small for non-i.i.d. batches"),
     ],
 )
