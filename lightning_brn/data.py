@@ -320,12 +320,13 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _check_batch_fits(self, n: int, num_replicas: int) -> None:
         if n < self.batch_size * num_replicas:
-            limit = getattr(self, "limit_train", None)
-            more = f" or raise limit_train={limit}" if limit is not None else ""
+            fix = "lower batch_size (--data.init_args.batch_size)"
+            limit = getattr(self, "limit_train", None)  # (data modules that have one)
+            if limit is not None:
+                fix += f" or raise limit_train={limit} (--data.init_args.limit_train)"
             raise ValueError(
                 f"the training set has {n} examples, fewer than one global batch of {self.batch_size * num_replicas} "
-                f"({num_replicas} process(es) x batch_size={self.batch_size}): lower batch_size{more} "
-                "(--data.init_args.batch_size, --data.init_args.limit_train)"
+                f"({num_replicas} process(es) x batch_size={self.batch_size}): {fix}"
             )
 
     def _check_train_batches(self) -> None:

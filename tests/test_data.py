@@ -225,3 +225,17 @@ def test_iid_sampler_two_ranks_disjoint(tmp_path: Path, make_fmnist) -> None:
         samplers.append(list(dm.train_sampler()))
     assert len(samplers[0]) == len(samplers[1]) == 32
     assert not set(samplers[0]) & set(samplers[1])
+
+
+def test_check_data_refuses_a_training_set_smaller_than_one_batch(tmp_path, make_fmnist, make_image_folder):
+    """Raised by check_data("fit"), before any Trainer; the message names the options each data module has."""
+    fm = make_fmnist(tmp_path / "fm")
+    with pytest.raises(ValueError, match=r"the training set has 20 examples, fewer than one global batch of 32 "
+                       r"\(1 process\(es\) x batch_size=32\): lower batch_size \(--data.init_args.batch_size\) or "
+                       r"raise limit_train=20 \(--data.init_args.limit_train\)$"):
+        FashionMNISTDataModule(fm, batch_size=32, limit_train=20).check_data("fit")
+    FashionMNISTDataModule(fm, batch_size=32, limit_train=20).check_data("validate")  # no training set needed
+    root = make_image_folder(tmp_path / "inet", classes=2, per_class=2)
+    with pytest.raises(ValueError, match=r"the training set has 4 examples, .*: lower batch_size "
+                       r"\(--data.init_args.batch_size\)$"):
+        ImageFolderDataModule(root, batch_size=8).check_data("fit")
