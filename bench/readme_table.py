@@ -4,11 +4,14 @@ Usage::
 
     python bench/bench_layers.py --threads 1 --clock cpu --out bench/results/cpu.md
     python bench/readme_table.py bench/results/cpu.md            # prints the table and rewrites README.md
+
+The table's last line links the result file it was made from.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -35,7 +38,8 @@ def _paired(cell: str) -> str:
     return out + (f" ({float(m.group(2)):.2f}-{float(m.group(3)):.2f})" if m.group(2) else "")
 
 
-def table(text: str) -> str:
+def table(text: str, link: str = "bench/results/cpu.md") -> str:
+    """The README's table from a ``bench_layers.py`` result ``text``; its last line links the full tables at ``link``."""
     main = _rows(text, "Time")
     micro = {(r[0], r[1]): r for r in _rows(text, "microbatch")}
     memory = {(r[0], r[1]): r for r in _rows(text, "Saved")}
@@ -59,7 +63,7 @@ def table(text: str) -> str:
             f"| {_ratio(r[7]) if len(r) > 7 else '-'} |"
         )
     meta = {k: v for k, v in re.findall(r"^- (date|device): (.*)$", text, flags=re.M)}
-    return "\n".join(lines) + f"\n\nRun: {meta.get('date', '?')}; {meta.get('device', '?')}. Full tables: [bench/results/cpu.md](bench/results/cpu.md).\n"
+    return "\n".join(lines) + f"\n\nRun: {meta.get('date', '?')}; {meta.get('device', '?')}. Full tables: [{link}]({link}).\n"
 
 
 def main() -> None:
@@ -67,7 +71,9 @@ def main() -> None:
     parser.add_argument("result", type=Path, nargs="?", default=ROOT / "bench" / "results" / "cpu.md")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = parser.parse_args()
-    out = table(args.result.read_text())
+    # the link to the full tables: the result's path as seen from the README's folder
+    link = Path(os.path.relpath(args.result.resolve(), args.readme.resolve().parent)).as_posix()
+    out = table(args.result.read_text(), link)
     print(out)
     readme = args.readme.read_text()
     a, b = readme.index(START) + len(START), readme.index(END)

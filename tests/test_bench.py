@@ -91,6 +91,9 @@ def test_readme_table_is_regenerated_from_a_result(layers_result, tmp_path):
         "<!-- bench-table-end -->\noutro\n"
     )
     assert "old table" not in text and printed.strip() in text
+    # the full tables are linked where they are: the result file itself, relative to the README's folder
+    link = Path(os.path.relpath(out, readme.parent)).as_posix()
+    assert link.endswith("/cpu.md") and f"Full tables: [{link}]({link})." in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| (")]
     assert [ln.split("|")[1].strip() for ln in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
     assert rows[1].split("|")[2].strip() == "NC"
