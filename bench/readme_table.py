@@ -2,10 +2,11 @@
 
 Usage::
 
-    python bench/bench_layers.py --threads 1 --clock cpu --out bench/results/cpu.md
-    python bench/readme_table.py bench/results/cpu.md            # prints the table and rewrites README.md
+    python bench/bench_layers.py --threads 1 --clock cpu --out bench/results/cpu_epyc_avx512.md
+    python bench/readme_table.py bench/results/cpu_epyc_avx512.md   # prints the table and rewrites README.md
 
-The table's last line links the result file it was made from.
+The result file is named on the command line (results of several machines lie side by side in bench/results/);
+the table's last line links it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench-table-start -->", "<!-- bench-table-end -->"
@@ -38,7 +40,7 @@ def _paired(cell: str) -> str:
     return out + (f" ({float(m.group(2)):.2f}-{float(m.group(3)):.2f})" if m.group(2) else "")
 
 
-def table(text: str, link: str = "bench/results/cpu.md") -> str:
+def table(text: str, link: str) -> str:
     """The README's table from a ``bench_layers.py`` result ``text``; its last line links the full tables at ``link``."""
     main = _rows(text, "Time")
     micro = {(r[0], r[1]): r for r in _rows(text, "microbatch")}
@@ -66,11 +68,11 @@ def table(text: str, link: str = "bench/results/cpu.md") -> str:
     return "\n".join(lines) + f"\n\nRun: {meta.get('date', '?')}; {meta.get('device', '?')}. Full tables: [{link}]({link}).\n"
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("result", type=Path, nargs="?", default=ROOT / "bench" / "results" / "cpu.md")
+    parser.add_argument("result", type=Path, help="a bench_layers.py result (its --out file)")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # the link to the full tables: the result's path as seen from the README's folder
     link = Path(os.path.relpath(args.result.resolve(), args.readme.resolve().parent)).as_posix()
     out = table(args.result.read_text(), link)

@@ -81,6 +81,20 @@ def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layer
         assert _mib(literal) > 2 * _mib(bn), r  # the autograd-op Algorithm 1 keeps about three inputs' worth
 
 
+def test_readme_table_needs_the_result_named(capsys):
+    # results of several machines lie side by side: the table is made only from the file the command names
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_readme_table", ROOT / "bench" / "readme_table.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exc:
+        module.main([])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "the following arguments are required: result" in err, err
+
+
 def test_readme_table_is_regenerated_from_a_result(layers_result, tmp_path):
     _, out = layers_result
     readme = tmp_path / "README.md"
