@@ -4,11 +4,13 @@ asserted, the saved-memory figures are (they do not depend on timing)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -81,14 +83,18 @@ def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layer
         assert _mib(literal) > 2 * _mib(bn), r  # the autograd-op Algorithm 1 keeps about three inputs' worth
 
 
-def test_readme_table_needs_the_result_named(capsys):
-    # results of several machines lie side by side: the table is made only from the file the command names
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_readme_table", ROOT / "bench" / "readme_table.py")
+def _load_bench_script(script: str) -> ModuleType:
+    """Imports ``bench/<script>`` as a module of its own (``main(argv)`` can then run in this process)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", ROOT / "bench" / script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_needs_the_result_named(capsys):
+    # results of several machines lie side by side: the table is made only from the file the command names
+    module = _load_bench_script("readme_table.py")
     with pytest.raises(SystemExit) as exc:
         module.main([])
     err = capsys.readouterr().err
@@ -188,18 +194,13 @@ def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
 def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message, capsys, monkeypatch):
     # in this process (the scripts' main(argv)), not one Python start and torch import per case; what importing
     # them changes (sys.path, sys.modules, torch's thread count) is put back afterwards
-    import importlib.util
-
     import torch
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(sys, "path", [str(ROOT / "bench"), *sys.path])  # they import _common, bench_layers
     before = set(sys.modules)
-    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", ROOT / "bench" / script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = _load_bench_script(script)
         with pytest.raises(SystemExit) as exc:
             module.main(["--malloc", "default", *args])
     finally:
