@@ -29,7 +29,7 @@ Under ``torch.compile`` the same maths is written from primitives for inductor t
 forward already updated. On CPU (float32/float64, with running statistics) compiled graphs instead take one of
 two routes: without microbatches the step is written as ``x * scale + shift`` per channel with batchnorm's
 backward (weight ``gamma * r``) (:func:`_batch_renorm_inline`), which inductor fuses into one forward and one
-backward kernel, with the statistics, r and d in one ``torch.stack`` the partitioner saves rather than
+backward kernel, with the statistics, r and d in one (4, C) tensor the partitioner saves rather than
 recomputes, and which it fuses with the model's neighbouring ops (an activation, a residual add) as it does
 batchnorm; microbatches call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to
 the compiler. Under
@@ -726,8 +726,8 @@ def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per
 
 
 def _partitioner_may_recompute_stacks() -> bool:
-    """Whether AOTAutograd's partitioner is configured to recompute ops outside its allowlist (``torch.stack``
-    included): an activation memory budget below 1, ``aggressive_recomputation``, or the allowlist ban lifted.
+    """Whether AOTAutograd's partitioner is configured to recompute ops outside its allowlist (the
+    ``select_scatter`` of :func:`_packed_constants` included): an activation memory budget below 1, ``aggressive_recomputation``, or the allowlist ban lifted.
     A budget of 0 (recompute everything from the graph inputs) honours nothing and is refused."""
     cfg = torch._functorch.config
     budget = cfg.activation_memory_budget
@@ -771,11 +771,11 @@ def _batch_renorm_inline(
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
-    By default they pass, with the batch statistics, through one ``torch.stack`` that the backward reads; with
-    its default settings the partitioner recomputes neither a stack nor the statistics' reduction, so it saves
-    that stack. With ``must_save`` (set when its settings allow recomputing either, see
-    :func:`_partitioner_may_recompute_stacks`) r and d come out of a selective-checkpoint region whose policy is
-    ``MUST_SAVE``, which the partitioner honours at any budget above 0.
+    By default they reach it, with the batch mean and 1/sigma_B, in one (4, C) tensor built by ``select_scatter``
+    (:func:`_packed_constants`), an operator the partitioner's default settings never recompute, so it saves that
+    tensor (or rows of it). With ``must_save`` (set when its settings allow recomputing it, see
+    :func:`_partitioner_may_recompute_stacks`) the tensor comes out of a selective-checkpoint region whose policy
+    is ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
     x_dtype = x.dtype
     if x.element_size() < 4:
@@ -791,19 +791,20 @@ def _batch_renorm_inline(
         var_b, mean_b = torch.var_mean(xr, dim=(0, 2, 3, 4)[: xr.dim() - 1], correction=0)
         mean_b = mean_b.view(stat_shape)
         std_b = var_b.view(stat_shape).add(eps).sqrt()
+    # mean, 1/sigma_B, r, d: the backward's only per-channel input besides the weight, from the averages before the
+    # update below, saved rather than recomputed (see the docstring)
     if must_save:
         from torch.utils.checkpoint import checkpoint
 
-        rd = checkpoint(
-            _correction_stack, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
+        packed = checkpoint(
+            _packed_constants, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
             use_reentrant=False, context_fn=_must_save_context,
         )
+    else:
+        packed = _packed_constants(mean_b, std_b, running_mean, running_var, rmax, dmax, eps)
     with torch.no_grad():  # hyper-parameters or running statistics that require grad get none, as in eager mode
-        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
-        if must_save:
-            r, d = rd[0], rd[1]
-        # mean, 1/sigma_B, r, d in one stack: the backward's only per-channel input besides the weight
-        packed = torch.stack([mean_b, std_b.reciprocal(), r, d]).to(xs.dtype)
+        # the moving averages and the record (r and d again: the compiler computes them once)
+        _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
     if groups > 1:
         packed = packed.view(4, groups * c)
         if weight is not None:
@@ -824,13 +825,15 @@ _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 class _InlineRenorm(torch.autograd.Function):
     """y = x * scale + shift per channel, with ``packed`` = (mean, 1/sigma_B, r, d) constants; the backward is
     batchnorm's (``aten.native_batch_norm_backward`` with weight gamma * r), so a compiler fuses each pass into
-    one kernel and saves only the input, the weight and ``packed``."""
+    one kernel and saves only the input, the weight and ``packed``. The forward reads the rows of ``packed`` by
+    indexing and the backward by ``unbind``: the partitioner then saves ``packed`` itself, one tensor, rather than
+    the four rows of one shared ``unbind``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Tensor, eps: float
     ) -> Tensor:
-        mean, invstd, r, d = packed.unbind(0)
+        mean, invstd, r, d = packed[0], packed[1], packed[2], packed[3]
         w_eff = r if weight is None else weight.to(r.dtype) * r
         b_eff = d if weight is None else weight.to(d.dtype) * d
         if bias is not None:
@@ -855,12 +858,24 @@ class _InlineRenorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def _correction_stack(
+def _packed_constants(
     mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_var: Tensor, rmax: Number, dmax: Number, eps: float
 ) -> Tensor:
-    sd = mean_b.dtype
-    running_std = (running_var.to(sd) + eps).sqrt()
-    return torch.stack(renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax))
+    """(4, *mean_b.shape): the batch mean, 1/sigma_B, r and d (no autograd), for :class:`_InlineRenorm`.
+
+    Written into rows by ``select_scatter``, which inductor lowers to one elementwise write fused into the forward
+    kernel, and which AOTAutograd's partitioner does not recompute under its default settings (no scatter is in
+    its allowlist). ``torch.stack`` has the second property too, but on CPU inductor lays a concatenation out as
+    four views of one buffer that the compiled graph builds on every call, and the partitioner then saved those
+    views, four tensors instead of one: a few microseconds per layer and step (``bench/bench_model.py``)."""
+    with torch.no_grad():
+        sd = mean_b.dtype
+        running_std = (running_var.to(sd) + eps).sqrt()
+        r, d = renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax)
+        packed = mean_b.new_empty((4, *mean_b.shape))
+        for i, t in enumerate((mean_b, std_b.reciprocal(), r, d)):
+            packed = torch.select_scatter(packed, t, 0, i)
+        return packed
 
 
 def _must_save_context():  # type: ignore[no-untyped-def]

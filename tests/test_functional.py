@@ -333,6 +333,81 @@ def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case, clipping_layer
         assert ref.correction_stats()["r_clipped"] > 0
 
 
+def _aot_graphs(model, x):
+    """Forward and backward graphs (code) AOTAutograd hands inductor for ``model`` on ``x``, split by inductor's
+    partitioner and decompositions, after one training step with a gradient of ones."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    graphs: dict[str, str] = {}
+
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            graphs[kind] = gm.code
+            return make_boxed_func(gm.forward)
+
+        return compile_graph
+
+    backend = aot_autograd(
+        fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+        partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    torch._dynamo.reset()
+    return graphs["forward"], graphs["backward"]
+
+
+@pytest.mark.parametrize("case", ["nchw", "nc", "affine_false"])
+def test_compiled_backward_reads_r_and_d_as_saved(case, clipping_layer):
+    """The compiled backward never recomputes r and d (from buffers the forward has updated by then): it has no
+    clamp and no square root, and reads the batch statistics, r and d from one saved (4, C) tensor."""
+    from lightning_brn import BatchRenorm1d, BatchRenorm2d
+
+    shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
+    if case == "nc":
+        shape, cls = (16, 6), BatchRenorm1d
+    if case == "affine_false":
+        kw = {"affine": False}
+    layer = clipping_layer(cls, 6, seed=5, **kw)
+    layer.momentum = 1.0
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    forward, backward = _aot_graphs(torch.nn.Sequential(layer, torch.nn.ReLU()), x)
+    assert "clamp" not in backward and "sqrt" not in backward, backward
+    assert "clamp" in forward and "select_scatter" in forward, forward
+    assert "select" in backward, backward  # the rows of the saved (4, C) tensor
+
+
+def test_compiled_model_saves_fewer_tensors_than_batchnorm():
+    """Inside a compiled model, a renorm layer saves the input, the weight and one (4, C) tensor for the backward
+    (the batch mean, 1/sigma_B, r and d), where compiled batchnorm saves the input, the weight, the mean and
+    1/sigma_B: one tensor fewer per layer, and two vectors of C values more (r and d)."""
+
+    def saved(norm):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), norm(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), norm(8))
+        for m in model.modules():
+            if hasattr(m, "rmax"):
+                m.rmax, m.dmax = 2.0, 1.0
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        x = torch.randn(4, 8, 5, 5)
+        compiled(x).sum().backward()  # compiles
+        tensors: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: tensors.append(t) or t, lambda t: t):
+            y = compiled(x)
+        y.sum().backward()
+        torch._dynamo.reset()
+        return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+    from lightning_brn import BatchRenorm2d
+
+    (n_brn, bytes_brn), (n_bn, bytes_bn) = saved(BatchRenorm2d), saved(torch.nn.BatchNorm2d)
+    assert n_brn == n_bn - 2, (n_brn, n_bn)  # two layers, one tensor fewer each
+    assert bytes_brn - bytes_bn == 2 * 2 * 8 * 4, (bytes_brn, bytes_bn)  # two layers, r and d of 8 float32 each
+
+
 def test_compiled_cpu_graphs_take_the_inline_step_unless_microbatched():
     """Compiled CPU graphs without microbatches take the inline step at every size (it fuses with the model's
     neighbouring ops); microbatches take the C++ operators when built. ``_INLINE_MAX_NUMEL`` bounds the inline
