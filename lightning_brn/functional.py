@@ -29,7 +29,7 @@ Under ``torch.compile`` the same maths is written from primitives for inductor t
 forward already updated. On CPU (float32/float64, with running statistics) compiled graphs instead take one of
 two routes: without microbatches the step is written as ``x * scale + shift`` per channel with batchnorm's
 backward (weight ``gamma * r``) (:func:`_batch_renorm_inline`), which inductor fuses into one forward and one
-backward kernel, with the statistics, r and d in one (4, C) tensor the partitioner saves rather than
+backward kernel, with the statistics, r, d and gamma * r in one (5, C) tensor the partitioner saves rather than
 recomputes, and which it fuses with the model's neighbouring ops (an activation, a residual add) as it does
 batchnorm; microbatches call the C++ operators ``lightning_brn_cpu::renorm_fwd`` / ``renorm_bwd``, opaque to
 the compiler. Under
@@ -771,7 +771,8 @@ def _batch_renorm_inline(
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
-    By default they reach it, with the batch mean and 1/sigma_B, in one (4, C) tensor built by ``select_scatter``
+    By default they reach it, with the batch mean, 1/sigma_B and gamma * r, in one (5, C) tensor built by
+    ``select_scatter``
     (:func:`_packed_constants`), an operator the partitioner's default settings never recompute, so it saves that
     tensor (or rows of it). With ``must_save`` (set when its settings allow recomputing it, see
     :func:`_partitioner_may_recompute_stacks`) the tensor comes out of a selective-checkpoint region whose policy
@@ -791,22 +792,22 @@ def _batch_renorm_inline(
         var_b, mean_b = torch.var_mean(xr, dim=(0, 2, 3, 4)[: xr.dim() - 1], correction=0)
         mean_b = mean_b.view(stat_shape)
         std_b = var_b.view(stat_shape).add(eps).sqrt()
-    # mean, 1/sigma_B, r, d: the backward's only per-channel input besides the weight, from the averages before the
-    # update below, saved rather than recomputed (see the docstring)
+    # mean, 1/sigma_B, r, d, gamma * r: the backward's only per-channel input, from the averages before the update
+    # below, saved rather than recomputed (see the docstring)
     if must_save:
         from torch.utils.checkpoint import checkpoint
 
         packed = checkpoint(
-            _packed_constants, mean_b, std_b, running_mean, running_var, rmax, dmax, eps,
+            _packed_constants, mean_b, std_b, running_mean, running_var, weight, rmax, dmax, eps,
             use_reentrant=False, context_fn=_must_save_context,
         )
     else:
-        packed = _packed_constants(mean_b, std_b, running_mean, running_var, rmax, dmax, eps)
+        packed = _packed_constants(mean_b, std_b, running_mean, running_var, weight, rmax, dmax, eps)
     with torch.no_grad():  # hyper-parameters or running statistics that require grad get none, as in eager mode
         # the moving averages and the record (r and d again: the compiler computes them once)
         _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
     if groups > 1:
-        packed = packed.view(4, groups * c)
+        packed = packed.view(5, groups * c)
         if weight is not None:
             weight = weight.repeat(groups)
         if bias is not None:
@@ -823,57 +824,60 @@ _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 
 class _InlineRenorm(torch.autograd.Function):
-    """y = x * scale + shift per channel, with ``packed`` = (mean, 1/sigma_B, r, d) constants; the backward is
-    batchnorm's (``aten.native_batch_norm_backward`` with weight gamma * r), so a compiler fuses each pass into
-    one kernel and saves only the input, the weight and ``packed``. The forward reads the rows of ``packed`` by
+    """y = x * scale + shift per channel, with ``packed`` = (mean, 1/sigma_B, r, d, gamma * r) constants; the
+    backward is batchnorm's (``aten.native_batch_norm_backward`` with weight gamma * r), so a compiler fuses each
+    pass into one kernel and saves only the input and ``packed``. The forward reads the rows of ``packed`` by
     indexing and the backward by ``unbind``: the partitioner then saves ``packed`` itself, one tensor, rather than
-    the four rows of one shared ``unbind``."""
+    the rows of one shared ``unbind``. gamma * r has a row of its own so that the backward's elementwise loop
+    reads one per-channel weight, as batchnorm's does, rather than multiplying gamma by r for every value."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Tensor, eps: float
     ) -> Tensor:
-        mean, invstd, r, d = packed[0], packed[1], packed[2], packed[3]
-        w_eff = r if weight is None else weight.to(r.dtype) * r
+        mean, invstd, d, w_eff = packed[0], packed[1], packed[3], packed[4]
         b_eff = d if weight is None else weight.to(d.dtype) * d
         if bias is not None:
             b_eff = b_eff + bias.to(d.dtype)
         scale = w_eff * invstd
         cshape = (x.shape[1],) + (1,) * (x.dim() - 2)
-        ctx.save_for_backward(x, weight, packed)
+        ctx.save_for_backward(x, packed)
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.eps = eps
         ctx.has_bias = bias is not None
         return x * scale.view(cshape) + (b_eff - mean * scale).view(cshape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, packed = ctx.saved_tensors
-        mean, invstd, r, d = packed.unbind(0)
-        w_eff = r if weight is None else weight.to(r.dtype) * r
+        x, packed = ctx.saved_tensors
+        mean, invstd, r, d, w_eff = packed.unbind(0)
         grad_x, grad_w_eff, grad_b_eff = _native_batch_norm_backward(
             grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [True, True, True]
         )
-        grad_weight = None if weight is None else (grad_w_eff * r + grad_b_eff * d).to(weight.dtype)
+        grad_weight = None if ctx.weight_dtype is None else (grad_w_eff * r + grad_b_eff * d).to(ctx.weight_dtype)
         grad_bias = grad_b_eff if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias, None, None
 
 
 def _packed_constants(
-    mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_var: Tensor, rmax: Number, dmax: Number, eps: float
+    mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], rmax: Number,
+    dmax: Number, eps: float,
 ) -> Tensor:
-    """(4, *mean_b.shape): the batch mean, 1/sigma_B, r and d (no autograd), for :class:`_InlineRenorm`.
+    """(5, *mean_b.shape): the batch mean, 1/sigma_B, r, d and gamma * r (r without a weight), without autograd,
+    for :class:`_InlineRenorm`.
 
     Written into rows by ``select_scatter``, which inductor lowers to one elementwise write fused into the forward
     kernel, and which AOTAutograd's partitioner does not recompute under its default settings (no scatter is in
     its allowlist). ``torch.stack`` has the second property too, but on CPU inductor lays a concatenation out as
-    four views of one buffer that the compiled graph builds on every call, and the partitioner then saved those
-    views, four tensors instead of one: a few microseconds per layer and step (``bench/bench_model.py``)."""
+    views of one buffer that the compiled graph builds on every call, and the partitioner then saved those views,
+    several tensors instead of one: a few microseconds per layer and step (``bench/bench_model.py``)."""
     with torch.no_grad():
         sd = mean_b.dtype
         running_std = (running_var.to(sd) + eps).sqrt()
         r, d = renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax)
-        packed = mean_b.new_empty((4, *mean_b.shape))
-        for i, t in enumerate((mean_b, std_b.reciprocal(), r, d)):
+        w_eff = r if weight is None else weight.to(sd) * r
+        packed = mean_b.new_empty((5, *mean_b.shape))
+        for i, t in enumerate((mean_b, std_b.reciprocal(), r, d, w_eff)):
             packed = torch.select_scatter(packed, t, 0, i)
         return packed
 

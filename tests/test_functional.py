@@ -362,7 +362,7 @@ def _aot_graphs(model, x):
 @pytest.mark.parametrize("case", ["nchw", "nc", "affine_false"])
 def test_compiled_backward_reads_r_and_d_as_saved(case, clipping_layer):
     """The compiled backward never recomputes r and d (from buffers the forward has updated by then): it has no
-    clamp and no square root, and reads the batch statistics, r and d from one saved (4, C) tensor."""
+    clamp and no square root, and reads the batch statistics, r, d and gamma * r from one saved (5, C) tensor."""
     from lightning_brn import BatchRenorm1d, BatchRenorm2d
 
     shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
@@ -376,13 +376,13 @@ def test_compiled_backward_reads_r_and_d_as_saved(case, clipping_layer):
     forward, backward = _aot_graphs(torch.nn.Sequential(layer, torch.nn.ReLU()), x)
     assert "clamp" not in backward and "sqrt" not in backward, backward
     assert "clamp" in forward and "select_scatter" in forward, forward
-    assert "select" in backward, backward  # the rows of the saved (4, C) tensor
+    assert "select" in backward, backward  # the rows of the saved (5, C) tensor
 
 
 def test_compiled_model_saves_fewer_tensors_than_batchnorm():
-    """Inside a compiled model, a renorm layer saves the input, the weight and one (4, C) tensor for the backward
-    (the batch mean, 1/sigma_B, r and d), where compiled batchnorm saves the input, the weight, the mean and
-    1/sigma_B: one tensor fewer per layer, and two vectors of C values more (r and d)."""
+    """Inside a compiled model, a renorm layer saves the input and one (5, C) tensor for the backward (the batch
+    mean, 1/sigma_B, r, d and gamma * r), where compiled batchnorm saves the input, the weight, the mean and
+    1/sigma_B: two tensors fewer per layer, and two vectors of C values more."""
 
     def saved(norm):
         torch.manual_seed(0)
@@ -404,8 +404,8 @@ def test_compiled_model_saves_fewer_tensors_than_batchnorm():
     from lightning_brn import BatchRenorm2d
 
     (n_brn, bytes_brn), (n_bn, bytes_bn) = saved(BatchRenorm2d), saved(torch.nn.BatchNorm2d)
-    assert n_brn == n_bn - 2, (n_brn, n_bn)  # two layers, one tensor fewer each
-    assert bytes_brn - bytes_bn == 2 * 2 * 8 * 4, (bytes_brn, bytes_bn)  # two layers, r and d of 8 float32 each
+    assert n_brn == n_bn - 4, (n_brn, n_bn)  # two layers, two tensors fewer each
+    assert bytes_brn - bytes_bn == 2 * 2 * 8 * 4, (bytes_brn, bytes_bn)  # two layers, 5 vectors of 8 float32 against 3 each
 
 
 def test_compiled_cpu_graphs_take_the_inline_step_unless_microbatched():
