@@ -6,13 +6,16 @@ autograd, and for ``torch.compile`` the graph's wrappers and the calls it makes 
 kernel; renorm on CPU: the C++ forward and backward operators). The four variants run interleaved in a
 shuffled order, blocks of ``--inner`` steps, and the table shows medians in microseconds and the
 difference to batchnorm in the same mode. The last row repeats the measurement on a larger input for
-scale.
+scale. With ``--in-model L`` each variant is instead a model of L blocks (1x1 convolution, the norm layer, ReLU),
+compiled as one graph, and the brackets show the difference per layer: the fixed cost of one norm layer inside a
+compiled model, where the graph's wrappers are shared by all its layers.
 
 Usage::
 
     python bench/bench_overhead.py                   # CPU, one thread, CPU time
     python bench/bench_overhead.py --shape 4,512,7,7 # another input
     python bench/bench_overhead.py --cpp-route       # compiled renorm through the C++ operators
+    python bench/bench_overhead.py --in-model 16 --shape 4,32,2,2 --scale-shape 8,64,28,28  # inside a model
 """
 
 from __future__ import annotations
@@ -37,16 +40,28 @@ from _common import malloc_note, pin_malloc  # noqa: E402
 
 
 def _step(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
-    torch.autograd.grad(fn(x), [x, module.weight, module.bias], g)
+    torch.autograd.grad(fn(x), [x, *module.parameters()], g)
 
 
-def measure(shape: tuple[int, ...], reps: int, inner: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Median microseconds per step of eager/compiled batchnorm and renorm on an input of ``shape``."""
+def _model(norm: Callable[[int], nn.Module], c: int, layers: int) -> nn.Module:
+    """``layers`` blocks of 1x1 convolution, ``norm(c)`` and ReLU."""
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Conv2d(c, c, 1), norm(c), nn.ReLU()]
+    return nn.Sequential(*blocks)
+
+
+def measure(shape: tuple[int, ...], reps: int, inner: int, clock: Callable[[], float], layers: int = 0) -> dict[str, float]:
+    """Median microseconds per step of eager/compiled batchnorm and renorm on an input of ``shape``: one layer, or
+    with ``layers`` > 0 a model of that many blocks (:func:`_model`)."""
     torch.manual_seed(0)
     c = shape[1]
     x = torch.randn(shape).requires_grad_()
     g = torch.randn(shape)
-    bn, brn = nn.BatchNorm2d(c), BatchRenorm2d(c, rmax=3.0, dmax=5.0)
+    if layers:
+        bn, brn = _model(nn.BatchNorm2d, c, layers), _model(lambda n: BatchRenorm2d(n, rmax=3.0, dmax=5.0), c, layers)
+    else:
+        bn, brn = nn.BatchNorm2d(c), BatchRenorm2d(c, rmax=3.0, dmax=5.0)
     torch._dynamo.reset()
     variants = {
         "bn eager": (bn, bn),
@@ -79,6 +94,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: time.process_time (default)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument(
+        "--in-model", type=int, default=0, metavar="L",
+        help="time a model of L blocks (1x1 conv, norm, ReLU) instead of one layer; brackets: difference per layer",
+    )
+    p.add_argument(
         "--cpp-route", action="store_true",
         help="compiled renorm calls the C++ operators (default: the inline step, as compiled graphs without microbatches do)",
     )
@@ -87,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="pinned (default): re-run under glibc tunables that keep freed blocks for reuse (bench/_common.py)",
     )
     args = p.parse_args(argv)
+    if args.in_model < 0:
+        p.error(f"--in-model expects a number of blocks >= 0, got {args.in_model}")
     if argv is None:
         pin_malloc(args.malloc)
     if args.cpp_route:
@@ -101,9 +122,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         shape = tuple(int(v) for v in text.split(","))
         if len(shape) != 4:
             p.error(f"--shape/--scale-shape expect N,C,H,W, got {text!r}")
-        rows.append((shape, measure(shape, args.reps, args.inner, clock)))
-    print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
-    flag = " --cpp-route" if args.cpp_route else ""
+        rows.append((shape, measure(shape, args.reps, args.inner, clock, args.in_model)))
+    if args.in_model:
+        print(
+            f"## Per-step cost of a compiled model of {args.in_model} blocks (1x1 conv, norm, ReLU), forward + backward "
+            f"(median us; in brackets: (renorm - batchnorm) / {args.in_model}, per layer)\n"
+        )
+    else:
+        print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
+    flag = (" --cpp-route" if args.cpp_route else "") + (f" --in-model {args.in_model}" if args.in_model else "")
     print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}{flag}`")
     route = "the C++ operators" if args.cpp_route else "the inline step (x * scale + shift, batchnorm's backward)"
     print(f"- compiled renorm on CPU: {route}")
@@ -115,10 +142,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"- allocator: {malloc_note()}\n")
     print("| input | bn eager | brn eager | bn compiled | brn compiled |")
     print("|---|---|---|---|---|")
+    per = max(args.in_model, 1)
     for shape, t in rows:
         print(
-            f"| {shape} | {t['bn eager']:.1f} | {t['brn eager']:.1f} [{t['brn eager'] - t['bn eager']:+.1f}] "
-            f"| {t['bn compiled']:.1f} | {t['brn compiled']:.1f} [{t['brn compiled'] - t['bn compiled']:+.1f}] |"
+            f"| {shape} | {t['bn eager']:.1f} | {t['brn eager']:.1f} [{(t['brn eager'] - t['bn eager']) / per:+.1f}] "
+            f"| {t['bn compiled']:.1f} | {t['brn compiled']:.1f} [{(t['brn compiled'] - t['bn compiled']) / per:+.1f}] |"
         )
     return 0
 

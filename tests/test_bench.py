@@ -148,6 +148,19 @@ def test_bench_overhead_prints_both_inputs():
         assert re.fullmatch(r"\d+\.\d", cells[0]) and re.fullmatch(r"\d+\.\d \[[+-]\d+\.\d\]", cells[1]), ln
 
 
+def test_bench_overhead_in_a_model_reports_the_difference_per_layer():
+    stdout = _run("bench_overhead.py", "--reps", "2", "--inner", "1", "--in-model", "2", "--shape", "2,8,2,2",
+                  "--scale-shape", "2,8,3,3")
+    assert "compiled model of 2 blocks" in stdout and "--in-model 2`" in stdout, stdout
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in stdout.splitlines() if ln.startswith("| (")]
+    assert [r[0] for r in rows] == ["(2, 8, 2, 2)", "(2, 8, 3, 3)"]
+    for _, bn_eager, brn_eager, bn_comp, brn_comp in rows:
+        for bn, brn in ((bn_eager, brn_eager), (bn_comp, brn_comp)):
+            m = re.fullmatch(r"(\d+\.\d) \[([+-]\d+\.\d)\]", brn)
+            assert m, brn
+            assert float(m.group(2)) == pytest.approx((float(m.group(1)) - float(bn)) / 2, abs=0.11)
+
+
 def test_bench_model_times_a_converted_model_eager_and_compiled(tmp_path):
     out = tmp_path / "model.md"
     stdout = _run(
