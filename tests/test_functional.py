@@ -286,6 +286,19 @@ def _dynamo_code(model, x):
     return torch.compile(model, backend=backend, fullgraph=True)(x), "\n".join(codes)
 
 
+def _inline_case_layer(case, clipping_layer):
+    """Input shape and a clipping layer of 6 channels for a compiled-inline test case: (16, 6) features for "nc",
+    ``affine=False`` for "affine_false", (8, 6, 5, 5) images otherwise."""
+    from lightning_brn import BatchRenorm1d, BatchRenorm2d
+
+    shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
+    if case == "nc":
+        shape, cls = (16, 6), BatchRenorm1d
+    if case == "affine_false":
+        kw = {"affine": False}
+    return shape, clipping_layer(cls, 6, seed=5, **kw)
+
+
 @pytest.mark.parametrize(
     "case", ["nchw", "channels_last", "transposed", "nc", "affine_false", "momentum_one", "record"]
 )
@@ -296,15 +309,8 @@ def test_compiled_small_inputs_fuse_the_step_into_batchnorm(case, clipping_layer
     buffers would get r = 1, d = 0 and visibly wrong gradients; r and d are saved instead."""
     import copy
 
-    from lightning_brn import BatchRenorm1d, BatchRenorm2d
-
     g = torch.Generator().manual_seed(11)
-    shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
-    if case == "nc":
-        shape, cls = (16, 6), BatchRenorm1d
-    if case == "affine_false":
-        kw = {"affine": False}
-    layer = clipping_layer(cls, 6, seed=5, **kw)
+    shape, layer = _inline_case_layer(case, clipping_layer)
     if case == "momentum_one":
         layer.momentum = 1.0
     layer.track_correction = case == "record"
@@ -363,14 +369,7 @@ def _aot_graphs(model, x):
 def test_compiled_backward_reads_r_and_d_as_saved(case, clipping_layer):
     """The compiled backward never recomputes r and d (from buffers the forward has updated by then): it has no
     clamp and no square root, and reads the batch statistics, r, d and gamma * r from one saved (5, C) tensor."""
-    from lightning_brn import BatchRenorm1d, BatchRenorm2d
-
-    shape, cls, kw = ((8, 6, 5, 5), BatchRenorm2d, {})
-    if case == "nc":
-        shape, cls = (16, 6), BatchRenorm1d
-    if case == "affine_false":
-        kw = {"affine": False}
-    layer = clipping_layer(cls, 6, seed=5, **kw)
+    shape, layer = _inline_case_layer(case, clipping_layer)
     layer.momentum = 1.0
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     forward, backward = _aot_graphs(torch.nn.Sequential(layer, torch.nn.ReLU()), x)
