@@ -51,7 +51,9 @@ def _model(norm: Callable[[int], nn.Module], c: int, layers: int) -> nn.Module:
     return nn.Sequential(*blocks)
 
 
-def measure(shape: tuple[int, ...], reps: int, inner: int, clock: Callable[[], float], layers: int = 0) -> dict[str, float]:
+def measure(
+    shape: tuple[int, ...], reps: int, inner: int, clock: Callable[[], float], layers: int = 0
+) -> dict[str, float]:
     """Median microseconds per step of eager/compiled batchnorm and renorm on an input of ``shape``: one layer, or
     with ``layers`` > 0 a model of that many blocks (:func:`_model`)."""
     torch.manual_seed(0)
@@ -125,8 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows.append((shape, measure(shape, args.reps, args.inner, clock, args.in_model)))
     if args.in_model:
         print(
-            f"## Per-step cost of a compiled model of {args.in_model} blocks (1x1 conv, norm, ReLU), forward + backward "
-            f"(median us; in brackets: (renorm - batchnorm) / {args.in_model}, per layer)\n"
+            f"## Per-step cost of a compiled model of {args.in_model} blocks (1x1 conv, norm, ReLU), "
+            f"forward + backward (median us; in brackets: (renorm - batchnorm) / {args.in_model}, per layer)\n"
         )
     else:
         print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
@@ -144,9 +146,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("|---|---|---|---|---|")
     per = max(args.in_model, 1)
     for shape, t in rows:
+        eager, compiled = (t["brn eager"] - t["bn eager"]) / per, (t["brn compiled"] - t["bn compiled"]) / per
         print(
-            f"| {shape} | {t['bn eager']:.1f} | {t['brn eager']:.1f} [{(t['brn eager'] - t['bn eager']) / per:+.1f}] "
-            f"| {t['bn compiled']:.1f} | {t['brn compiled']:.1f} [{(t['brn compiled'] - t['bn compiled']) / per:+.1f}] |"
+            f"| {shape} | {t['bn eager']:.1f} | {t['brn eager']:.1f} [{eager:+.1f}] "
+            f"| {t['bn compiled']:.1f} | {t['brn compiled']:.1f} [{compiled:+.1f}] |"
         )
     return 0
 

@@ -727,8 +727,9 @@ def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per
 
 def _partitioner_may_recompute_stacks() -> bool:
     """Whether AOTAutograd's partitioner is configured to recompute ops outside its allowlist (the
-    ``select_scatter`` of :func:`_packed_constants` included): an activation memory budget below 1, ``aggressive_recomputation``, or the allowlist ban lifted.
-    A budget of 0 (recompute everything from the graph inputs) honours nothing and is refused."""
+    ``select_scatter`` of :func:`_packed_constants` included): an activation memory budget below 1,
+    ``aggressive_recomputation``, or the allowlist ban lifted. A budget of 0 (recompute everything from the graph
+    inputs) honours nothing and is refused."""
     cfg = torch._functorch.config
     budget = cfg.activation_memory_budget
     if budget <= 0:
@@ -772,11 +773,10 @@ def _batch_renorm_inline(
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
     By default they reach it, with the batch mean, 1/sigma_B and gamma * r, in one (5, C) tensor built by
-    ``select_scatter``
-    (:func:`_packed_constants`), an operator the partitioner's default settings never recompute, so it saves that
-    tensor (or rows of it). With ``must_save`` (set when its settings allow recomputing it, see
-    :func:`_partitioner_may_recompute_stacks`) the tensor comes out of a selective-checkpoint region whose policy
-    is ``MUST_SAVE``, which the partitioner honours at any budget above 0.
+    ``select_scatter`` (:func:`_packed_constants`), an operator the partitioner's default settings never
+    recompute, so it saves that tensor (or rows of it). With ``must_save`` (set when its settings allow
+    recomputing it, see :func:`_partitioner_may_recompute_stacks`) the tensor comes out of a selective-checkpoint
+    region whose policy is ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
     x_dtype = x.dtype
     if x.element_size() < 4:
@@ -870,7 +870,7 @@ def _packed_constants(
     kernel, and which AOTAutograd's partitioner does not recompute under its default settings (no scatter is in
     its allowlist). ``torch.stack`` has the second property too, but on CPU inductor lays a concatenation out as
     views of one buffer that the compiled graph builds on every call, and the partitioner then saved those views,
-    several tensors instead of one: a few microseconds per layer and step (``bench/bench_model.py``)."""
+    several tensors instead of one: a few microseconds per layer and step (``bench/bench_overhead.py``)."""
     with torch.no_grad():
         sd = mean_b.dtype
         running_std = (running_var.to(sd) + eps).sqrt()

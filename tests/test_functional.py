@@ -385,7 +385,9 @@ def test_compiled_model_saves_fewer_tensors_than_batchnorm():
 
     def saved(norm):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), norm(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), norm(8))
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(8, 8, 1), norm(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1), norm(8)
+        )
         for m in model.modules():
             if hasattr(m, "rmax"):
                 m.rmax, m.dmax = 2.0, 1.0
@@ -404,7 +406,8 @@ def test_compiled_model_saves_fewer_tensors_than_batchnorm():
 
     (n_brn, bytes_brn), (n_bn, bytes_bn) = saved(BatchRenorm2d), saved(torch.nn.BatchNorm2d)
     assert n_brn == n_bn - 4, (n_brn, n_bn)  # two layers, two tensors fewer each
-    assert bytes_brn - bytes_bn == 2 * 2 * 8 * 4, (bytes_brn, bytes_bn)  # two layers, 5 vectors of 8 float32 against 3 each
+    # two layers, 5 vectors of 8 float32 against 3 each
+    assert bytes_brn - bytes_bn == 2 * 2 * 8 * 4, (bytes_brn, bytes_bn)
 
 
 def test_compiled_cpu_graphs_take_the_inline_step_unless_microbatched():
