@@ -718,16 +718,16 @@ def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per
     Decided once, while the graph is traced, and baked in as a constant with no guard: the partitioner that splits
     this graph runs right after, under the settings read here, so a compiled graph stays consistent with them, and
     none of these reads (three of them calls into Python) is repeated on every call of the compiled graph."""
-    if has_running and _partitioner_may_recompute_stacks():
+    if has_running and _partitioner_may_recompute():
         return "must_save"
     if device_type == "cpu" and dtype in _CPP_DTYPES and has_running and per_channel_ok:
         return "cpp" if _ext.compiled_op_ready() else "cpu"
     return "generic"
 
 
-def _partitioner_may_recompute_stacks() -> bool:
+def _partitioner_may_recompute() -> bool:
     """Whether AOTAutograd's partitioner is configured to recompute ops outside its allowlist (the
-    ``select_scatter`` of :func:`_packed_constants` included): an activation memory budget below 1,
+    ``select_scatter`` of :func:`_pack_constants` included): an activation memory budget below 1,
     ``aggressive_recomputation``, or the allowlist ban lifted. A budget of 0 (recompute everything from the graph
     inputs) honours nothing and is refused."""
     cfg = torch._functorch.config
@@ -773,9 +773,9 @@ def _batch_renorm_inline(
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
     the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
     By default they reach it, with the batch mean, 1/sigma_B and gamma * r, in one (5, C) tensor built by
-    ``select_scatter`` (:func:`_packed_constants`), an operator the partitioner's default settings never
+    ``select_scatter`` (:func:`_pack_constants`), an operator the partitioner's default settings never
     recompute, so it saves that tensor (or rows of it). With ``must_save`` (set when its settings allow
-    recomputing it, see :func:`_partitioner_may_recompute_stacks`) the tensor comes out of a selective-checkpoint
+    recomputing it, see :func:`_partitioner_may_recompute`) the tensor comes out of a selective-checkpoint
     region whose policy is ``MUST_SAVE``, which the partitioner honours at any budget above 0.
     """
     x_dtype = x.dtype
@@ -801,11 +801,10 @@ def _batch_renorm_inline(
             _packed_constants, mean_b, std_b, running_mean, running_var, weight, rmax, dmax, eps,
             use_reentrant=False, context_fn=_must_save_context,
         )
-    else:
-        packed = _packed_constants(mean_b, std_b, running_mean, running_var, weight, rmax, dmax, eps)
     with torch.no_grad():  # hyper-parameters or running statistics that require grad get none, as in eager mode
-        # the moving averages and the record (r and d again: the compiler computes them once)
-        _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        if not must_save:
+            packed = _pack_constants(mean_b, std_b, r, d, weight)
     if groups > 1:
         packed = packed.view(5, groups * c)
         if weight is not None:
@@ -863,6 +862,16 @@ def _packed_constants(
     mean_b: Tensor, std_b: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], rmax: Number,
     dmax: Number, eps: float,
 ) -> Tensor:
+    """:func:`_pack_constants` with r and d computed here from the moving averages (no autograd): the body of the
+    ``MUST_SAVE`` region of :func:`_batch_renorm_inline`."""
+    with torch.no_grad():
+        sd = mean_b.dtype
+        running_std = (running_var.to(sd) + eps).sqrt()
+        r, d = renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax)
+        return _pack_constants(mean_b, std_b, r, d, weight)
+
+
+def _pack_constants(mean_b: Tensor, std_b: Tensor, r: Tensor, d: Tensor, weight: Optional[Tensor]) -> Tensor:
     """(5, *mean_b.shape): the batch mean, 1/sigma_B, r, d and gamma * r (r without a weight), without autograd,
     for :class:`_InlineRenorm`.
 
@@ -872,10 +881,7 @@ def _packed_constants(
     views of one buffer that the compiled graph builds on every call, and the partitioner then saved those views,
     several tensors instead of one: a few microseconds per layer and step (``bench/bench_overhead.py``)."""
     with torch.no_grad():
-        sd = mean_b.dtype
-        running_std = (running_var.to(sd) + eps).sqrt()
-        r, d = renorm_correction(mean_b, std_b, running_mean.to(sd), running_std, rmax, dmax)
-        w_eff = r if weight is None else weight.to(sd) * r
+        w_eff = r if weight is None else weight.to(r.dtype) * r
         packed = mean_b.new_empty((5, *mean_b.shape))
         for i, t in enumerate((mean_b, std_b.reciprocal(), r, d, w_eff)):
             packed = torch.select_scatter(packed, t, 0, i)

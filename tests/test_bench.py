@@ -198,6 +198,7 @@ def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
         ("bench_model.py", ["--batch", "0"], "--batch must be >= 1, got 0"),
         ("bench_model.py", ["--reps", "0"], "--reps must be >= 1, got 0"),
         ("bench_model.py", ["--microbatch-size", "3"], "--microbatch-size must be >= 1 and divide --batch 8, got 3"),
+        ("bench_overhead.py", ["--in-model", "-1"], "--in-model expects a number of blocks >= 0, got -1"),
         ("bench_kernels.py", ["--reps", "0"], "--reps must be >= 1, got 0"),
         ("bench_kernels.py", ["--sample-ms", "0"], "--sample-ms must be > 0, got 0.0"),
         ("bench_kernels.py", ["--shapes", "9"], "--shapes '9': expected comma-separated indices in 0-5"),
