@@ -102,12 +102,13 @@ def _register_functional_ops() -> None:
 
     @torch.library.register_fake(fwd)
     def _fwd_fake(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record):
-        # out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = new mean and var, record (5,)
+        # out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = new mean and var, record (6,): the clipping
+        # record and the number of channels whose averages were held (statistics not finite)
         return (
             torch.empty_like(x),
             x.new_empty((4, groups, x.shape[1])),
             running_mean.new_empty((2, running_mean.shape[0])),
-            x.new_empty((5,), dtype=torch.float64),
+            x.new_empty((6,), dtype=torch.float64),
         )
 
     @torch.library.register_fake(bwd)

@@ -22,6 +22,7 @@ def batch_renorm(
     microbatch_size: Optional[int],
     correction_stats: Optional[Tensor],
     num_batches_tracked: Optional[Tensor],
+    nonfinite_count: Optional[Tensor] = None,
 ) -> Tensor:
     """:func:`lightning_brn.functional.batch_renorm` with (rmax, dmax, momentum) read from a layer's ``_schedule``
     buffer each time the graph runs.
@@ -33,5 +34,5 @@ def batch_renorm(
     plain ``nn.Module``, which copies the buffer, and ``.half()`` rounds it to float16); trace again after that."""
     return functional.batch_renorm(
         input, running_mean, running_var, weight, bias, training, schedule[2:3], eps, schedule[0:1], schedule[1:2],
-        microbatch_size, correction_stats, num_batches_tracked,
+        microbatch_size, correction_stats, num_batches_tracked, nonfinite_count,
     )

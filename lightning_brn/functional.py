@@ -112,6 +112,7 @@ class _RenormBN(torch.autograd.Function):
         eps: float,
         groups: int,
         correction_stats: Optional[Tensor],
+        nonfinite_count: Optional[Tensor] = None,
     ) -> Tensor:
         # (N, C) features in microbatches: a few vectorized ops over the (G, k, C) view beat G calls of each
         # batchnorm kernel on rows this short. Other layouts call the kernels once per group.
@@ -128,7 +129,9 @@ class _RenormBN(torch.autograd.Function):
         if weight is not None and weight.dtype in (torch.float32, torch.float64):
             param_dtype = weight.dtype
         if running_mean is not None and running_var is not None:
-            r, d = _renorm_step(mean, std, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+            r, d = _renorm_step(
+                mean, std, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats, nonfinite_count
+            )
         else:
             r = torch.ones_like(mean)
             d = torch.zeros_like(mean)
@@ -212,7 +215,7 @@ class _RenormBN(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if grad_bias is not None and grad_bias.dtype != ctx.weight_dtype:
             grad_bias = grad_bias.to(ctx.weight_dtype)
-        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -287,6 +290,7 @@ def batch_renorm(
     microbatch_size: Optional[int] = None,
     correction_stats: Optional[Tensor] = None,
     num_batches_tracked: Optional[Tensor] = None,
+    nonfinite_count: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Batch Renormalization over the channel dimension (dim 1) of ``input``.
 
@@ -300,6 +304,10 @@ def batch_renorm(
     treated as constants by autograd; then :math:`\mu \leftarrow \mu + \alpha(\mu_B - \mu)` and
     :math:`\sigma \leftarrow \sigma + \alpha(\sigma_B - \sigma)`, stored in place as
     ``running_var = sigma**2 - eps``.
+
+    A channel whose batch statistics are not finite (an ``inf`` or ``nan`` in the batch, an overflow under
+    autocast) keeps its moving averages as they were: one bad batch cannot poison them, and so r, d and every
+    later step, for good. Pass ``nonfinite_count`` to count such batches.
 
     Inference (``training=False`` with running statistics) is exactly batchnorm's inference.
     Without running statistics (``None``), batch statistics are used in both modes and r = 1, d = 0:
@@ -324,6 +332,9 @@ def batch_renorm(
         num_batches_tracked: optional counter (batchnorm's ``num_batches_tracked``), incremented in place by one
             per call with ``training=True``, once the input has passed every check (a rejected input counts no
             batch); calls with ``training=False`` count nothing, with or without running statistics.
+        nonfinite_count: optional one-element int64 tensor, incremented in place by one per training call with
+            running statistics in which some channel's batch statistics were not finite (and its moving averages
+            were therefore held).
 
     Shape:
         - Input: (N, C, *); Output: same shape (and memory format) as the input. An empty input gives an
@@ -347,6 +358,19 @@ def batch_renorm(
     """
     if input.dim() < 2:
         raise ValueError(f"batch_renorm expects input of shape (N, C, *), got shape {tuple(input.shape)}")
+    if (running_mean is None) != (running_var is None):
+        given, missing = ("running_mean", "running_var") if running_var is None else ("running_var", "running_mean")
+        raise ValueError(
+            f"batch_renorm got {given} but {missing}=None: pass both running statistics (moving averages to "
+            "renormalize against and update) or neither (batch statistics, as batchnorm without running stats)"
+        )
+    num_features = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != num_features:
+            raise ValueError(
+                f"{name} should contain {num_features} elements (one per channel of the input of shape "
+                f"{tuple(input.shape)}) not {t.numel()}"
+            )
     if microbatch_size is not None and microbatch_size < 1:
         raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={microbatch_size}")
     if num_batches_tracked is not None and not (
@@ -359,7 +383,6 @@ def batch_renorm(
         )
     if not isinstance(eps, Tensor):
         check_eps(eps)
-    num_features = input.shape[1]
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -401,7 +424,8 @@ def batch_renorm(
 
     if _is_compiling():
         return _batch_renorm_composite(
-            input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats
+            input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
+            nonfinite_count,
         )
 
     if not use_running:
@@ -412,10 +436,12 @@ def batch_renorm(
         op = _ext.cpu_op()
         if op is not None:  # the same maths in one C++ operator (lightning_brn/csrc/renorm_cpu.cpp)
             return op(
-                input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats
+                input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats,
+                nonfinite_count,
             )
     return _RenormBN.apply(
-        input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats
+        input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats,
+        nonfinite_count,
     )
 
 
@@ -449,12 +475,14 @@ def _renorm_step(
     momentum: Number,
     eps: float,
     correction_stats: Optional[Tensor],
+    nonfinite_count: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     r"""r and d from the moving averages as they are, then the moving-average update, in place.
 
     ``mean_b`` and ``std_b`` (:math:`\sigma_B`, eps included) are (C,) or (G, C) for G microbatches; the moving
-    averages then move once towards the mean over groups. Hyper-parameters may be Python floats (eager: no
-    conversions) or one-element tensors (compiled graphs). Returns r and d in the statistics' dtype.
+    averages then move once towards the mean over groups. A channel whose statistics are not finite keeps its
+    averages (counted in ``nonfinite_count``). Hyper-parameters may be Python floats (eager: no conversions) or
+    one-element tensors (compiled graphs). Returns r and d in the statistics' dtype.
     """
     momentum = _as_scalar_tensor(momentum)
     sd = mean_b.dtype
@@ -482,6 +510,12 @@ def _renorm_step(
     alpha = momentum.to(sd) if isinstance(momentum, Tensor) else momentum
     if isinstance(alpha, float) and alpha == 0.0:
         return r, d  # the averages stay exactly as they are
+    # channels with non-finite statistics move towards the averages themselves: they stay exactly as they are
+    finite = torch.isfinite(mean_b) & torch.isfinite(std_b)
+    mean_b = torch.where(finite, mean_b, rm)
+    std_b = torch.where(finite, std_b, running_std)
+    if nonfinite_count is not None:
+        nonfinite_count.add_((~finite).any().to(nonfinite_count.dtype))
     # mu += alpha (mu_B - mu); sigma += alpha (sigma_B - sigma) =: sigma + delta, stored as
     # running_var = sigma^2 - eps, i.e. running_var += delta (2 sigma + delta): exact when delta = 0, and no
     # cancellation between sigma^2 and eps for channels whose variance is far below eps
@@ -501,7 +535,7 @@ def _as_tensor(value: Number) -> Tensor:
 
 
 @torch.library.custom_op(
-    "lightning_brn::renorm_update", mutates_args=("running_mean", "running_var", "correction_stats")
+    "lightning_brn::renorm_update", mutates_args=("running_mean", "running_var", "correction_stats", "nonfinite_count")
 )
 def _renorm_update_op(
     mean_b: Tensor,
@@ -513,6 +547,7 @@ def _renorm_update_op(
     momentum: Tensor,
     eps: float,
     correction_stats: Optional[Tensor],
+    nonfinite_count: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """r and d from the moving averages, then the moving-average update (and the optional record).
 
@@ -523,11 +558,14 @@ def _renorm_update_op(
     return _renorm_step(
         mean_b, std_b, running_mean, running_var,
         rmax.to(mean_b.device), dmax.to(mean_b.device), momentum.to(mean_b.device), eps, correction_stats,
+        nonfinite_count,
     )
 
 
 @_renorm_update_op.register_fake
-def _renorm_update_fake(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats):
+def _renorm_update_fake(
+    mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats, nonfinite_count=None
+):
     return torch.empty_like(mean_b), torch.empty_like(mean_b)
 
 
@@ -643,6 +681,7 @@ def _batch_renorm_composite(
     dmax: Number,
     groups: int,
     correction_stats: Optional[Tensor],
+    nonfinite_count: Optional[Tensor] = None,
 ) -> Tensor:
     """Algorithm 1 for compilers: statistics and the step as graph ops, then :class:`_RenormCompiled`.
 
@@ -669,7 +708,7 @@ def _batch_renorm_composite(
         assert running_mean is not None and running_var is not None
         return _batch_renorm_inline(
             x, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
-            route == "must_save",
+            route == "must_save", nonfinite_count,
         )
     if route == "cpp":  # microbatches (or an input above _INLINE_MAX_NUMEL), and the C++ operators are built
         assert running_mean is not None and running_var is not None
@@ -681,7 +720,9 @@ def _batch_renorm_composite(
             running_mean.copy_(running[0])
             running_var.copy_(running[1])
             if correction_stats is not None:
-                correction_stats.copy_(record)
+                correction_stats.copy_(record[:5])
+            if nonfinite_count is not None:
+                nonfinite_count.add_((record[5] > 0).to(nonfinite_count.dtype))
         return out
     mean_b, var_b = _composite_stats(x, groups)
     with torch.no_grad():
@@ -689,7 +730,7 @@ def _batch_renorm_composite(
         if running_mean is not None and running_var is not None:
             r, d = _renorm_update_op(
                 mean_b, std_b, running_mean, running_var,
-                _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum), eps, correction_stats,
+                _as_tensor(rmax), _as_tensor(dmax), _as_tensor(momentum), eps, correction_stats, nonfinite_count,
             )
         else:
             r = torch.ones_like(mean_b)
@@ -760,6 +801,7 @@ def _batch_renorm_inline(
     groups: int,
     correction_stats: Optional[Tensor],
     must_save: bool,
+    nonfinite_count: Optional[Tensor] = None,
 ) -> Tensor:
     """Algorithm 1 as batchnorm of the input with weight ``gamma * r`` and bias ``beta + gamma * d`` (r and d
     constants), written for compilers (running statistics given, input contiguous or channels-last;
@@ -802,7 +844,9 @@ def _batch_renorm_inline(
             use_reentrant=False, context_fn=_must_save_context,
         )
     with torch.no_grad():  # hyper-parameters or running statistics that require grad get none, as in eager mode
-        r, d = _renorm_step(mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats)
+        r, d = _renorm_step(
+            mean_b, std_b, running_mean, running_var, rmax, dmax, momentum, eps, correction_stats, nonfinite_count
+        )
         if not must_save:
             packed = _pack_constants(mean_b, std_b, r, d, weight)
     if groups > 1:

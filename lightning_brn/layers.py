@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -75,6 +76,10 @@ def _check_microbatch_size(value: Any) -> Optional[int]:
     if value < 1:
         raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={value}")
     return int(value)
+
+
+def _distributed_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _is_fx_symbolic_tracing() -> bool:
@@ -162,6 +167,9 @@ class _BatchRenorm(nn.Module):
         self.register_buffer(
             "_correction", torch.zeros(len(_CORRECTION_FIELDS), dtype=torch.float32, device=device), persistent=False
         )
+        # training batches whose statistics were not finite in some channel (those channels' averages were held)
+        self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self._nonfinite_reported = 0
         self.reset_parameters()
 
     @staticmethod
@@ -227,6 +235,52 @@ class _BatchRenorm(nn.Module):
         count = max(vals[4], 1.0)
         return {name: v / count for name, v in zip(_CORRECTION_FIELDS[:4], vals[:4])}
 
+    @property
+    def nonfinite_batches(self) -> int:
+        """Training batches so far whose statistics were not finite (``inf`` / ``nan``) in at least one channel.
+
+        Those channels' moving averages were left as they were, so one bad batch (an ``inf`` pixel, an overflow
+        under autocast) does not poison r, d and every later step. The first such batch is reported with a
+        :class:`RuntimeWarning` (at once on CPU; on other devices, or in compiled graphs, when the layer leaves
+        training mode, or by :class:`~lightning_brn.callbacks.BatchRenormScheduler`). Not part of the state dict.
+        """
+        nonfinite = self._buffers.get("_nonfinite")
+        return 0 if nonfinite is None or nonfinite.device.type == "meta" else int(nonfinite.item())
+
+    def report_nonfinite(self) -> int:
+        """Warn once if training batches with non-finite statistics were seen since the last report; their count.
+
+        Examples::
+
+            >>> import torch, warnings
+            >>> from lightning_brn import BatchRenorm1d
+            >>> m = BatchRenorm1d(2)
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     _ = m(torch.tensor([[1.0, float("inf")], [2.0, 0.0]]))
+            >>> m.nonfinite_batches, m.running_var[1].item(), len(caught)
+            (1, 1.0, 1)
+        """
+        count = self.nonfinite_batches
+        if count > self._nonfinite_reported:
+            if self._nonfinite_reported == 0:
+                warnings.warn(
+                    f"{type_before_parametrizations(self).__name__}({self.num_features}): {count} training batch(es) "
+                    "had non-finite statistics (inf or nan) in some channels; those channels' moving averages were "
+                    "left unchanged, so the model keeps training. Later ones are counted in "
+                    "`layer.nonfinite_batches` (and logged as brn/nonfinite_batches by BatchRenormScheduler); check "
+                    "the data, the learning rate or the loss scaling",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._nonfinite_reported = count
+        return count
+
+    def train(self, mode: bool = True) -> "_BatchRenorm":
+        if not mode and self.training:
+            self.report_nonfinite()  # devices and compiled graphs where the forward does not check each step
+        return super().train(mode)
+
     # ----------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -249,7 +303,11 @@ class _BatchRenorm(nn.Module):
             "_schedule": (self._buffers["_schedule"], self._schedule_dtype),
             "_correction": (self._buffers["_correction"], lambda device: torch.float32),
         }
+        was_meta = self._buffers["_nonfinite"] is not None and self._buffers["_nonfinite"].device.type == "meta"
         super()._apply(fn, recurse)
+        nonfinite = self._buffers["_nonfinite"]
+        if was_meta and nonfinite is not None and nonfinite.device.type != "meta":
+            nonfinite.zero_()  # to_empty from the meta device leaves the counter uninitialized
         for name, (original, want_dtype) in keep.items():
             converted = self._buffers[name]
             assert original is not None and converted is not None
@@ -280,6 +338,10 @@ class _BatchRenorm(nn.Module):
                 self._non_persistent_buffers_set.discard(name)
             device = None if old is None else old.device
             self.register_buffer("_schedule", self._schedule_tensor(device), persistent=False)
+        if "_nonfinite" not in buffers:  # a whole module pickled before the counter existed
+            device = buffers["_schedule"].device if buffers.get("_schedule") is not None else None
+            self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.__dict__.setdefault("_nonfinite_reported", 0)
 
     def _load_from_state_dict(
         self,
@@ -323,7 +385,23 @@ class _BatchRenorm(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
+    #: How the moving averages are shared across processes (:mod:`lightning_brn.distributed`): ``None`` decides at the
+    #: first training forward (shared over the default process group when it has several ranks), ``False`` keeps them
+    #: local, or a :class:`lightning_brn.distributed.RunningStatsSharing` set by ``share_running_stats``.
+    running_stats_sharing: Any = None
+
     def forward(self, input: Tensor) -> Tensor:
+        sharing = self.running_stats_sharing
+        if sharing is None and self.training and _distributed_initialized():
+            from lightning_brn.distributed import default_running_stats_sharing
+
+            sharing = self.running_stats_sharing = default_running_stats_sharing(self)
+        if sharing:  # one process pays for none of this
+            return sharing(self, input)
+        return self.renorm_forward(input)
+
+    def renorm_forward(self, input: Tensor) -> Tensor:
+        """The layer's own forward, without sharing its moving averages with other processes."""
         # compiling first: torch.compile then installs no guards on torch.fx's tracing state
         compiling = _is_compiling()
         tracing = not compiling and _is_fx_symbolic_tracing()
@@ -340,12 +418,13 @@ class _BatchRenorm(nn.Module):
         num_batches_tracked = self.num_batches_tracked if counted else None
         microbatch_size = self._microbatch_size if self.training else None  # microbatches split training batches
         correction = self._correction if (self.track_correction and self.training) else None
+        nonfinite = self._nonfinite if (self.training and self.track_running_stats) else None
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
         if tracing:  # the graph reads the schedule buffer when it runs (see lightning_brn._traced)
             return _traced_batch_renorm(
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self._schedule, self.eps,
-                microbatch_size, correction, num_batches_tracked,
+                microbatch_size, correction, num_batches_tracked, nonfinite,
             )
         if compiling:
             # tensors: slices of one graph input, so new values never trigger a recompilation
@@ -353,10 +432,14 @@ class _BatchRenorm(nn.Module):
             rmax, dmax, momentum = schedule[0:1], schedule[1:2], schedule[2:3]
         else:
             rmax, dmax, momentum = self._rmax_value, self._dmax_value, self._momentum_value
-        return batch_renorm(
+        out = batch_renorm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, rmax, dmax,
-            microbatch_size, correction, num_batches_tracked,
+            microbatch_size, correction, num_batches_tracked, nonfinite,
         )
+        if nonfinite is not None and not compiling and nonfinite.device.type == "cpu":
+            if self._nonfinite_reported == 0 and nonfinite.item():  # (a CPU read: no device sync)
+                self.report_nonfinite()
+        return out
 
     def _check_input(self, input: Tensor) -> None:
         self._check_input_dim(input)

@@ -623,3 +623,35 @@ def test_compiled_functional_beyond_five_dimensions_matches_eager():
                                atol=1e-10)
     torch.testing.assert_close(rv_a, rv_b, rtol=1e-12, atol=1e-12)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_a_single_running_statistic_is_refused(given):
+    stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    kwargs = {name: (stats[name] if name == given else None) for name in stats}
+    missing = "running_var" if given == "running_mean" else "running_mean"
+    with pytest.raises(ValueError, match=f"got {given} but {missing}=None"):
+        batch_renorm(torch.randn(4, 3), training=True, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_wrong_sized_per_channel_tensor_names_the_size(name, backend):
+    from lightning_brn import _ext
+
+    args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    args[name] = torch.ones(5)
+    with _ext.use_cpp(backend == "cpp"), pytest.raises(ValueError, match=f"{name} should contain 3 elements .* not 5"):
+        batch_renorm(torch.randn(4, 3, 2, 2), training=True, **args)
+
+
+def test_nonfinite_count_counts_batches_with_held_channels():
+    mean, var, count = torch.zeros(2), torch.ones(2), torch.zeros((), dtype=torch.long)
+    x = torch.randn(4, 2)
+    batch_renorm(x, mean, var, training=True, momentum=0.1, nonfinite_count=count)
+    assert count.item() == 0
+    x[0, 0] = float("-inf")
+    held = mean[0].clone()
+    batch_renorm(x, mean, var, training=True, momentum=0.1, nonfinite_count=count)
+    assert count.item() == 1 and mean[0] == held and torch.isfinite(var).all()

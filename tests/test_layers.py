@@ -679,3 +679,94 @@ def test_1d_microbatches_under_autocast_match_float32(dtype):
     y_ref.backward(g)
     torch.testing.assert_close(x.grad.float(), xr.grad, rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=5e-2, atol=5e-2)
+
+
+# --------------------------------------------------------------------------- non-finite batches
+def _train_with_one_bad_batch(model: nn.Module, forward=None, bad_step: int = 1, steps: int = 5) -> list[float]:
+    """SGD with the usual guard (no step on a non-finite loss); batch ``bad_step`` holds one ``inf`` pixel."""
+    forward = forward or model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for i in range(steps):
+        x = torch.randn(8, 3, 8, 8, generator=gen)
+        y = torch.randint(0, 2, (8,), generator=gen)
+        if i == bad_step:
+            x[0, 0, 0, 0] = float("inf")
+        loss = nn.functional.cross_entropy(forward(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        if torch.isfinite(loss):
+            loss.backward()
+            opt.step()
+    return losses
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+
+
+@pytest.mark.parametrize("rmax, dmax", [(1.0, 0.0), (3.0, 5.0)])
+@pytest.mark.parametrize("microbatch_size", [None, 4])
+def test_one_nonfinite_batch_does_not_break_training(rmax, dmax, microbatch_size):
+    from lightning_brn import convert_model
+
+    model = convert_model(_small_model(), rmax=rmax, dmax=dmax)
+    model[1].microbatch_size = microbatch_size
+    with pytest.warns(RuntimeWarning, match=r"BatchRenorm2d\(4\): 1 training batch\(es\) had non-finite statistics"):
+        losses = _train_with_one_bad_batch(model)
+    assert not torch.isfinite(torch.tensor(losses[1]))
+    assert all(torch.isfinite(torch.tensor(losses[i])) for i in (0, 2, 3, 4)), losses
+    layer = model[1]
+    assert layer.nonfinite_batches == 1
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    assert layer.num_batches_tracked.item() == 5  # the bad batch is still a batch, as in batchnorm
+    model.eval()
+    assert torch.isfinite(model(torch.randn(4, 3, 8, 8))).all()
+
+
+def test_nonfinite_channels_keep_their_averages_exactly_and_others_move():
+    layer = BatchRenorm1d(3, momentum=0.5)
+    x = torch.randn(6, 3)
+    x[2, 1] = float("nan")
+    before_mean, before_var = layer.running_mean.clone(), layer.running_var.clone()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        layer(x)
+    assert layer.running_mean[1] == before_mean[1] and layer.running_var[1] == before_var[1]  # held, bit for bit
+    assert (layer.running_mean[[0, 2]] != before_mean[[0, 2]]).all()
+    expected = BatchRenorm1d(3, momentum=0.5)
+    expected(x[:, [0, 2, 2]].contiguous())  # the finite channels, alone: the same update
+    torch.testing.assert_close(layer.running_mean[[0, 2]], expected.running_mean[[0, 1]])
+    torch.testing.assert_close(layer.running_var[[0, 2]], expected.running_var[[0, 1]])
+
+
+def test_nonfinite_warning_once_then_counted():
+    import warnings
+
+    layer = BatchRenorm2d(2)
+    bad = torch.randn(4, 2, 3, 3)
+    bad[0, 0, 0, 0] = float("inf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            layer(bad)
+        layer(torch.randn(4, 2, 3, 3))
+        layer.eval()
+    assert [type(w.message) for w in caught] == [RuntimeWarning]
+    assert layer.nonfinite_batches == 3 and layer.report_nonfinite() == 3
+    assert "nonfinite" not in "".join(layer.state_dict())  # batchnorm's state dict, unchanged
+
+
+def test_nonfinite_under_compile_is_held_and_reported_on_eval():
+    from lightning_brn import convert_model
+
+    model = convert_model(_small_model(), rmax=3.0, dmax=5.0)
+    compiled = torch.compile(model)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        losses = _train_with_one_bad_batch(model, forward=compiled)
+        model.eval()  # compiled graphs run no Python per step: reported when training ends
+    assert all(torch.isfinite(torch.tensor(losses[i])) for i in (0, 2, 3, 4)), losses
+    assert model[1].nonfinite_batches == 1 and torch.isfinite(model[1].running_var).all()

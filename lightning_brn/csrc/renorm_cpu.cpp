@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -644,13 +645,16 @@ struct Step {
     }
   }
 
-  // the moving averages of channel c towards mean_b, std_b (the batch's, or the means over groups)
-  void update_channel(T* running_mean, T* running_var, int64_t c, T mean_b, T std_b) const {
+  // the moving averages of channel c towards mean_b, std_b (the batch's, or the means over groups); a channel whose
+  // statistics are not finite keeps its averages (returns false), so one bad batch cannot poison them for good
+  bool update_channel(T* running_mean, T* running_var, int64_t c, T mean_b, T std_b) const {
+    if (!(std::isfinite(mean_b) && std::isfinite(std_b))) return false;
     running_mean[c] = lerp(rm[c], mean_b, alpha);
     // sigma += alpha (sigma_B - sigma) =: sigma + delta, stored as sigma^2 - eps: var += delta (2 sigma + delta)
     const T delta = (std_b - rs[c]) * alpha;
     const T v = running_var[c] + (delta + T(2) * rs[c]) * delta;
     running_var[c] = v < T(0) ? T(0) : v;
+    return true;
   }
 };
 
@@ -709,7 +713,7 @@ void input_grad_constants(T* __restrict__ sum_dyx, T* __restrict__ sum_dy, const
 // intermediate but the four saved vectors is written. Same arithmetic as the general path.
 template <typename T>
 void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& step, T* running_mean,
-                        T* running_var, T* mean, T* invstd, T* r, T* d) {
+                        T* running_var, T* mean, T* invstd, T* r, T* d, std::atomic<int64_t>& skipped) {
   const int64_t C = lay.C, G = lay.G, M = lay.per_group() * lay.L;
   const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
@@ -735,14 +739,16 @@ void fused_small_groups(const T* x, T* out, const Layout& lay, const Step<T>& st
       }
     }
     if (step.update) {
+      int64_t held = 0;
       for (int64_t c = 0; c < w; ++c) {
         if (G == 1) {
-          step.update_channel(running_mean, running_var, c0 + c, mean[c0 + c], std_b[c]);
+          held += !step.update_channel(running_mean, running_var, c0 + c, mean[c0 + c], std_b[c]);
         } else {
-          step.update_channel(running_mean, running_var, c0 + c, static_cast<T>(mean_sum[c] / G),
-                              static_cast<T>(std_sum[c] / G));
+          held += !step.update_channel(running_mean, running_var, c0 + c, static_cast<T>(mean_sum[c] / G),
+                                       static_cast<T>(std_sum[c] / G));
         }
       }
+      if (held) skipped += held;
     }
   });
 }
@@ -874,33 +880,35 @@ inline bool use_fused_planar(const Layout& lay) {
 // After the step of all G groups: the clipping record (added to acc, group by group, when not null), then the
 // moving averages' update towards the mean over the groups of the (G, C) batch means mp and sigmas sp.
 template <typename T>
-void finish_groups(const Step<T>& step, const T* mp, const T* sp, const T* rp, const T* dp, int64_t G, int64_t C,
-                   T* rmp, T* rvp, double* acc) {
+int64_t finish_groups(const Step<T>& step, const T* mp, const T* sp, const T* rp, const T* dp, int64_t G, int64_t C,
+                      T* rmp, T* rvp, double* acc) {
   if (acc) {
     for (int64_t o = 0; o < G * C; o += C) step.record(mp + o, sp + o, rp + o, dp + o, 0, C, acc);
   }
-  if (!step.update) return;
+  int64_t held = 0;
+  if (!step.update) return held;
   if (G == 1) {
-    for (int64_t c = 0; c < C; ++c) step.update_channel(rmp, rvp, c, mp[c], sp[c]);
-    return;
+    for (int64_t c = 0; c < C; ++c) held += !step.update_channel(rmp, rvp, c, mp[c], sp[c]);
+    return held;
   }
   std::vector<double> mean_sum(C, 0.0), std_sum(C, 0.0);
   for (int64_t g = 0; g < G; ++g) add_group_moments<T>(mp + g * C, sp + g * C, mean_sum.data(), std_sum.data(), C);
   for (int64_t c = 0; c < C; ++c)
-    step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+    held += !step.update_channel(rmp, rvp, c, static_cast<T>(mean_sum[c] / G), static_cast<T>(std_sum[c] / G));
+  return held;
 }
 
 // The step of all G groups from their (G, C) statistics: r, d, effective affine, inverse std and sigma_B
 // (into sp), the clipping record (added to acc when not null), then the moving averages' update towards the mean
 // over groups.
 template <typename T>
-void step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64_t C, T* rp, T* dp, T* wp, T* bp,
-                 T* ip, T* sp, T* rmp, T* rvp, double* acc) {
+int64_t step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64_t C, T* rp, T* dp, T* wp,
+                    T* bp, T* ip, T* sp, T* rmp, T* rvp, double* acc) {
   for (int64_t g = 0; g < G; ++g) {
     const int64_t o = g * C;
     step.row(mp + o, vp + o, 0, C, rp + o, dp + o, wp + o, bp + o, ip + o, sp + o);
   }
-  finish_groups<T>(step, mp, sp, rp, dp, G, C, rmp, rvp, acc);
+  return finish_groups<T>(step, mp, sp, rp, dp, G, C, rmp, rvp, acc);
 }
 
 // ---- autograd node ---------------------------------------------------------------------------------------
@@ -911,6 +919,7 @@ void step_groups(const Step<T>& step, const T* mp, const T* vp, int64_t G, int64
 // the layout the kernels used (a contiguous copy of non-dense input).
 struct Forward {
   at::Tensor x, out, saved;
+  int64_t held;  // channels whose moving averages were held (statistics not finite)
 };
 
 Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
@@ -925,6 +934,7 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
   const bool want_record = has_running && rec != nullptr;
   auto out = at::empty_like(x);
   double acc[4] = {0, 0, 0, 0};
+  std::atomic<int64_t> held{0};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_renorm_cpu_forward", [&] {
     using T = scalar_t;
     T* rmp = has_running ? static_cast<T*>(running_mean) : nullptr;
@@ -937,13 +947,13 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     T* rp = mp + 2 * G * C;
     T* dp = mp + 3 * G * C;
     if (lay.rows && M <= kRows && !want_record) {
-      fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp);
+      fused_small_groups<T>(xp, op, lay, step, rmp, rvp, mp, ip, rp, dp, held);
       return;
     }
     if (use_fused_planar(lay)) {
       std::vector<T> sp(G * C);  // sigma_B
       fused_planar<T>(xp, op, lay, step, mp, ip, rp, dp, sp.data());
-      finish_groups<T>(step, mp, sp.data(), rp, dp, G, C, rmp, rvp, want_record ? acc : nullptr);
+      held += finish_groups<T>(step, mp, sp.data(), rp, dp, G, C, rmp, rvp, want_record ? acc : nullptr);
       return;
     }
     // general: statistics of every group, the step, the update, then one elementwise pass
@@ -954,7 +964,7 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     T* sc = bp + G * C;
     T* sh = sc + G * C;
     group_stats<T>(xp, lay, mp, vp);
-    step_groups<T>(step, mp, vp, G, C, rp, dp, wp, bp, ip, sc, rmp, rvp, want_record ? acc : nullptr);  // sc: sigma_B
+    held += step_groups<T>(step, mp, vp, G, C, rp, dp, wp, bp, ip, sc, rmp, rvp, want_record ? acc : nullptr);  // sc: sigma_B
     // y = x * scale + shift with scale = w_eff * invstd and shift = b_eff - mean * scale
     affine_constants<T>(wp, bp, ip, mp, sc, sh, G * C);
     affine_pass<T>(xp, op, lay, sc, sh);
@@ -963,7 +973,7 @@ Forward forward_core(const at::Tensor& x_in, const std::optional<at::Tensor>& we
     std::copy(acc, acc + 4, rec);
     rec[4] = static_cast<double>(G * C);
   }
-  return {x, out, saved};
+  return {x, out, saved, held.load()};
 }
 
 // The training backward (batchnorm's with weight gamma r per group, r and d constants): grad_x, grad_weight,
@@ -1069,7 +1079,8 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
-                            double eps, int64_t groups, const std::optional<at::Tensor>& record) {
+                            double eps, int64_t groups, const std::optional<at::Tensor>& record,
+                            const std::optional<at::Tensor>& nonfinite) {
     const bool want_record = record.has_value() && record->defined();
     double rec[5] = {0, 0, 0, 0, 0};
     void* rm = data_or_null(running_mean);
@@ -1079,6 +1090,7 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
     if (want_record && rm && rv) {
       record->copy_(at::from_blob(rec, {5}, at::TensorOptions().dtype(at::kDouble)));
     }
+    if (f.held > 0 && nonfinite.has_value() && nonfinite->defined()) nonfinite->add_(1);  // one more batch held
     const bool has_weight = weight.has_value() && weight->defined();
     ctx->save_for_backward({f.x, f.saved, has_weight ? *weight : at::Tensor()});
     ctx->saved_data["groups"] = groups;
@@ -1107,7 +1119,7 @@ struct RenormTrain : public torch::autograd::Function<RenormTrain> {
     variable_list grads = once_differentiable({grad_x, grad_weight, grad_bias},
                                               {&grad_outputs[0], &saved[0], has_weight ? &saved[2] : &no_weight});
     return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -1120,10 +1132,16 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
   TORCH_CHECK(x.dim() >= 2 && x.numel() > 0 && groups >= 1 && x.size(0) % groups == 0,
               "lightning_brn_cpu: expected a non-empty (N, C, *) input whose batch size the number of groups divides, "
               "got shape ", x.sizes(), " and ", groups, " groups");
+  const char* names[] = {"weight", "bias", "running_mean", "running_var"};
+  int i = 0;
   for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
+    const char* name = names[i++];
     if (t->has_value() && (*t)->defined()) {
-      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->numel() == x.size(1),
-                  "lightning_brn_cpu: per-channel tensors must be contiguous (C,) of the input dtype");
+      TORCH_CHECK((*t)->numel() == x.size(1), "lightning_brn_cpu: ", name, " should contain ", x.size(1),
+                  " elements (one per channel of the input of shape ", x.sizes(), ") not ", (*t)->numel());
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous(), "lightning_brn_cpu: ", name,
+                  " must be a contiguous (C,) tensor of the input dtype ", x.scalar_type(), ", got ",
+                  (*t)->scalar_type(), (*t)->is_contiguous() ? "" : " (not contiguous)");
     }
   }
 }
@@ -1131,9 +1149,11 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight, 
 at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
                         const std::optional<at::Tensor>& running_var, double rmax, double dmax, double momentum,
-                        double eps, int64_t groups, const std::optional<at::Tensor>& record) {
+                        double eps, int64_t groups, const std::optional<at::Tensor>& record,
+                        const std::optional<at::Tensor>& nonfinite) {
   check_inputs(x, weight, bias, running_mean, running_var, groups);
-  return RenormTrain::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record);
+  return RenormTrain::apply(x, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, record,
+                            nonfinite);
 }
 
 // Functional twins for compiled graphs (torch.compile): no in-place update. The forward returns the updated
@@ -1149,7 +1169,8 @@ double scalar_value(const at::Tensor& t) {
   return t.item<double>();
 }
 
-// -> out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = updated running mean and var, record (5,) float64
+// -> out, saved (4, G, C) = mean, invstd, r, d, running (2, C) = updated running mean and var, record (6,) float64:
+// the clipping record (when asked for) and, always, the number of channels whose averages were held (not finite)
 Tensors4 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                     const at::Tensor& running_var, const at::Tensor& rmax, const at::Tensor& dmax,
@@ -1161,11 +1182,12 @@ Tensors4 renorm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight
   char* rp = static_cast<char*>(running.data_ptr());
   std::memcpy(rp, running_mean.const_data_ptr(), bytes);
   std::memcpy(rp + bytes, running_var.const_data_ptr(), bytes);
-  at::Tensor rec = at::empty({5}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor rec = at::empty({6}, at::TensorOptions().dtype(at::kDouble));
   double* rec_p = rec.data_ptr<double>();
-  std::fill(rec_p, rec_p + 5, 0.0);
+  std::fill(rec_p, rec_p + 6, 0.0);
   Forward f = forward_core(x, weight, bias, rp, rp + bytes, scalar_value(rmax), scalar_value(dmax),
                            scalar_value(momentum), eps, groups, record ? rec_p : nullptr);
+  rec_p[5] = static_cast<double>(f.held);
   return Tensors4{f.out, f.saved, running, rec};
 }
 
@@ -1266,7 +1288,8 @@ Tensors4 renorm_fwd_autograd(const at::Tensor& x, const std::optional<at::Tensor
 TORCH_LIBRARY(lightning_brn_cpu, m) {
   m.def(
       "renorm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "float rmax, float dmax, float momentum, float eps, int groups, Tensor(c!)? record) -> Tensor");
+      "float rmax, float dmax, float momentum, float eps, int groups, Tensor(c!)? record, Tensor(d!)? nonfinite=None) "
+      "-> Tensor");
   m.def(
       "renorm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor rmax, "
       "Tensor dmax, Tensor momentum, float eps, int groups, bool record) -> (Tensor, Tensor, Tensor, Tensor)");
