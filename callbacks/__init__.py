@@ -8,7 +8,17 @@ Examples::
     100
 """
 
-from lightning_brn.callbacks.batch_renorm_scheduler import BatchRenormScheduler
-from lightning_brn.callbacks.weight_averaging import EMAWeightAveraging
+from typing import Any
 
-__all__ = ["BatchRenormScheduler", "EMAWeightAveraging"]
+from lightning_brn.callbacks.batch_renorm_scheduler import BatchRenormScheduler
+from lightning_brn.callbacks.weight_averaging import ResumableEMAWeightAveraging
+
+__all__ = ["BatchRenormScheduler", "ResumableEMAWeightAveraging"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EMAWeightAveraging":  # renamed in 0.2: the module's __getattr__ warns
+        from lightning_brn.callbacks import weight_averaging
+
+        return weight_averaging.EMAWeightAveraging
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

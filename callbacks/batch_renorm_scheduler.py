@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_brn.layers import is_batch_renorm
+from lightning_brn.layers import is_batch_renorm, set_renorm_hyperparameters
 from lightning_brn.schedule import RenormSchedule, RenormValues
 
 __all__ = ["BatchRenormScheduler"]
@@ -30,6 +30,8 @@ __all__ = ["BatchRenormScheduler"]
 _CORRECTION_METRICS = ("r_clipped_frac", "d_clipped_frac", "mean_abs_r_minus_1", "mean_abs_d")
 
 ExcludeType = Optional[Union[str, Sequence[str], Callable[..., bool]]]
+#: A schedule, or a function that fits one to the run's optimizer steps (such as ``RenormSchedule.for_run``).
+ScheduleType = Optional[Union[RenormSchedule, Callable[[int], RenormSchedule]]]
 
 
 class _ConfigTypeError(MisconfigurationException, TypeError):
@@ -87,10 +89,19 @@ class BatchRenormScheduler(Callback):
     model one extra graph; the callback itself runs outside the compiled region. The callback owns
     ``track_correction`` during fit: it is off outside the logged steps and after training.
 
+    **Non-finite batches.** A training batch whose statistics are not finite (an ``inf`` in the data, an
+    overflow) leaves the moving averages of those channels as they were (see
+    :attr:`lightning_brn.BatchRenorm2d.nonfinite_batches`). The callback logs their running count over all layers
+    as ``brn/nonfinite_batches`` at the logged steps and warns with the total at the end of training (each layer
+    warns of its first one itself).
+
     Args:
         schedule: the schedule; ``None`` means ``RenormSchedule()``, the paper's 130k-step schedule
             (use :meth:`RenormSchedule.for_run` for shorter runs). Any object with RenormSchedule's
-            ``values(step)`` and ``to_dict()`` methods works. Default: ``None``.
+            ``values(step)`` and ``to_dict()`` methods works. A function ``total_steps -> schedule``, such as
+            ``RenormSchedule.for_run`` itself, is called at fit start with the run's optimizer steps
+            (``trainer.estimated_stepping_batches``, known once the data is set up), so epoch-based runs
+            (``max_epochs``) get the schedule fitted to their length. Default: ``None``.
         convert: convert the model's batchnorm layers in ``setup`` (stage ``"fit"``). Default: ``False``.
         log_every_n_steps: log every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``, ``0`` disables logging and recording. Default: ``None``.
@@ -117,7 +128,7 @@ class BatchRenormScheduler(Callback):
 
     def __init__(
         self,
-        schedule: Optional[RenormSchedule] = None,
+        schedule: ScheduleType = None,
         convert: bool = False,
         log_every_n_steps: Optional[int] = None,
         *,
@@ -128,10 +139,12 @@ class BatchRenormScheduler(Callback):
         if schedule is None:
             schedule = RenormSchedule()
         # Duck-typed (``values(step)`` and ``to_dict()``), so custom schedules with RenormSchedule's interface work too.
-        if not (callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))):
+        is_schedule = callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))
+        if not is_schedule and (not callable(schedule) or isinstance(schedule, type)):
             raise _ConfigTypeError(
-                f"`schedule` must be a lightning_brn.RenormSchedule (or have its `values(step)` and `to_dict()` methods) "
-                f"or None, got {schedule!r} of type {type(schedule).__name__}"
+                f"`schedule` must be a lightning_brn.RenormSchedule (or have its `values(step)` and `to_dict()` methods), "
+                f"a function total_steps -> RenormSchedule (such as RenormSchedule.for_run) or None, got {schedule!r} "
+                f"of type {type(schedule).__name__}"
             )
         if not isinstance(convert, bool):
             raise _ConfigTypeError(f"`convert` must be a bool, got convert={convert!r}")
@@ -148,7 +161,9 @@ class BatchRenormScheduler(Callback):
             )
         if not isinstance(verbose, bool):
             raise _ConfigTypeError(f"`verbose` must be a bool, got verbose={verbose!r}")
-        self._schedule = schedule
+        self._schedule: Optional[RenormSchedule] = schedule if is_schedule else None  # type: ignore[assignment]
+        self._fit_schedule: Optional[Callable[[int], RenormSchedule]] = None if is_schedule else schedule
+        self._saved_schedule: Optional[dict[str, Any]] = None  # from a checkpoint, compared once the schedule is fitted
         self._convert = convert
         self._log_every_n_steps = log_every_n_steps
         self._microbatch_size = microbatch_size
@@ -165,7 +180,12 @@ class BatchRenormScheduler(Callback):
     # ----------------------------------------------------------------- read-only views
     @property
     def schedule(self) -> RenormSchedule:
-        """The schedule this callback applies."""
+        """The schedule this callback applies (a schedule fitted to the run exists from fit start on)."""
+        if self._schedule is None:
+            raise RuntimeError(
+                "BatchRenormScheduler.schedule: the schedule is fitted to the run's length at fit start "
+                f"({self._fit_schedule!r} is called with trainer.estimated_stepping_batches), which has not come yet"
+            )
         return self._schedule
 
     @property
@@ -178,12 +198,17 @@ class BatchRenormScheduler(Callback):
     def state_dict(self) -> dict[str, Any]:
         # The values are a function of ``trainer.global_step``, which Lightning restores: the schedule
         # is saved only to warn when a run is resumed with a different one.
-        return {"schedule": self._schedule.to_dict()}
+        return {"schedule": None if self._schedule is None else self._schedule.to_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("schedule")
-        if saved is not None and saved != self._schedule.to_dict():
+        self._saved_schedule = state_dict.get("schedule")
+        if self._schedule is not None:  # (a schedule fitted to the run is compared once it exists, at fit start)
+            self._compare_saved_schedule()
+
+    def _compare_saved_schedule(self) -> None:
+        saved, self._saved_schedule = self._saved_schedule, None
+        if saved is not None and self._schedule is not None and saved != self._schedule.to_dict():
             rank_zero_warn(
                 f"BatchRenormScheduler: resuming with {self._schedule!r}, but the checkpoint was trained with "
                 f"RenormSchedule(**{saved!r}); the layers follow the new schedule from the restored step on."
@@ -192,12 +217,17 @@ class BatchRenormScheduler(Callback):
     # ----------------------------------------------------------------- setup: conversion
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":  # Trainer(sync_batchnorm=True) then synchronizes the renorm layers too (said once)
+            from lightning_brn.plugins import take_sync_batchnorm
+
+            take_sync_batchnorm(trainer)
         if stage != "fit" or not self._convert:
             return
         from lightning_brn.convert import convert_model
 
         before = sum(1 for m in pl_module.modules() if is_batch_renorm(m))
-        values = self._values(trainer.global_step)
+        # plain batchnorm until the schedule is applied at fit start (a schedule fitted to the run does not exist yet)
+        values = self._values(trainer.global_step) if self._schedule is not None else RenormValues(1.0, 0.0, 0.01)
         converted = convert_model(
             pl_module,
             rmax=values.rmax,
@@ -213,6 +243,15 @@ class BatchRenormScheduler(Callback):
             )
         counts = collections.Counter(type_before_parametrizations(m).__name__ for m in pl_module.modules() if is_batch_renorm(m))
         self._converted = {"converted": sum(counts.values()) - before}
+        # A weight-averaging callback listed before this one has already copied the unconverted model in its own
+        # setup: let it copy the converted one, so that the callbacks' order does not matter.
+        from lightning.pytorch.callbacks import WeightAveraging
+
+        for callback in trainer.callbacks:
+            if callback is self:
+                break
+            if isinstance(callback, WeightAveraging):
+                callback.setup(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------- fit start: find layers, set values
     @override
@@ -229,17 +268,37 @@ class BatchRenormScheduler(Callback):
             raise _ConfigValueError(
                 f"BatchRenormScheduler found no Batch Renorm layer in {type(pl_module).__name__}: {hint}."
             )
+        if self._schedule is None:
+            self._schedule = self._fitted_schedule(trainer)
+            self._compare_saved_schedule()
         self._applied = None
         self._set_tracking(False)
+        self._apply(trainer)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # On resume, ``global_step`` is restored only after ``on_fit_start``: the summary shows the restored step.
+        self._applied = None
         self._apply(trainer)
         if self._verbose and trainer.is_global_zero:
             self._print_summary(trainer)
 
-    @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # On resume, ``global_step`` is restored only after ``on_fit_start``.
-        self._applied = None
-        self._apply(trainer)
+    def _fitted_schedule(self, trainer: "pl.Trainer") -> RenormSchedule:
+        assert self._fit_schedule is not None
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise _ConfigValueError(
+                f"BatchRenormScheduler(schedule={self._fit_schedule!r}) fits the schedule to the run's length, but the "
+                "run has none (max_steps=-1 and max_epochs=-1): set Trainer(max_steps=...) or max_epochs, or pass a "
+                "RenormSchedule"
+            )
+        schedule = self._fit_schedule(max(int(total), 1))  # (a run of 0 steps trains nothing: any schedule will do)
+        if not (callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))):
+            raise _ConfigTypeError(
+                f"BatchRenormScheduler: schedule={self._fit_schedule!r} returned {schedule!r} of type "
+                f"{type(schedule).__name__} for {int(total)} steps; expected a lightning_brn.RenormSchedule"
+            )
+        return schedule
 
     # ----------------------------------------------------------------- every batch
     @override
@@ -251,7 +310,7 @@ class BatchRenormScheduler(Callback):
         record = self._should_log(trainer)
         if record:
             for m in self._layers:
-                m._correction.zero_()  # layers that do not run in training mode then report nothing
+                m.correction_record().zero_()  # layers that do not run in training mode then report nothing
         self._set_tracking(record)
 
     @override
@@ -283,6 +342,14 @@ class BatchRenormScheduler(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._set_tracking(False)
+        if not self._layers:
+            return
+        total = int(trainer.strategy.reduce(self._nonfinite_total(), reduce_op="sum").item())
+        if total > 0:
+            rank_zero_warn(
+                f"BatchRenormScheduler: {total} training batch(es) (summed over layers and processes) had non-finite "
+                "statistics in some channels; those channels' moving averages were left unchanged for those batches"
+            )
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -290,15 +357,18 @@ class BatchRenormScheduler(Callback):
 
     # ----------------------------------------------------------------- helpers
     def _values(self, step: int) -> RenormValues:
-        return RenormValues(*self._schedule.values(step))
+        return RenormValues(*self.schedule.values(step))
+
+    def _nonfinite_total(self) -> Tensor:
+        """Non-finite batches counted by every layer, summed on device (no sync)."""
+        counters = [m.nonfinite_counter() for m in self._layers]
+        return torch.stack([c.to(counters[0].device) for c in counters]).sum()
 
     def _apply(self, trainer: "pl.Trainer") -> RenormValues:
         values = self._values(trainer.global_step)
         if values != self._applied:  # write only when a value changes (constant during warm-up and after the ramps)
             for m in self._layers:
-                m.rmax = values.rmax
-                m.dmax = values.dmax
-                m.momentum = values.momentum
+                set_renorm_hyperparameters(m, *values)
             self._applied = values
         return values
 
@@ -320,21 +390,24 @@ class BatchRenormScheduler(Callback):
             self._recording = on
 
     def _correction_metrics(self, trainer: "pl.Trainer") -> dict[str, float]:
-        bufs: list[Tensor] = [m._correction for m in self._layers]
+        bufs: list[Tensor] = [m.correction_record() for m in self._layers]
         device = bufs[0].device
-        # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers and over processes (one
-        # all-reduce under DDP; none on one device), then read with one sync.
+        # [#r clipped, #d clipped, sum |r-1|, sum |d|, #channels] summed over layers and over processes, and the
+        # layers' non-finite batch counts (one all-reduce under DDP; none on one device), then read with one sync.
         # (in float32 whatever the buffers were cast to, e.g. float16 by FSDP's mixed precision: counts overflow it)
-        stacked = torch.stack([b.to(device=device, dtype=torch.float32) for b in bufs])
-        sums = trainer.strategy.reduce(stacked.sum(0), reduce_op="sum")
-        r_cl, d_cl, abs_r, abs_d, count = sums.tolist()
+        stacked = torch.stack([b.to(device=device, dtype=torch.float32) for b in bufs]).sum(0)
+        stacked = torch.cat([stacked, self._nonfinite_total().to(device=device, dtype=torch.float32).view(1)])
+        sums = trainer.strategy.reduce(stacked, reduce_op="sum")
+        r_cl, d_cl, abs_r, abs_d, count, nonfinite = sums.tolist()
+        metrics = {"brn/nonfinite_batches": nonfinite}  # (the layers warn of the first one themselves)
         if count <= 0:  # no layer ran in training mode with running statistics
-            return {}
-        return {f"brn/{name}": v / count for name, v in zip(_CORRECTION_METRICS, (r_cl, d_cl, abs_r, abs_d))}
+            return metrics
+        metrics.update({f"brn/{name}": v / count for name, v in zip(_CORRECTION_METRICS, (r_cl, d_cl, abs_r, abs_d))})
+        return metrics
 
     def _print_summary(self, trainer: "pl.Trainer") -> None:
         counts = collections.Counter(type_before_parametrizations(m).__name__ for m in self._layers)
-        s = self._schedule
+        s = self.schedule
         step = trainer.global_step
         values = self._values(step)
         layer_text = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))

@@ -22,7 +22,7 @@ from typing_extensions import override
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeightAveraging
 
-__all__ = ["EMAWeightAveraging"]
+__all__ = ["ResumableEMAWeightAveraging"]
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def _warmup_ema_multi_avg_fn(decay: float) -> Callable[[list[Tensor], list[Tenso
     return functools.partial(_warmup_ema_update, decay)  # (picklable, unlike a closure)
 
 
-class EMAWeightAveraging(_LightningEMAWeightAveraging):
+class ResumableEMAWeightAveraging(_LightningEMAWeightAveraging):
     r"""``lightning.pytorch.callbacks.EMAWeightAveraging``, with the training weights kept after training.
 
     Same arguments and behaviour (evaluation with an exponential moving average of the weights, and of
@@ -61,7 +61,9 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
       (``AveragedModel``'s ``n_averaged``, saved in checkpoints), which is the optimizer step when the
       average is updated at every step from the first, as by default.
 
-    The recipes of ``lightning-brn`` use this class with ``warmup: true``.
+    The recipes of ``lightning-brn`` use this class with ``warmup: true``. It has a name of its own so that
+    ``class_path: EMAWeightAveraging`` in a LightningCLI config still names Lightning's class alone (this class was
+    called ``EMAWeightAveraging`` before 0.2; that name still imports, with a deprecation warning).
 
     Args:
         device, use_buffers, update_every_n_steps, update_starting_at_step, update_starting_at_epoch:
@@ -72,8 +74,8 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
 
     Examples::
 
-        >>> from lightning_brn.callbacks import EMAWeightAveraging
-        >>> ema = EMAWeightAveraging(decay=0.999, use_buffers=True, warmup=True)
+        >>> from lightning_brn.callbacks import ResumableEMAWeightAveraging
+        >>> ema = ResumableEMAWeightAveraging(decay=0.999, use_buffers=True, warmup=True)
         >>> ema.should_update(step_idx=10)
         True
     """
@@ -135,7 +137,7 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
 
         for m in pl_module.modules():
             if is_batch_renorm(m):
-                m._write_schedule_buffer()
+                m.refresh_schedule_buffer()
 
     @override
     def on_save_checkpoint(
@@ -144,3 +146,17 @@ class EMAWeightAveraging(_LightningEMAWeightAveraging):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._training_state is not None and "current_model_state" in checkpoint:
             checkpoint["current_model_state"] = self._training_state
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EMAWeightAveraging":  # the name before 0.2, which shadowed Lightning's in LightningCLI configs
+        import warnings
+
+        warnings.warn(
+            "lightning_brn.callbacks.EMAWeightAveraging was renamed ResumableEMAWeightAveraging (the old name made "
+            "`class_path: EMAWeightAveraging` ambiguous with Lightning's class); import the new name",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return ResumableEMAWeightAveraging
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,14 @@ Examples::
 
 from lightning_brn.__about__ import __version__
 from lightning_brn import functional
-from lightning_brn.layers import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d, is_batch_renorm
+from lightning_brn.layers import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    BatchRenormAct2d,
+    is_batch_renorm,
+    set_renorm_hyperparameters,
+)
 from lightning_brn.convert import ConversionSummary, conversion_summary, convert_model, revert_model
 from lightning_brn.schedule import RenormSchedule, RenormValues
 
@@ -22,6 +29,7 @@ __all__ = [
     "BatchRenorm3d",
     "BatchRenormAct2d",
     "is_batch_renorm",
+    "set_renorm_hyperparameters",
     "convert_model",
     "revert_model",
     "conversion_summary",

@@ -139,6 +139,24 @@ def _make_exclude(exclude: ExcludeType) -> Callable[[str, nn.Module], bool]:
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _check_patterns_match(exclude: ExcludeType, model: nn.Module) -> None:
+    """A pattern of ``exclude`` that matches no module name is a typo or a pattern for another model: refused, so
+    that the layers it was meant to keep are not converted without a word."""
+    if exclude is None or callable(exclude):
+        return
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        batchnorms = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        raise ValueError(
+            f"convert_model: exclude pattern(s) {', '.join(map(repr, unmatched))} match no module of "
+            f"{type(model).__name__}; expected fnmatch patterns of qualified module names (the root is ''), such as "
+            f"{', '.join(repr(n) for n in batchnorms[:3]) or repr(names[-1])}"
+            + (" (its batchnorms)" if batchnorms else "")
+        )
+
+
 def _check_two_arguments(what: str, fn: Callable[..., Any], expected: str) -> None:
     """Refuses a callable that cannot be called as ``fn(name, module)`` (e.g. ``lambda m: ...``), before the walk."""
     try:
@@ -554,7 +572,10 @@ def convert_model(
         )
     elif isinstance(sync_batchnorm_dim, bool) or sync_batchnorm_dim not in (1, 2, 3):
         raise ValueError(f"sync_batchnorm_dim must be 1, 2 or 3, got sync_batchnorm_dim={sync_batchnorm_dim!r}")
+    if isinstance(exclude, Iterable) and not isinstance(exclude, (str, bytes, bytearray, Mapping, nn.Module, Tensor)):
+        exclude = tuple(exclude)  # read twice below (a generator would be empty the second time)
     is_excluded = _make_exclude(exclude)
+    _check_patterns_match(exclude, model)
 
     # First every check and every new layer (built from the originals, which stay as they are), then the swap: a
     # model that cannot be converted is left as it was.

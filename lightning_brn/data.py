@@ -75,7 +75,13 @@ class NonIIDBatchSampler(Sampler[list[int]]):
     the batch (``[a, a, b, b, ...]`` for ``K = 2``).
 
     The sampler is deterministic: the same ``(seed, epoch)`` gives the same batches, and
-    :meth:`set_epoch` (called by Lightning every epoch) moves to the next stream.
+    :meth:`set_epoch` moves to the next stream. Lightning calls ``set_epoch`` every epoch only on
+    ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``, never on a batch sampler
+    itself, so :attr:`sampler` is a handle whose ``set_epoch`` forwards here (without it every
+    epoch would repeat epoch 0's batches). ``start_batch``, when given, is called as iteration
+    starts and says how many of this epoch's batches were already consumed: those are drawn and
+    skipped, so a run resumed mid-epoch continues the epoch's stream where it stopped (the data
+    modules pass the Trainer's count of this epoch's batches).
 
     Args:
         labels: the class index of every example of the dataset.
@@ -87,6 +93,8 @@ class NonIIDBatchSampler(Sampler[list[int]]):
         num_batches: batches per epoch for each process. Default: ``len(labels) //
             (batch_size * num_replicas)`` (one pass over the data, as many images as an
             i.i.d. epoch).
+        start_batch: a function returning how many batches of the current epoch to skip,
+            called once each time iteration starts (resuming mid-epoch). Default: none (0).
 
     Examples::
 
@@ -107,6 +115,7 @@ class NonIIDBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         seed: int = 0,
         num_batches: Optional[int] = None,
+        start_batch: Optional[Callable[[], int]] = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -155,10 +164,16 @@ class NonIIDBatchSampler(Sampler[list[int]]):
                 f"batch of {batch_size * num_replicas}: lower the batch size or pass num_batches)"
             )
         self.num_batches = num_batches
+        self.start_batch = start_batch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's stream of batches (same ``(seed, epoch)`` -> same batches)."""
         self.epoch = int(epoch)
+
+    @property
+    def sampler(self) -> "_EpochHandle":
+        """What Lightning finds at ``dataloader.batch_sampler.sampler``: its ``set_epoch`` calls this sampler's."""
+        return _EpochHandle(self)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -198,8 +213,23 @@ class NonIIDBatchSampler(Sampler[list[int]]):
             ]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batches in self.global_batches():
-            yield batches[self.rank]
+        skip = int(self.start_batch()) if self.start_batch is not None else 0
+        for i, batches in enumerate(self.global_batches()):
+            if i >= skip:  # (batches before a mid-epoch resume are drawn, to keep the stream, and dropped)
+                yield batches[self.rank]
+
+
+class _EpochHandle:
+    """``NonIIDBatchSampler.sampler``: Lightning calls ``set_epoch`` on ``batch_sampler.sampler``, not on the
+    batch sampler; this forwards it (and is nothing else: it is not iterated)."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: NonIIDBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
 
 
 def _round_up(x: int, k: int) -> int:
@@ -315,11 +345,23 @@ class ClassificationDataModule(pl.LightningDataModule):
                 num_replicas=num_replicas,
                 rank=rank,
                 seed=self.seed,
+                start_batch=self._batches_done_this_epoch,
             )
         self._check_batch_fits(len(self.train_set), num_replicas)  # type: ignore[arg-type]
         return DistributedSampler(
             self.train_set, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, drop_last=True
         )
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch already consumed (non-zero when ``fit`` resumed mid-epoch).
+
+        Read by :class:`NonIIDBatchSampler` as its iteration starts, i.e. after Lightning has restored and reset
+        its loops: then the epoch loop's ``batch_progress.current.ready`` counts the batches the checkpointed run
+        had taken in this epoch (0 at the start of every epoch of an uninterrupted run)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _check_batch_fits(self, n: int, num_replicas: int) -> None:
         if n < self.batch_size * num_replicas:

@@ -75,6 +75,9 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return mean, invstd.reciprocal().square_()
     if x.dtype in _REDUCED_PRECISION:
         x = x.float()
+    if x.device.type == "meta":  # shapes only (e.g. Lightning's measure_flops): the kernel below has no meta version
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        return mean, var
     # batchnorm's own CPU statistics kernel; running stats None: nothing is updated.
     return torch.batch_norm_update_stats(x, None, None, 0.0)
 

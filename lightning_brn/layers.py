@@ -24,7 +24,9 @@ from lightning_brn.functional import _is_compiling, batch_renorm
 # torch.fx (and timm's fx feature extraction) records one call per layer instead of tracing into it.
 torch.fx.wrap("_traced_batch_renorm")
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm"]
+__all__ = [
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm", "set_renorm_hyperparameters",
+]
 
 # The schedule-controlled hyper-parameters live in one non-persistent float64 buffer ``_schedule`` =
 # (rmax, dmax, momentum): assigning a new value is an in-place write, so a compiled graph reads them from one
@@ -235,6 +237,20 @@ class _BatchRenorm(nn.Module):
         count = max(vals[4], 1.0)
         return {name: v / count for name, v in zip(_CORRECTION_FIELDS[:4], vals[:4])}
 
+    def correction_record(self) -> Tensor:
+        """The on-device record behind :meth:`correction_stats`, as sums: (r clipped, d clipped, sum |r - 1|,
+        sum |d|, count) over channels (and groups) of the last training step with ``track_correction = True``.
+
+        The buffer itself (float32, shape (5,)), so that a caller can sum it over layers and read it with one
+        device sync; zero it with ``correction_record().zero_()``.
+        """
+        return self._correction
+
+    def nonfinite_counter(self) -> Tensor:
+        """The on-device 0-d int64 counter behind :attr:`nonfinite_batches` (the buffer itself: sum it over layers
+        and read it with one device sync)."""
+        return self._nonfinite
+
     @property
     def nonfinite_batches(self) -> int:
         """Training batches so far whose statistics were not finite (``inf`` / ``nan``) in at least one channel.
@@ -276,6 +292,15 @@ class _BatchRenorm(nn.Module):
             self._nonfinite_reported = count
         return count
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on every submodule before compiling: say what works instead of failing on a
+        # type annotation deep inside (the training step runs custom operators that TorchScript cannot compile)
+        raise TypeError(
+            f"{type_before_parametrizations(self).__name__} cannot be compiled by torch.jit.script: call "
+            "lightning_brn.revert_model(model) first (plain batchnorm holding the learned moving averages, which "
+            "scripts, exports and fuses), or use torch.compile / torch.export for the renorm layers themselves"
+        )
+
     def train(self, mode: bool = True) -> "_BatchRenorm":
         if not mode and self.training:
             self.report_nonfinite()  # devices and compiled graphs where the forward does not check each step
@@ -316,12 +341,13 @@ class _BatchRenorm(nn.Module):
                 self._buffers[name] = original.to(device=converted.device, dtype=want)
         # The Python mirrors are the schedule's values: ``to_empty`` (e.g. after building on the meta device)
         # leaves the buffers uninitialized, and compiled graphs read the buffers.
-        self._write_schedule_buffer()
+        self.refresh_schedule_buffer()
         return self
 
-    def _write_schedule_buffer(self) -> None:
-        """Writes the Python mirrors (``rmax``, ``dmax``, ``momentum``) into the ``_schedule`` buffer, for code
-        that changed the buffer behind the properties (``to_empty``, an average of the buffers)."""
+    def refresh_schedule_buffer(self) -> None:
+        """Writes ``rmax``, ``dmax`` and ``momentum`` into the buffer compiled graphs read them from, for code that
+        changed the module's buffers wholesale (``to_empty``, an average of the buffers, ``load_state_dict`` of a
+        whole-module copy)."""
         schedule = self._buffers["_schedule"]
         if schedule is not None and schedule.device.type != "meta":
             with torch.no_grad():
@@ -623,3 +649,53 @@ class BatchRenormAct2d(BatchRenorm2d):
 def is_batch_renorm(module: nn.Module) -> bool:
     """``True`` for any Batch Renorm layer of this package (1d, 2d, 3d, Act2d)."""
     return isinstance(module, _BatchRenorm)
+
+
+def set_renorm_hyperparameters(model: nn.Module, rmax: float, dmax: float, momentum: float) -> int:
+    """Sets ``rmax``, ``dmax`` and ``momentum`` of every Batch Renorm layer of ``model``; returns how many were set.
+
+    The one place where these values are written (:meth:`lightning_brn.RenormSchedule.apply` and
+    :class:`~lightning_brn.callbacks.BatchRenormScheduler` call it). Also reaches the renorm calls that an fx graph
+    recorded (``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor``, timm's fx feature
+    extraction): such a graph holds plain modules in place of the layers, and reads the values from the schedule
+    buffer it took from them, which is written here. Values are checked before anything is written.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchvision.models.feature_extraction import create_feature_extractor
+        >>> from lightning_brn import BatchRenorm2d, set_renorm_hyperparameters
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchRenorm2d(4))
+        >>> extractor = create_feature_extractor(model, {"1": "out"})
+        >>> set_renorm_hyperparameters(extractor, rmax=2.0, dmax=1.0, momentum=0.1)
+        1
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    values = (_check_rmax(rmax), _check_dmax(dmax), _check_momentum(momentum))
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _BatchRenorm):
+            module.rmax, module.dmax, module.momentum = values
+            count += 1
+        elif isinstance(module, torch.fx.GraphModule):
+            for buffer in _traced_schedule_buffers(module):
+                with torch.no_grad():
+                    buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+                count += 1
+    return count
+
+
+def _traced_schedule_buffers(graph_module: torch.fx.GraphModule) -> list[Tensor]:
+    """The schedule buffers read by the renorm calls an fx graph recorded (one per call, shared ones once)."""
+    found: dict[int, Tensor] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target is not _traced_batch_renorm:
+            continue
+        schedule = node.args[6] if len(node.args) > 6 else node.kwargs.get("schedule")
+        if isinstance(schedule, torch.fx.Node) and schedule.op == "get_attr":
+            owner, _, name = str(schedule.target).rpartition(".")
+            tensor = getattr(graph_module.get_submodule(owner) if owner else graph_module, name)
+            if isinstance(tensor, Tensor):
+                found.setdefault(id(tensor), tensor)
+    return list(found.values())

@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -131,8 +132,8 @@ class TimmClassifier(pl.LightningModule):
     checkpoints all see the renorm layers), and :meth:`configure_callbacks` adds a
     :class:`lightning_brn.callbacks.BatchRenormScheduler` driving rmax, dmax and the
     moving-average rate from ``renorm_schedule``. When ``renorm_schedule`` is ``None`` the
-    paper's schedule is fitted to the run (:meth:`RenormSchedule.for_run` of
-    ``trainer.max_steps``). With ``normalization="bn"`` the timm model keeps its batchnorm,
+    paper's schedule is fitted to the run (:meth:`RenormSchedule.for_run` of the run's optimizer
+    steps, ``trainer.estimated_stepping_batches``: ``max_steps`` or ``max_epochs``, whichever ends it). With ``normalization="bn"`` the timm model keeps its batchnorm,
     unless ``microbatch_size`` is set: batchnorm over microbatches (paper section 4.2) is
     run as renorm layers held at ``rmax=1, dmax=0`` (exactly batchnorm per group).
 
@@ -151,7 +152,9 @@ class TimmClassifier(pl.LightningModule):
         lr_scheduler: a callable ``optimizer -> LRScheduler``; ``None``: constant learning rate.
         lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
         weight_decay_norm_and_bias: if ``False`` (default) 1-D parameters (norm weights,
-            biases) get no weight decay, as in the TensorFlow Inception code.
+            biases) and the parameters the timm model names in its ``no_weight_decay()`` (position
+            embeddings, class tokens, ...) get no weight decay, as in the TensorFlow Inception code and
+            ``timm.optim.create_optimizer_v2``.
         log_renorm_every_n_steps: forwarded to ``BatchRenormScheduler(log_every_n_steps=...)``
             (``None``: the Trainer's ``log_every_n_steps``).
         model_kwargs: extra keyword arguments of :func:`timm.create_model` (e.g. ``drop_rate``).
@@ -240,26 +243,34 @@ class TimmClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------- schedule and callbacks
     def resolved_renorm_schedule(self) -> RenormSchedule:
-        """The schedule the callback applies: ``renorm_schedule`` or the paper's fitted to ``trainer.max_steps``.
+        """The schedule the callback applies: ``renorm_schedule``, or the paper's fitted to the run's optimizer
+        steps (``trainer.estimated_stepping_batches``, which sets the data up if needed).
 
         For ``normalization="bn"`` with microbatches: rmax=1, dmax=0 throughout, with the
         same moving-average rate.
         """
-        schedule = self.renorm_schedule
-        if schedule is None:
-            trainer = self._trainer
-            total = trainer.max_steps if trainer is not None else -1
-            if total is None or total < 1:
-                try:
-                    total = int(trainer.estimated_stepping_batches) if trainer is not None else -1
-                except Exception:  # noqa: BLE001 - data not ready
-                    total = -1
-            if total < 1 or total == float("inf"):
-                raise ValueError(
-                    "renorm_schedule is None, so the paper's schedule is fitted to the run length, which is unknown: "
-                    "set --trainer.max_steps or give --model.renorm_schedule explicitly"
-                )
-            schedule = RenormSchedule.for_run(int(total))
+        if self.renorm_schedule is not None:
+            return self.renorm_schedule_for_run(1)
+        trainer = self._trainer
+        total = trainer.estimated_stepping_batches if trainer is not None else float("inf")
+        if total == float("inf"):
+            raise ValueError(
+                "renorm_schedule is None, so the paper's schedule is fitted to the run length, which is unknown "
+                "(no Trainer, or max_steps=-1 and max_epochs=-1): set --trainer.max_steps or --trainer.max_epochs, "
+                "or give --model.renorm_schedule explicitly"
+            )
+        return self.renorm_schedule_for_run(max(int(total), 1))
+
+    def renorm_schedule_for_run(self, total_steps: int) -> RenormSchedule:
+        """The schedule for a run of ``total_steps`` optimizer steps: ``renorm_schedule`` when given, else
+        :meth:`RenormSchedule.for_run` (``total_steps``); held at rmax=1, dmax=0 for ``normalization="bn"``.
+
+        Examples::
+
+            >>> TimmClassifier("test_resnet", num_classes=10, in_chans=1).renorm_schedule_for_run(2_600).rmax_steps
+            800
+        """
+        schedule = self.renorm_schedule if self.renorm_schedule is not None else RenormSchedule.for_run(total_steps)
         if self.normalization == "bn":
             schedule = RenormSchedule(
                 warmup_steps=0, rmax=1.0, rmax_steps=0, dmax=0.0, dmax_steps=0, momentum=schedule.momentum
@@ -279,11 +290,9 @@ class TimmClassifier(pl.LightningModule):
             return []
         from lightning_brn.callbacks import BatchRenormScheduler
 
-        return [
-            BatchRenormScheduler(
-                schedule=self.resolved_renorm_schedule(), convert=False, log_every_n_steps=self.log_renorm_every_n_steps
-            )
-        ]
+        # a schedule to fit is fitted at fit start, once the data (and so the length of an epoch-based run) is known
+        schedule = self.renorm_schedule_for_run if self.renorm_schedule is None else self.resolved_renorm_schedule()
+        return [BatchRenormScheduler(schedule=schedule, convert=False, log_every_n_steps=self.log_renorm_every_n_steps)]
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -331,12 +340,25 @@ class TimmClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimization
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """All parameters, with 1-D ones (norm weights, biases) in a no-weight-decay group unless asked."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """All trainable parameters, with 1-D ones (norm weights, biases) and those the timm model names in its
+        ``no_weight_decay()`` in a no-weight-decay group, as ``timm.optim.create_optimizer_v2`` groups them
+        (everything in one group with ``weight_decay_norm_and_bias=True``)."""
         if self.weight_decay_norm_and_bias:
-            return [{"params": params}]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        skip: set[str] = set()
+        no_weight_decay = getattr(self.model, "no_weight_decay", None)
+        if callable(no_weight_decay):
+            skip = {str(name) for name in no_weight_decay()}  # names (or fnmatch patterns) within the timm model
+        model_params = {id(p): name for name, p in self.model.named_parameters()}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            name = model_params.get(id(p))
+            named_skip = name is not None and (
+                name.endswith(".bias") or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+            )
+            (no_decay if p.ndim <= 1 or named_skip else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple, Optional
 from torch import nn
 
 from lightning_brn._checks import check_dmax, check_momentum, check_rmax
-from lightning_brn.layers import is_batch_renorm
+from lightning_brn.layers import set_renorm_hyperparameters
 
 __all__ = ["RenormSchedule", "RenormValues"]
 
@@ -32,6 +32,8 @@ _PAPER_WARMUP_STEPS = 5_000
 _PAPER_RMAX_STEPS = 40_000
 _PAPER_DMAX_STEPS = 25_000
 _PAPER_MOMENTUM = 0.01
+# The paper's last point: a reference run must contain it, else for_run puts the ramps beyond the run it fits
+_MIN_REFERENCE_STEPS = max(_PAPER_WARMUP_STEPS, _PAPER_RMAX_STEPS, _PAPER_DMAX_STEPS)
 # The momentum rule of :meth:`RenormSchedule.momentum_for_run` (measured in bench/momentum_study.py):
 # the averaging horizon 1 / alpha is the paper's fraction of the run (100 of 130k steps), with alpha
 # no smaller than the paper's 0.01 and no larger than torch's batchnorm default 0.1.
@@ -52,6 +54,18 @@ def _check_int(name: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
     return int(value)
+
+
+def _check_reference_steps(value: Any) -> int:
+    steps = _check_int("reference_steps", value, minimum=1)
+    if steps < _MIN_REFERENCE_STEPS:
+        raise ValueError(
+            f"reference_steps must be >= {_MIN_REFERENCE_STEPS} (the length of the run the paper's points belong to: "
+            f"warm-up to {_PAPER_WARMUP_STEPS}, dmax at {_PAPER_DMAX_STEPS}, rmax at {_PAPER_RMAX_STEPS} steps; a "
+            f"shorter one puts the ramps beyond the run being fitted), got reference_steps={steps}; to shape the ramps "
+            "yourself, build RenormSchedule(warmup_steps=..., rmax_steps=..., dmax_steps=...)"
+        )
+    return steps
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -172,7 +186,8 @@ class RenormSchedule:
 
         Args:
             total_steps: optimizer steps of the run, >= 1.
-            reference_steps: length of the run whose horizon (1 / 0.01 = 100 steps) is scaled. Default: 130000.
+            reference_steps: length of the run whose horizon (1 / 0.01 = 100 steps) is scaled, >= 40000 (the
+                paper's points must lie within it). Default: 130000.
 
         Examples::
 
@@ -181,7 +196,7 @@ class RenormSchedule:
             [0.1, 0.05, 0.01, 0.01]
         """
         total_steps = _check_int("total_steps", total_steps, minimum=1)
-        reference_steps = _check_int("reference_steps", reference_steps, minimum=1)
+        reference_steps = _check_reference_steps(reference_steps)
         alpha = _PAPER_MOMENTUM * reference_steps / total_steps
         return float(min(max(alpha, _PAPER_MOMENTUM), _RULE_MAX_MOMENTUM))
 
@@ -205,7 +220,8 @@ class RenormSchedule:
         Args:
             total_steps: optimizer steps of the run (for Lightning: ``trainer.estimated_stepping_batches``,
                 times the number of optimizers stepped per batch under manual optimization), >= 1.
-            reference_steps: length of the run the paper's points belong to. Default: 130000.
+            reference_steps: length of the run the paper's points belong to, >= 40000 (the last point, rmax at
+                40,000 steps, must lie within it, or the ramps would end after the run). Default: 130000.
             rmax: final clip of r. Default: 3.0.
             dmax: final clip of d. Default: 5.0.
             momentum: moving-average rate; ``None`` chooses it with :meth:`momentum_for_run`. Default: ``None``.
@@ -221,7 +237,7 @@ class RenormSchedule:
             0.01
         """
         total_steps = _check_int("total_steps", total_steps, minimum=1)
-        reference_steps = _check_int("reference_steps", reference_steps, minimum=1)
+        reference_steps = _check_reference_steps(reference_steps)
         scale = total_steps / reference_steps
         if momentum is None:
             momentum = cls.momentum_for_run(total_steps, reference_steps)
@@ -306,7 +322,8 @@ class RenormSchedule:
 
         Call it before the forward pass of each optimizer step (with gradient accumulation, pass
         the optimizer step, not the batch index). Layers other than Batch Renorm are left alone; a
-        model without any is left unchanged.
+        model without any is left unchanged. fx graphs of converted models (feature extractors) are
+        reached too (see :func:`lightning_brn.layers.set_renorm_hyperparameters`).
 
         Args:
             model: any module; its Batch Renorm layers (see :func:`lightning_brn.is_batch_renorm`) are set.
@@ -328,7 +345,7 @@ class RenormSchedule:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         values = self.values(step)
-        _set_renorm_values(model.modules(), values)
+        set_renorm_hyperparameters(model, *values)
         return values
 
     # ----------------------------------------------------------------- plumbing
@@ -356,14 +373,3 @@ class RenormSchedule:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"{type(self).__name__}({args})"
 
-
-def _set_renorm_values(modules: Any, values: RenormValues) -> int:
-    """Sets ``rmax``, ``dmax``, ``momentum`` on every Batch Renorm layer among ``modules``; returns how many."""
-    count = 0
-    for m in modules:
-        if is_batch_renorm(m):
-            m.rmax = values.rmax
-            m.dmax = values.dmax
-            m.momentum = values.momentum
-            count += 1
-    return count

@@ -836,3 +836,12 @@ def test_exclude_predicate_is_called_once_per_module() -> None:
     model = _model()
     convert_model(model, exclude=predicate)
     assert sorted(seen) == sorted(n for n, _ in _model().named_modules())
+
+
+def test_exclude_pattern_matching_no_module_is_refused_before_any_change():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) 'head\.\*' match no module of Sequential; .*'1', '2\.0'"):
+        convert_model(model, exclude=["2.*", "head.*"])
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2][0], nn.BatchNorm2d)
+    out = convert_model(model, exclude=(p for p in ["2.*"]))  # a generator is read once, and works
+    assert isinstance(out[1], BatchRenorm2d) and isinstance(out[2][0], nn.BatchNorm2d)

@@ -770,3 +770,31 @@ def test_nonfinite_under_compile_is_held_and_reported_on_eval():
         model.eval()  # compiled graphs run no Python per step: reported when training ends
     assert all(torch.isfinite(torch.tensor(losses[i])) for i in (0, 2, 3, 4)), losses
     assert model[1].nonfinite_batches == 1 and torch.isfinite(model[1].running_var).all()
+
+
+# --------------------------------------------------------------------------- scripting and shape-only tracing
+def test_torch_jit_script_says_to_revert_first():
+    from lightning_brn import convert_model, revert_model
+
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    for target in (model[1], model):
+        with pytest.raises(TypeError, match=r"BatchRenorm2d cannot be compiled by torch.jit.script: call .*revert_model"):
+            torch.jit.script(target)
+    scripted = torch.jit.script(revert_model(model).eval())  # the advice works
+    assert scripted(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_meta_device_training_forward_and_measure_flops(microbatch_size):
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from lightning_brn import convert_model
+
+    with torch.device("meta"):
+        bn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+        brn = convert_model(copy.deepcopy(bn), rmax=3.0, dmax=5.0, microbatch_size=microbatch_size)
+        x = torch.randn(4, 3, 16, 16)
+    y = brn.train()(x)
+    assert y.device.type == "meta" and y.shape == (4, 4, 14, 14)
+    flops = [measure_flops(m.train(), lambda m=m: m(x), lambda y: y.sum()) for m in (bn, brn)]
+    assert flops[0] == flops[1] > 0

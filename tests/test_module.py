@@ -157,3 +157,14 @@ def test_training_step_logs_and_backprops() -> None:
     assert loss.ndim == 0 and m.model.fc.weight.grad is not None
     m.eval()
     assert m.predict_step((x, y), 0).sum(-1).allclose(torch.ones(4))
+
+
+def test_parameter_groups_honour_timms_no_weight_decay():
+    module = TimmClassifier("vit_tiny_patch16_224", num_classes=10, normalization="bn")
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"model.cls_token", "model.pos_embed"} <= skipped  # 3-D, named by the model's no_weight_decay()
+    assert no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(".weight") for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in module.parameters() if p.requires_grad)

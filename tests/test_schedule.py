@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lightning_brn
-from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenormAct2d, RenormSchedule
+from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenormAct2d, RenormSchedule, is_batch_renorm
 from lightning_brn.schedule import RenormValues
 
 
@@ -222,3 +222,37 @@ schedule:
     assert s == RenormSchedule(warmup_steps=10, rmax_steps=40, dmax_steps=30, shape="cosine")
     with pytest.raises(Exception, match="shape"):
         parser.parse_string(yaml.replace("cosine", "exponential"))
+
+
+# --------------------------------------------------------------------------- reference run and fx graphs
+@pytest.mark.parametrize("fn", ["for_run", "momentum_for_run"])
+def test_reference_steps_shorter_than_the_papers_points_are_refused(fn):
+    with pytest.raises(ValueError, match=r"reference_steps must be >= 40000 .* got reference_steps=1000"):
+        getattr(RenormSchedule, fn)(1_000_000, reference_steps=1000)
+    s = RenormSchedule.for_run(1_000_000, reference_steps=40_000)
+    assert s.rmax_steps == 1_000_000 and s.warmup_steps <= s.dmax_steps <= s.rmax_steps
+
+
+def test_apply_reaches_the_layers_of_an_fx_feature_extractor():
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from lightning_brn import convert_model
+
+    torch.manual_seed(0)
+    fe = create_feature_extractor(convert_model(torchvision.models.resnet18()), {"layer2": "c3"})
+    assert not any(is_batch_renorm(m) for m in fe.modules())  # fx's plain copies of the layers
+    schedule = RenormSchedule(warmup_steps=0, rmax=2.0, rmax_steps=10, dmax=3.0, dmax_steps=10, momentum=0.2)
+    assert schedule.apply(fe, 10) == (2.0, 3.0, 0.2)
+    buffers = [b for name, b in fe.named_buffers() if name.endswith("_schedule")]
+    assert len(buffers) == 1 + 2 * 2 + 2 * 2 + 1  # bn1, layer1's four, layer2's four and its downsample
+    assert all(b.tolist() == [2.0, 3.0, 0.2] for b in buffers)
+    # and the graph uses them: the first layer's moving mean moves at rate 0.2
+    fe.train()
+    bn1_mean = dict(fe.named_buffers())["bn1.running_mean"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        batch_mean = fe.conv1(x).mean((0, 2, 3))
+    expected = bn1_mean.lerp(batch_mean, 0.2)
+    fe(x)
+    torch.testing.assert_close(bn1_mean, expected)

@@ -622,3 +622,74 @@ def test_one_time_summary_rich_and_plain(tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [BatchRenormScheduler(SMALL)], max_steps=1).fit(TinyModule())
     assert "Batch Renorm: renorm layers: 2" in caplog.text
+
+
+# --------------------------------------------------------------------------- fitted to the run, order, non-finite
+@pytest.mark.parametrize("length", [dict(max_epochs=2, max_steps=-1), dict(max_steps=5)], ids=["epochs", "steps"])
+def test_schedule_fitted_to_the_run_length_lightning_knows(tmp_path, length):
+    cb = BatchRenormScheduler(RenormSchedule.for_run, verbose=False)
+    with pytest.raises(RuntimeError, match="fitted to the run's length at fit start"):
+        cb.schedule
+    model = TinyModule(n=32)  # 8 batches an epoch
+    t = trainer(tmp_path, [cb], **length)
+    t.fit(model)
+    total = 16 if "max_epochs" in length else 5
+    assert t.global_step == total
+    assert cb.schedule == RenormSchedule.for_run(total)
+    assert cb.state_dict() == {"schedule": RenormSchedule.for_run(total).to_dict()}
+
+
+def test_fitted_schedule_with_zero_steps_and_without_a_length(tmp_path):
+    cb = BatchRenormScheduler(RenormSchedule.for_run, verbose=False)
+    trainer(tmp_path, [cb], max_steps=0).fit(TinyModule())  # nothing to train: no error
+    with pytest.raises(MisconfigurationException, match="run has none .max_steps=-1 and max_epochs=-1"):
+        trainer(tmp_path, [BatchRenormScheduler(RenormSchedule.for_run)], max_steps=-1, max_epochs=-1).fit(TinyModule())
+
+
+@pytest.mark.parametrize("ema_first", [True, False], ids=["ema-first", "scheduler-first"])
+@pytest.mark.parametrize("ema_source", ["lightning", "lightning_brn"])
+def test_convert_works_in_either_callback_order_with_weight_averaging(tmp_path, ema_first, ema_source):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_brn.callbacks import ResumableEMAWeightAveraging
+
+    ema_class = EMAWeightAveraging if ema_source == "lightning" else ResumableEMAWeightAveraging
+    ema = ema_class(decay=0.5, use_buffers=True)
+    scheduler = BatchRenormScheduler(SMALL, convert=True, verbose=False)
+    model = TinyModule(norm="bn")  # two batchnorms of different widths
+    trainer(tmp_path, [ema, scheduler] if ema_first else [scheduler, ema], max_steps=3).fit(model)
+    assert len(renorm_layers(model)) == 2
+    # the average was taken of the converted model, and copied back into it at the end of training
+    assert all(torch.isfinite(m.running_var).all() for m in renorm_layers(model))
+    assert ema.should_update(step_idx=3)
+
+
+def test_resume_summary_shows_the_restored_step(tmp_path, caplog):
+    import logging
+
+    model = TinyModule(n=24)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer(tmp_path, [BatchRenormScheduler(SMALL, verbose=False), ckpt], max_steps=4, enable_checkpointing=True).fit(model)
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [BatchRenormScheduler(SMALL)], max_steps=6).fit(TinyModule(n=24), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert "now: step 4:" in caplog.text and "now: step 0" not in caplog.text
+
+
+class OneBadBatch(TinyModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        if self.global_step == 1:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("inf")
+        loss = nn.functional.cross_entropy(self(x), y)
+        return loss if torch.isfinite(loss) else None  # Lightning skips the optimizer step
+
+
+def test_nonfinite_batches_are_logged_and_summed_at_the_end(tmp_path):
+    model = OneBadBatch()
+    cb = BatchRenormScheduler(SMALL, log_every_n_steps=1, verbose=False)
+    t = trainer(tmp_path, [cb], max_steps=4)
+    with pytest.warns(UserWarning, match=r"BatchRenormScheduler: 2 training batch\(es\) .* non-finite"):
+        t.fit(model)
+    assert t.callback_metrics["brn/nonfinite_batches"].item() == 2  # both layers saw it
+    assert all(torch.isfinite(m.running_mean).all() and m.nonfinite_batches == 1 for m in renorm_layers(model))

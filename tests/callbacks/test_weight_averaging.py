@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
 
 from lightning_brn import BatchRenorm1d
-from lightning_brn.callbacks import EMAWeightAveraging
+from lightning_brn.callbacks import ResumableEMAWeightAveraging as EMAWeightAveraging
 
 
 class Net(pl.LightningModule):
@@ -160,3 +160,19 @@ def test_pickles_with_warmup() -> None:
 
     ema = pickle.loads(pickle.dumps(EMAWeightAveraging(decay=0.9, warmup=True)))
     assert ema.warmup and ema.decay == 0.9
+
+
+def test_own_name_keeps_lightnings_short_class_path_unambiguous():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    from lightning.pytorch.callbacks import Callback
+
+    import lightning_brn.callbacks  # noqa: F401 - registers our subclasses, as the CLI does
+
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--cb", type=Callback)
+    cfg = parser.parse_args(["--cb", '{"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}}'])
+    cb = parser.instantiate_classes(cfg).cb
+    assert type(cb) is LightningEMA
+    with pytest.warns(FutureWarning, match="renamed ResumableEMAWeightAveraging"):
+        from lightning_brn.callbacks import EMAWeightAveraging as old_name
+    assert old_name is EMAWeightAveraging  # (this file imports the new name under the old one)

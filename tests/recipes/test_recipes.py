@@ -39,7 +39,7 @@ def test_recipe_header_and_settings(name: str) -> None:
     opt = model["optimizer"]["init_args"]
     assert (opt["lr"], opt["alpha"], opt["eps"]) == (0.045, 0.9, 1.0)
     ema = [c for c in trainer["callbacks"] if c["class_path"].endswith("EMAWeightAveraging")]
-    assert ema and ema[0]["class_path"] == "lightning_brn.callbacks.EMAWeightAveraging"
+    assert ema and ema[0]["class_path"] == "lightning_brn.callbacks.ResumableEMAWeightAveraging"
     assert ema[0]["init_args"]["use_buffers"] is True and ema[0]["init_args"]["warmup"] is True  # (TF)
     if name.startswith("imagenet"):
         assert "targets" in text.splitlines()[0]

@@ -1,0 +1,611 @@
+r"""Batch Renorm on many processes: moving averages shared by every rank, and a synchronized Batch Renorm.
+
+The paper trained on 50 synchronized workers whose moving averages every worker's batch updated, while each worker
+normalized its own minibatch (so r and d were per worker). Two modes follow from that:
+
+==========================  ===================================  ==================================  ======================
+mode                        statistics that normalize            moving averages (mu, sigma)         all-reduces per layer
+==========================  ===================================  ==================================  ======================
+shared averages (default)   each rank's own batch (or its        move towards the mean over ranks    one of 2C + 1 floats
+                            microbatch groups); r, d per rank    (and groups) of mu_B and sigma_B     per training forward,
+                                                                                                      async (overlaps the
+                                                                                                      backward)
+:class:`SyncBatchRenorm`    the whole process group's batch      as in one process over that batch;  forward: 2C + 1,
+                            (count, shifted sum and sum of       over a subgroup, shared with the    backward: 2C (sync);
+                            squares all-reduced); r, d shared    other subgroups as above            +1 async with
+                                                                                                      subgroups
+local (``enabled=False``)   each rank's own batch                per rank (they diverge)             none
+==========================  ===================================  ==================================  ======================
+
+**Shared averages** need no code: a Batch Renorm layer's first training forward in a process whose default process
+group (``torch.distributed``) has several ranks attaches a :class:`RunningStatsSharing` to it (the layer's
+``running_stats_sharing``). Each training forward then computes this rank's update of the averages as usual, and
+launches one asynchronous all-reduce of the update, weighted by the number of normalized groups (1, or the
+microbatch groups); the result is written into the buffers before the layer's next forward, before its state dict is
+read or loaded, and after every ``optimizer.step()``, so the averages are identical on every rank after every step,
+and a rank-0 checkpoint holds what all ranks saw. The update is affine in (mu_B, sigma_B): averaging each rank's
+update, from the same starting averages, is the update with the mean over ranks, exactly as one process normalizing
+the ranks' batches as microbatches (``microbatch_size`` = per-rank batch). Under ``no_sync`` (gradient
+accumulation) every forward still moves the averages, as in one process, and every forward is shared: one
+all-reduce per layer and training forward, not per optimizer step. Eval forwards issue none.
+:func:`share_running_stats` chooses another process group (say, the data-parallel dimension of a device mesh), and
+keeps the renorm buffers out of ``DistributedDataParallel``'s rank-0 broadcast (call it before wrapping the model).
+Under ``torch.compile`` the all-reduce is a functional collective in the graph, waited for in the same graph.
+
+Every rank must run every layer's training forward the same number of times, as with ``SyncBatchNorm``: each is a
+collective.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_brn._checks import check_eps
+from lightning_brn.functional import batch_renorm, renorm_correction
+from lightning_brn.layers import _BatchRenorm, is_batch_renorm
+
+__all__ = [
+    "RunningStatsSharing",
+    "SyncBatchRenorm",
+    "convert_sync_batch_renorm",
+    "default_running_stats_sharing",
+    "renorm_buffer_names",
+    "revert_sync_batch_renorm",
+    "share_running_stats",
+    "wait_running_stats",
+]
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup (or None: the default group)
+
+# sharings with an all-reduce in flight, completed by the optimizer step post-hook
+_in_flight: "weakref.WeakSet[RunningStatsSharing]" = weakref.WeakSet()
+_step_hook: Optional[Any] = None
+
+
+def _none() -> None:
+    return None
+
+
+def _world_size(group: ProcessGroup) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _complete_in_flight(*_: Any, **__: Any) -> None:
+    for sharing in list(_in_flight):
+        sharing.wait()
+
+
+def _ensure_step_hook() -> None:
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_complete_in_flight)
+
+
+class RunningStatsSharing:
+    r"""Shares one Batch Renorm layer's moving-average updates with the other ranks of a process group.
+
+    Called as the layer's forward (the layer's ``running_stats_sharing``). In training with running statistics:
+    the averages before the step are kept, the layer's own forward updates them from this rank's batch, and the
+    update, :math:`\Delta\mu` and :math:`\Delta\sigma` per channel times the number of normalized groups, goes into
+    one asynchronous all-reduce (2C + 1 values). :meth:`wait` writes back
+    :math:`\mu + \overline{\Delta\mu}` and :math:`(\sigma + \overline{\Delta\sigma})^2 - \epsilon`; it runs before
+    the next forward, before the layer's state dict is saved or loaded, and after every optimizer step.
+
+    Args:
+        process_group: the ranks that share the averages; ``None``: the default (world) group.
+    """
+
+    def __init__(self, process_group: ProcessGroup = None) -> None:
+        self.process_group = process_group
+        self._pending: Optional[tuple[Any, Tensor, _BatchRenorm, Tensor, Tensor]] = None
+
+    # not copied (deepcopy of a model, e.g. for an EMA copy) nor pickled: the copy decides again at its first forward
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> Any:
+        return (_none, ())
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"RunningStatsSharing(process_group={self.process_group!r})"
+
+    @property
+    def pending(self) -> bool:
+        """Whether an all-reduce of this layer's last update is still to be written into its buffers."""
+        return self._pending is not None
+
+    def attach(self, layer: _BatchRenorm) -> "RunningStatsSharing":
+        """Makes this the sharing of ``layer``; its state dict is then saved and loaded with the update written."""
+        layer.running_stats_sharing = self
+        if _wait_hook not in layer._state_dict_pre_hooks.values():
+            layer.register_state_dict_pre_hook(_wait_hook)
+            layer.register_load_state_dict_pre_hook(_wait_hook)
+        _ensure_step_hook()
+        return self
+
+    def __call__(self, layer: _BatchRenorm, input: Tensor) -> Tensor:
+        self.wait()
+        if not (layer.training and layer.track_running_stats and layer.running_mean is not None and dist.is_initialized()):
+            return layer.renorm_forward(input)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(layer, input)
+        old_mean, old_var = self._before(layer)
+        out = layer.renorm_forward(input)
+        flat = self._update(layer, input, old_mean, old_var)
+        work = dist.all_reduce(flat, group=self.process_group, async_op=True)
+        self._pending = (work, flat, layer, old_mean, old_var)
+        _in_flight.add(self)
+        return out
+
+    def wait(self) -> None:
+        """Writes the all-reduced update of the last training forward into the layer's buffers (if one is in flight)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        _in_flight.discard(self)
+        work, flat, layer, old_mean, old_var = pending
+        work.wait()
+        self._write(layer, flat, old_mean, old_var)
+
+    # ----------------------------------------------------------------- the maths
+    @staticmethod
+    def _stat_dtype(layer: _BatchRenorm) -> torch.dtype:
+        assert layer.running_mean is not None
+        return torch.promote_types(layer.running_mean.dtype, torch.float32)
+
+    def _before(self, layer: _BatchRenorm) -> tuple[Tensor, Tensor]:
+        assert layer.running_mean is not None and layer.running_var is not None
+        sd = self._stat_dtype(layer)
+        return layer.running_mean.detach().to(sd, copy=True), layer.running_var.detach().to(sd, copy=True)
+
+    @staticmethod
+    def _update(layer: _BatchRenorm, input: Tensor, old_mean: Tensor, old_var: Tensor) -> Tensor:
+        """(2C + 1,): w * (mu' - mu), w * (sigma' - sigma), w, with w the number of groups this batch normalized."""
+        assert layer.running_mean is not None and layer.running_var is not None
+        with torch.no_grad():
+            new_mean = layer.running_mean.detach().to(old_mean.dtype)
+            new_var = layer.running_var.detach().to(old_var.dtype)
+            eps = layer.eps
+            # sigma' - sigma = (var' - var) / (sigma' + sigma): no cancellation between sigma^2 and eps
+            d_sigma = (new_var - old_var).div_((new_var + eps).sqrt_().add_((old_var + eps).sqrt_()))
+            mbs = layer.microbatch_size
+            n = input.shape[0]
+            groups = 0 if input.numel() == 0 else (n // mbs if mbs else 1)
+            weight = torch.full((1,), float(groups), dtype=old_mean.dtype, device=old_mean.device)
+            return torch.cat([(new_mean - old_mean).mul_(groups), d_sigma.mul_(groups), weight])
+
+    @staticmethod
+    def _write(layer: _BatchRenorm, flat: Tensor, old_mean: Tensor, old_var: Tensor) -> None:
+        assert layer.running_mean is not None and layer.running_var is not None
+        c = old_mean.numel()
+        with torch.no_grad():
+            total = flat[2 * c :].clamp_min(1.0)  # integer counts; 0 only when no rank normalized anything (no update)
+            d_mean = flat[:c] / total
+            d_sigma = flat[c : 2 * c] / total
+            old_sigma = (old_var + layer.eps).sqrt()
+            # as the layer stores its own update: var += delta (2 sigma + delta)
+            layer.running_mean.copy_(old_mean + d_mean)
+            layer.running_var.copy_((old_var + d_sigma * (2 * old_sigma + d_sigma)).clamp_min_(0.0))
+
+    def _compiled_forward(self, layer: _BatchRenorm, input: Tensor) -> Tensor:
+        """The same in a compiled graph: a functional all-reduce, waited for in the graph (the graph stays whole)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        old_mean, old_var = self._before(layer)
+        out = layer.renorm_forward(input)
+        flat = self._update(layer, input, old_mean, old_var)
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        reduced = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
+        self._write(layer, reduced, old_mean, old_var)
+        return out
+
+
+def _wait_hook(module: nn.Module, *args: Any) -> None:
+    """State-dict (save and load) pre-hook of a layer with shared averages: the update in flight is written first."""
+    sharing = getattr(module, "running_stats_sharing", None)
+    if isinstance(sharing, RunningStatsSharing):
+        sharing.wait()
+
+
+def default_running_stats_sharing(layer: nn.Module) -> Union[RunningStatsSharing, bool]:
+    """What a Batch Renorm layer shares at its first training forward under ``torch.distributed``: the default process
+    group when it has several ranks, else nothing (``False``, decided once). A :class:`SyncBatchRenorm` over the whole
+    default group needs nothing shared (its statistics, hence its averages, are the same on every rank); over a
+    subgroup its averages are shared over the default group."""
+    if _world_size(None) <= 1:
+        return False
+    if isinstance(layer, SyncBatchRenorm) and _world_size(layer.process_group) == _world_size(None):
+        return False
+    return RunningStatsSharing(None).attach(layer)  # type: ignore[arg-type]
+
+
+def renorm_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of every buffer of the Batch Renorm layers of ``model`` (persistent or not)."""
+    names = []
+    for prefix, module in model.named_modules():
+        if is_batch_renorm(module):
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def share_running_stats(
+    model: nn.Module, process_group: ProcessGroup = None, *, enabled: bool = True, ddp: bool = True
+) -> nn.Module:
+    r"""Shares the moving averages of every Batch Renorm layer of ``model`` over ``process_group``.
+
+    Without this call the layers share them over the default process group anyway (see the module docstring); call
+    it to choose another group, to turn sharing off (``enabled=False``: per-rank averages, which diverge), or to keep
+    the renorm buffers out of ``DistributedDataParallel``'s rank-0 buffer broadcast (``ddp=True``: call it on the
+    module you then wrap, before wrapping). The broadcast would otherwise copy rank 0's averages, before they are
+    shared, into every rank at the start of each forward; the shared result overwrites them, so the averages stay
+    right, but the broadcast costs a collective per forward for nothing. Buffers of other layers stay in it.
+
+    Args:
+        model: the module (the one ``DistributedDataParallel`` will wrap, for ``ddp=True``).
+        process_group: the ranks sharing the averages (e.g. the data-parallel ranks); ``None``: the default group.
+        enabled: share (``True``) or keep per-rank averages (``False``). Default: ``True``.
+        ddp: add the renorm buffers to the names ``DistributedDataParallel`` ignores. Default: ``True``.
+
+    Returns:
+        ``model``.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm2d
+        >>> from lightning_brn.distributed import share_running_stats
+        >>> model = share_running_stats(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchRenorm2d(4)))
+        >>> model._ddp_params_and_buffers_to_ignore[:3]
+        ['1.running_mean', '1.running_var', '1.num_batches_tracked']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"share_running_stats expects a torch.nn.Module, got {type(model).__name__}")
+    for name, flag in (("enabled", enabled), ("ddp", ddp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {name}={flag!r}")
+    layers = [m for m in model.modules() if is_batch_renorm(m)]
+    for layer in layers:
+        old = layer.running_stats_sharing
+        if isinstance(old, RunningStatsSharing):
+            old.wait()
+        if isinstance(layer, SyncBatchRenorm) and not enabled and layer._is_subgroup():
+            raise ValueError(
+                "share_running_stats(enabled=False) on a SyncBatchRenorm over a process subgroup: its moving averages "
+                "move with its subgroup's statistics and would differ between subgroups; keep them shared"
+            )
+        if not enabled:
+            layer.running_stats_sharing = False
+        elif isinstance(layer, SyncBatchRenorm) and not layer._is_subgroup() and process_group is None:
+            layer.running_stats_sharing = None  # decided at the first forward (nothing to share over the world)
+        else:
+            RunningStatsSharing(process_group).attach(layer)
+    if ddp:
+        ignore = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+        ignore += [n for n in renorm_buffer_names(model) if n not in ignore]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return model
+
+
+def wait_running_stats(model: nn.Module) -> None:
+    """Writes every in-flight shared update of ``model``'s Batch Renorm layers into their buffers (no collective:
+    the all-reduces were launched by the forwards). Runs by itself after every ``optimizer.step()``; call it after
+    a forward that no optimizer step follows, before reading ``running_mean`` / ``running_var`` directly."""
+    for m in model.modules():
+        sharing = getattr(m, "running_stats_sharing", None) if is_batch_renorm(m) else None
+        if isinstance(sharing, RunningStatsSharing):
+            sharing.wait()
+
+
+# --------------------------------------------------------------------------------------------- SyncBatchRenorm
+class _SyncRenormFn(torch.autograd.Function):
+    """Training step of :class:`SyncBatchRenorm`: statistics over the process group, r and d from the averages,
+    eval-mode batchnorm of the group's statistics with weight ``gamma * r`` and bias ``beta + gamma * d``; the
+    backward is batchnorm's synchronized backward (sums of ``dy`` and ``dy * (x - mu_B)`` all-reduced) with that
+    weight."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        rmax: float,
+        dmax: float,
+        momentum: float,
+        eps: float,
+        group: ProcessGroup,
+        correction: Optional[Tensor],
+    ) -> Tensor:
+        c = x.shape[1]
+        sd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        dims = [0] + list(range(2, x.dim()))
+        n_local = x.numel() // c
+        xs = x.detach().to(sd)
+        if n_local > 0:
+            var_l, mean_l = torch.var_mean(xs, dim=dims, correction=0)
+        else:
+            var_l = mean_l = torch.zeros(c, dtype=sd, device=x.device)
+        # shifted by the moving mean (the same on every rank): count, sum and sum of squares merge without
+        # the cancellation of raw sums, and one all-reduce carries them
+        shift = running_mean.detach().to(sd) if running_mean is not None else torch.zeros_like(mean_l)
+        dev = mean_l - shift
+        flat = torch.cat([dev * n_local, (var_l + dev * dev) * n_local, mean_l.new_full((1,), float(n_local))])
+        dist.all_reduce(flat, group=group)
+        count = flat[2 * c :]
+        if not x.is_cuda and float(count.item()) <= 1:  # (no device sync for the check on GPUs)
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(count.item())} over the group")
+        s1 = flat[:c] / count
+        mean = shift + s1
+        var = (flat[c : 2 * c] / count - s1 * s1).clamp_min_(0.0)
+        std = (var + eps).sqrt()
+        if running_mean is not None and running_var is not None:
+            running_std = (running_var.detach().to(sd) + eps).sqrt()
+            r, d = renorm_correction(mean, std, running_mean.detach().to(sd), running_std, rmax, dmax)
+            if correction is not None:
+                _record(correction, std / running_std, (mean - running_mean.to(sd)) / running_std, r, d)
+            _update_averages(running_mean, running_var, mean, std, running_std, momentum)
+        else:
+            r, d = torch.ones_like(mean), torch.zeros_like(mean)
+        w = weight.detach().to(sd) if weight is not None else None
+        w_eff = r if w is None else w * r
+        b_eff = d if w is None else w * d
+        if bias is not None:
+            b_eff = b_eff + bias.detach().to(sd)
+        invstd = std.reciprocal()
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        out = ((xs - mean.view(shape)) * (w_eff * invstd).view(shape) + b_eff.view(shape)).to(x.dtype)
+        ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
+        ctx.group, ctx.has_weight, ctx.weight_dtype = group, weight is not None, None if weight is None else weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
+        x, w_eff, mean, invstd, r, d = ctx.saved_tensors
+        c = x.shape[1]
+        sd = mean.dtype
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        dy = grad_out.to(sd)
+        xmu = x.to(sd) - mean.view(shape)
+        sum_dy = dy.sum(dims)
+        sum_dy_xmu = (dy * xmu).sum(dims)
+        n_local = x.numel() // c
+        flat = torch.cat([sum_dy, sum_dy_xmu, sum_dy.new_full((1,), float(n_local))])
+        dist.all_reduce(flat, group=ctx.group)
+        total = flat[2 * c :]
+        mean_dy = flat[:c] / total
+        mean_dy_xmu = flat[c : 2 * c] / total
+        grad_x = (dy - mean_dy.view(shape) - xmu * (invstd * invstd * mean_dy_xmu).view(shape)) * (w_eff * invstd).view(shape)
+        # this rank's share of the parameter gradients (the data-parallel wrapper averages them, as for SyncBatchNorm)
+        grad_w_eff = sum_dy_xmu * invstd
+        grad_weight = (grad_w_eff * r + sum_dy * d).to(ctx.weight_dtype) if ctx.has_weight else None
+        grad_bias = sum_dy.to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _record(correction: Tensor, r_raw: Tensor, d_raw: Tensor, r: Tensor, d: Tensor) -> None:
+    dt = correction.dtype
+    correction.copy_(
+        torch.stack(
+            [
+                (r != r_raw).sum().to(dt), (d != d_raw).sum().to(dt), (r - 1).abs().sum().to(dt), d.abs().sum().to(dt),
+                torch.full((), r.numel(), dtype=dt, device=correction.device),
+            ]
+        )
+    )
+
+
+def _update_averages(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, std: Tensor, running_std: Tensor, momentum: float
+) -> None:
+    """Algorithm 1's update, stored as the layers store it: mu += a (mu_B - mu); sigma += delta with
+    delta = a (sigma_B - sigma), as running_var += delta (2 sigma + delta)."""
+    with torch.no_grad():
+        sd = mean.dtype
+        delta = (std - running_std) * momentum
+        new_mean = running_mean.to(sd).lerp(mean, momentum)
+        new_var = (running_var.to(sd) + delta * (2 * running_std + delta)).clamp_min_(0.0)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+class SyncBatchRenorm(_BatchRenorm):
+    r"""Batch Renorm with batch statistics over a process group, the counterpart of ``torch.nn.SyncBatchNorm``.
+
+    In training, :math:`\mu_B` and :math:`\sigma_B` are those of the batches of every rank of ``process_group``
+    together (count, sum and sum of squares, shifted by the moving mean, all-reduced in the forward); r and d come
+    from the moving averages, which are therefore the same on every rank of the group; the backward is batchnorm's
+    synchronized backward with weight :math:`\gamma r`. With ``process_group`` a subgroup (the paper's microbatches
+    spread over devices: each subgroup normalizes its own examples) the averages are shared over the default group
+    (:class:`RunningStatsSharing`), so they move towards the mean over subgroups. Outside ``torch.distributed``
+    (or with one rank) it is :class:`~lightning_brn.BatchRenorm2d`'s training step on the local batch; in eval
+    mode it is batchnorm's inference. Accepts inputs (N, C, \*) of any rank, as ``SyncBatchNorm``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, rmax, dmax, device, dtype: as
+            :class:`~lightning_brn.BatchRenorm2d`.
+        process_group: the ranks whose batches are normalized together; ``None``: the default (world) group.
+
+    ``microbatch_size`` is refused: microbatches split one device's batch, a synchronized layer joins several.
+
+    Shape:
+        - Input: (N, C, \*); Output: same shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn.distributed import SyncBatchRenorm
+        >>> SyncBatchRenorm(4, rmax=2.0)(torch.randn(8, 4, 3, 3)).shape  # one process: the local batch
+        torch.Size([8, 4, 3, 3])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        rmax: float = 1.0,
+        dmax: float = 0.0,
+        process_group: ProcessGroup = None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        microbatch_size: Optional[int] = None,
+    ) -> None:
+        if microbatch_size is not None:
+            raise ValueError(
+                f"SyncBatchRenorm does not take microbatch_size (got {microbatch_size}): microbatches split one "
+                "device's batch, while a synchronized layer normalizes the batches of a process group together; for "
+                "microbatches spread over devices pass a process subgroup per microbatch as process_group"
+            )
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+            rmax=rmax, dmax=dmax, device=device, dtype=dtype,
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, *), got {input.dim()}D input of shape {tuple(input.shape)}")
+
+    @property  # type: ignore[override]
+    def microbatch_size(self) -> Optional[int]:
+        """Always ``None``: see the class docstring."""
+        return None
+
+    @microbatch_size.setter
+    def microbatch_size(self, value: Optional[int]) -> None:
+        if value is not None:
+            raise ValueError(f"SyncBatchRenorm does not take microbatch_size, got microbatch_size={value}")
+
+    def _is_subgroup(self) -> bool:
+        return self.process_group is not None and _world_size(self.process_group) != _world_size(None)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(", microbatch_size=None", "") + f", process_group={self.process_group!r}"
+
+    def renorm_forward(self, input: Tensor) -> Tensor:
+        if not self.training or not (dist.is_available() and dist.is_initialized()) or _world_size(self.process_group) <= 1:
+            return super().renorm_forward(input)
+        self._check_input(input)
+        if dist.get_rank(self.process_group) < 0:
+            raise ValueError(f"SyncBatchRenorm: this rank ({dist.get_rank()}) is not in its process_group")
+        if torch.compiler.is_compiling():
+            raise RuntimeError("SyncBatchRenorm is eager-only: compile the model without it (or use shared averages)")
+        check_eps(self.eps)
+        tracked = self.track_running_stats and self.running_mean is not None
+        if tracked:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(1)
+        correction = self._correction if self.track_correction else None
+        return _SyncRenormFn.apply(
+            input, self.weight, self.bias, self.running_mean if tracked else None,
+            self.running_var if tracked else None, self.rmax, self.dmax, self.momentum, self.eps,
+            self.process_group, correction,
+        )
+
+
+# --------------------------------------------------------------------------------------------- surgery
+_LOCAL_CLASS_ATTR = "_brn_local_class"
+
+
+def convert_sync_batch_renorm(model: nn.Module, process_group: ProcessGroup = None) -> nn.Module:
+    """Replaces every Batch Renorm layer of ``model`` by a :class:`SyncBatchRenorm` over ``process_group``, with the
+    same Parameter objects, buffers, hooks and hyper-parameters (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    does for batchnorm; batchnorm layers are left alone). Layers with ``microbatch_size`` are refused.
+    :func:`revert_sync_batch_renorm` undoes it. Returns the converted model (the root itself may be replaced).
+
+    Examples::
+
+        >>> import torch
+        >>> from lightning_brn import BatchRenorm2d
+        >>> from lightning_brn.distributed import convert_sync_batch_renorm, revert_sync_batch_renorm
+        >>> model = convert_sync_batch_renorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), BatchRenorm2d(4, rmax=2.0)))
+        >>> type(model[1]).__name__, model[1].rmax
+        ('SyncBatchRenorm', 2.0)
+        >>> type(revert_sync_batch_renorm(model)[1]).__name__
+        'BatchRenorm2d'
+    """
+    for name, m in model.named_modules():
+        if is_batch_renorm(m) and not isinstance(m, SyncBatchRenorm) and m.microbatch_size is not None:
+            raise ValueError(
+                f"convert_sync_batch_renorm: layer {name or '<root>'!r} normalizes microbatches of "
+                f"{m.microbatch_size}; a synchronized layer normalizes the process group's batches together. Set its "
+                "microbatch_size to None, or use process subgroups (process_group=) for microbatches across devices"
+            )
+    return _swap(model, lambda m: _to_sync(m, process_group) if is_batch_renorm(m) and not isinstance(m, SyncBatchRenorm) else None)
+
+
+def revert_sync_batch_renorm(model: nn.Module) -> nn.Module:
+    """Turns every :class:`SyncBatchRenorm` of ``model`` back into the class it was converted from (``BatchRenorm2d``
+    for one built directly), with the same Parameters, buffers and hooks. Returns the model."""
+    return _swap(model, lambda m: _to_local(m) if isinstance(m, SyncBatchRenorm) else None)
+
+
+def _swap(module: nn.Module, replace: Any) -> nn.Module:
+    new = replace(module)
+    out = module if new is None else new
+    for name, child in module.named_children():
+        out.add_module(name, _swap(child, replace))
+    return out
+
+
+def _move(src: nn.Module, dst: nn.Module) -> None:
+    """Hands ``src``'s parameters, buffers (all of them, the schedule's included), flags and hooks to ``dst``."""
+    for k, p in src._parameters.items():
+        dst._parameters[k] = p
+    for k, b in src._buffers.items():
+        dst._buffers[k] = b
+    dst._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+    for k, v in vars(src).items():
+        if k.endswith("hooks") or k in ("_is_full_backward_hook", "training", "qconfig"):
+            setattr(dst, k, v)
+    for k in ("affine", "track_running_stats", "track_correction", "_bn_source", "_bn_momentum"):
+        if k in vars(src):
+            setattr(dst, k, getattr(src, k))
+    for k in ("_rmax_value", "_dmax_value", "_momentum_value"):
+        setattr(dst, k, getattr(src, k))
+    if "running_stats_sharing" in vars(src):
+        dst.running_stats_sharing = src.running_stats_sharing
+        if isinstance(src.running_stats_sharing, RunningStatsSharing):
+            src.running_stats_sharing.wait()
+
+
+def _to_sync(m: _BatchRenorm, process_group: ProcessGroup) -> SyncBatchRenorm:
+    if isinstance(m, nn.Module) and getattr(m, "act", None) is not None and getattr(m, "drop", None) is not None:
+        raise TypeError(
+            f"convert_sync_batch_renorm does not convert {type(m).__name__} (its act and drop would be lost); "
+            "synchronize the model before fusing activations, or keep shared averages for it"
+        )
+    new = SyncBatchRenorm(m.num_features, eps=m.eps, affine=False, track_running_stats=False, process_group=process_group)
+    _move(m, new)
+    if new.running_stats_sharing is not None and not isinstance(new.running_stats_sharing, RunningStatsSharing):
+        new.running_stats_sharing = None  # decided again at the first forward
+    setattr(new, _LOCAL_CLASS_ATTR, type(m))
+    return new
+
+
+def _to_local(m: SyncBatchRenorm) -> _BatchRenorm:
+    from lightning_brn.layers import BatchRenorm2d
+
+    cls = getattr(m, _LOCAL_CLASS_ATTR, BatchRenorm2d)
+    new = cls(m.num_features, eps=m.eps, affine=False, track_running_stats=False)
+    _move(m, new)
+    new.running_stats_sharing = None  # decided again at the first forward
+    return new
