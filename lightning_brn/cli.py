@@ -34,11 +34,13 @@ import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from typing_extensions import override
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -48,7 +50,8 @@ from lightning_brn.data import ClassificationDataModule
 from lightning_brn.module import TimmClassifier, check_batch_config
 
 __all__ = [
-    "BatchRenormCLI", "available_recipes", "recipe_path", "expand_recipe_args", "find_last_checkpoint", "cli_main", "main",
+    "BatchRenormCLI", "RunProgressBar", "available_recipes", "recipe_path", "expand_recipe_args", "find_last_checkpoint",
+    "load_checkpoint", "cli_main", "main",
 ]
 
 #: The recipe a bare ``lightning-brn fit`` runs.
@@ -213,6 +216,21 @@ def _check_launch(trainer: Trainer) -> None:
         )
 
 
+class RunProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar``, whose training description reads ``Epoch N`` rather than ``Epoch N/-2`` in a
+    run that ``max_steps`` ends (``max_epochs=-1``). The CLI adds it unless ``--trainer.enable_progress_bar false``
+    or the configuration lists a progress bar of its own."""
+
+    @override
+    def _get_train_description(self, current_epoch: int) -> str:
+        # (Lightning's own method, which appends "/{max_epochs - 1}" whenever max_epochs is not None)
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 0:
+            description = description.replace(f"/{max_epochs - 1}", "", 1)
+        return description
+
+
 def _default_loggers(run_name: str, save_dir: str = DEFAULT_LOG_DIR) -> list[Logger]:
     """A CSV logger, plus TensorBoard when installed, sharing ``<save_dir>/<run_name>/version_N``."""
     csv = CSVLogger(save_dir=save_dir, name=run_name)
@@ -249,6 +267,87 @@ class BatchRenormCLI(LightningCLI):
         finally:
             sys.argv = argv
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's step that reloads the model settings a checkpoint saved, taken over so that ``--ckpt_path``
+        is checked before anything is built: ``last`` resolved first (so that it behaves as the path it resolves
+        to), the file loaded with ``--weights_only`` as given, and a missing, truncated or foreign file reported in
+        one line naming it. The settings are merged as LightningCLI merges them."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        try:
+            self._reload_checkpoint_settings(subcommand)
+        except Exception as err:
+            _mark_config_error(err)
+            raise
+
+    def _reload_checkpoint_settings(self, subcommand: str) -> None:
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None and subcommand != "fit" and not _loads_pretrained_weights(config):
+            raise ValueError(
+                f"lightning-brn {subcommand} needs --ckpt_path PATH (or --ckpt_path last, the newest last checkpoint "
+                f"of this recipe's runs): without one it would {'score' if subcommand != 'predict' else 'run'} the "
+                "untrained model"
+            )
+        if ckpt_path == "last":
+            found = self._last_checkpoint_from_config(subcommand)
+            if found is None:
+                return  # not known before the Trainer exists (a logger of the config's own): resolved then
+            if not found:
+                if subcommand == "fit":  # Lightning warns and starts from scratch
+                    return
+                raise FileNotFoundError(
+                    f"{subcommand} --ckpt_path last: no run of {self.run_name!r} has written a last checkpoint (looked "
+                    "as lightning_brn.cli.find_last_checkpoint does, in the run's version_*/checkpoints folders); pass "
+                    "--ckpt_path PATH"
+                )
+            print(f"lightning-brn: --ckpt_path last -> {found}", file=sys.stderr)
+            config["ckpt_path"] = ckpt_path = found
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry") or "://" in str(ckpt_path):
+            return  # Lightning's own names, and remote files, are Lightning's to resolve and read
+        checkpoint = load_checkpoint(ckpt_path, weights_only=config.get("weights_only"))
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        for key, value in list(hparams.items()):
+            if hasattr(value, "to_dict") and hasattr(value, "values"):  # a RenormSchedule: as its YAML form
+                hparams[key] = {"class_path": f"{type(value).__module__}.{type(value).__qualname__}",
+                                "init_args": value.to_dict()}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _last_checkpoint_from_config(self, subcommand: str) -> Optional[str]:
+        """``--ckpt_path last`` resolved from the configuration, before anything is built: the newest last checkpoint
+        in the folders ``find_last_checkpoint`` would search (``""`` when there is none), or ``None`` when the
+        configuration names a logger of its own, whose folders only the built Trainer knows."""
+        trainer_cfg = self.config[subcommand].get("trainer") or {}
+        logger = trainer_cfg.get("logger")
+        root = str(trainer_cfg.get("default_root_dir") or "")
+        folders: list[str] = []
+        default_folder: Optional[str]
+        if logger in (None, True):  # the CLI's default loggers: runs/<recipe>/version_N, a new N every run
+            default_folder = os.path.join(root or DEFAULT_LOG_DIR, self.run_name, "version_*", "checkpoints")
+        elif logger is False:
+            default_folder = os.path.join(root or os.getcwd(), "checkpoints")
+        else:
+            return None
+        checkpointing = trainer_cfg.get("enable_checkpointing") is not False
+        for callback in trainer_cfg.get("callbacks") or []:
+            class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+            if class_path.rsplit(".", 1)[-1] in ("ModelCheckpoint", "OnExceptionCheckpoint"):
+                init_args = callback.get("init_args") or {}
+                where = init_args.get("dirpath")
+                if class_path.endswith("OnExceptionCheckpoint"):
+                    folders.append(os.path.join(str(where), f"{init_args.get('filename') or 'on_exception'}.ckpt"))
+                else:
+                    folders.append(str(where) if where is not None else default_folder)
+        if not folders and checkpointing:
+            folders.append(default_folder)  # Lightning's default ModelCheckpoint
+        return _newest_last_checkpoint(folders) or ""
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -272,6 +371,11 @@ class BatchRenormCLI(LightningCLI):
             # under --trainer.default_root_dir when given (as Lightning's own default logger), else ./runs
             root = trainer_cfg.get("default_root_dir") or DEFAULT_LOG_DIR
             kwargs["logger"] = _default_loggers(self.run_name, save_dir=str(root))
+        callbacks = trainer_cfg.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # the recipes' bar, added here rather than listed in them, so that --trainer.enable_progress_bar false works
+            trainer_cfg["callbacks"] = [*callbacks, RunProgressBar()]
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
@@ -324,6 +428,17 @@ class BatchRenormCLI(LightningCLI):
             config["ckpt_path"] = found
             if self.trainer.is_global_zero:
                 print(f"lightning-brn: --ckpt_path last -> {found}", file=sys.stderr)
+            saved = load_checkpoint(found, weights_only=config.get("weights_only")).get("hyper_parameters") or {}
+            built = dict(self.model.hparams) if isinstance(self.model, TimmClassifier) else {}
+            differ = sorted(k for k in built if k in saved and saved[k] != built[k])
+            if differ:  # (with the CLI's own loggers, `last` is resolved before the model is built, from its settings)
+                err = ValueError(
+                    f"{subcommand} --ckpt_path last resolved to {found}, whose model settings differ from this "
+                    f"configuration's ({', '.join(differ)}); pass --ckpt_path {found} to build the model from the "
+                    "checkpoint's settings"
+                )
+                _mark_config_error(err)
+                raise err
         elif subcommand != "fit":  # Lightning would warn and evaluate the untrained model
             err = FileNotFoundError(
                 f"{subcommand} --ckpt_path last: no run of {self.run_name!r} has written a last checkpoint (looked as "
@@ -365,38 +480,43 @@ def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
         >>> find_last_checkpoint(Trainer(logger=False, enable_checkpointing=False)) is None
         True
     """
-    import re
-
-    from lightning.fabric.utilities.cloud_io import get_filesystem
     from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-    files: set[str] = set()
-    for callback in trainer.callbacks:
-        if isinstance(callback, OnExceptionCheckpoint):
-            files.add(str(callback.ckpt_path))
+    places: list[str] = [str(c.ckpt_path) for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)]
     logger = trainer.loggers[0] if trainer.loggers else None
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue
-        folders: list[str] = []
         if callback.dirpath is not None:
-            folders.append(str(callback.dirpath))
+            places.append(str(callback.dirpath))
         elif logger is None:
-            folders.append(os.path.join(str(trainer.default_root_dir), "checkpoints"))
+            places.append(os.path.join(str(trainer.default_root_dir), "checkpoints"))
         else:
             save_dir = str(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir)
             run_dir = os.path.join(save_dir, str(logger.name))
             version = logger.version
-            if isinstance(version, str):
-                folders.append(os.path.join(run_dir, version, "checkpoints"))
-            else:
-                fs = get_filesystem(run_dir)
-                folders += [str(f) for f in fs.glob(run_dir.rstrip("/") + "/version_*/checkpoints") if fs.isdir(f)]
-        # Lightning's rule (ModelCheckpoint._find_last_checkpoints): the extension, and a stem that starts so
-        last = re.compile(rf"^{callback.CHECKPOINT_NAME_LAST}(-(\d+))?")
-        ext = callback.FILE_EXTENSION
-        for folder in folders:
-            fs = get_filesystem(folder)
+            version_dir = version if isinstance(version, str) else "version_*"  # a user-named version alone
+            places.append(run_dir.rstrip("/") + f"/{version_dir}/checkpoints")
+    return _newest_last_checkpoint(places)
+
+
+def _newest_last_checkpoint(folder_patterns: Sequence[str]) -> Optional[str]:
+    """The newest ``last*.ckpt`` in folders given as paths or glob patterns (local or fsspec), or of files."""
+    import re
+
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    last = re.compile(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-(\d+))?")
+    ext = ModelCheckpoint.FILE_EXTENSION
+    files: set[str] = set()
+    for pattern in folder_patterns:
+        fs = get_filesystem(pattern)
+        if fs.isfile(pattern):
+            files.add(pattern)
+            continue
+        globbed = any(c in pattern for c in "*?[")
+        for folder in ([_with_protocol(pattern, str(f)) for f in fs.glob(pattern)] if globbed else [pattern]):
             if fs.isdir(folder):
                 # fsspec drops a remote path's protocol in what it lists: re-join the names to the folder as given
                 files.update(
@@ -404,6 +524,19 @@ def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
                     for name in (os.path.basename(str(p).rstrip("/")) for p in fs.ls(folder, detail=False))
                     if name.endswith(ext) and last.match(name[: -len(ext)])
                 )
+    return _newest(files)
+
+
+def _with_protocol(pattern: str, path: str) -> str:
+    """``path`` as fsspec's glob returned it for ``pattern``, with the protocol (``s3://``) it drops put back."""
+    protocol, sep, _ = pattern.partition("://")
+    return f"{protocol}://{path}" if sep and "://" not in path else path
+
+
+def _newest(files: Any) -> Optional[str]:
+    """The newest of ``files`` by modification time (ties: the larger path, the same on every rank), or ``None``."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
     stamped: dict[str, float] = {}
     for path in files:
         fs = get_filesystem(path)
@@ -416,6 +549,64 @@ def find_last_checkpoint(trainer: Trainer) -> Optional[str]:
     if not stamped:
         return None
     return max(stamped, key=lambda p: (stamped[p], p))
+
+
+def load_checkpoint(path: Union[str, os.PathLike], weights_only: Optional[bool] = None) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU, with one error that names the file and what is wrong with it.
+
+    ``weights_only`` as ``Trainer.fit(weights_only=...)`` takes it (``None``: torch's default, ``True``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is a folder.
+        ValueError: the file is truncated or not a PyTorch checkpoint, weights-only loading refused what it holds
+            (the message says to pass ``--weights_only false`` for a file you trust), or it holds no ``state_dict``.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> bad = os.path.join(tempfile.mkdtemp(), "bad.ckpt")
+        >>> _ = open(bad, "wb").write(os.urandom(64))
+        >>> load_checkpoint(bad)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --ckpt_path '...bad.ckpt' is not a PyTorch checkpoint, or is truncated (torch.load: ...)
+    """
+    where = f"--ckpt_path {os.fspath(path)!r}"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: no such file")
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{where} is a folder; expected a checkpoint file (.ckpt)")
+    wo = True if weights_only is None else bool(weights_only)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=wo)
+    except Exception as err:  # noqa: BLE001 - whatever torch.load raises for a file it cannot read
+        text = str(err).strip()
+        if wo and "Unsupported global" in text:
+            line = next(ln for ln in text.splitlines() if "Unsupported global" in ln).strip()
+            raise ValueError(
+                f"{where} holds objects that weights-only loading refuses ({line}); if you trust the file, pass "
+                "--weights_only false"
+            ) from None
+        # the reason, without torch's weights-only advice around it
+        reason = text.rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text else ""
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        raise ValueError(f"{where} is not a PyTorch checkpoint, or is truncated (torch.load: {reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"{where} is not a Lightning checkpoint: expected a dict with a 'state_dict' (a file written by "
+            f"Trainer.save_checkpoint or ModelCheckpoint), got {type(checkpoint).__name__}"
+            + (f" with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict) else "")
+        )
+    return checkpoint
+
+
+def _loads_pretrained_weights(config: Any) -> bool:
+    """Whether the configured model starts from pretrained timm weights (then evaluating it without a checkpoint
+    is meaningful)."""
+    model = config.get("model") if hasattr(config, "get") else None
+    init_args = model.get("init_args", model) if hasattr(model, "get") else None
+    kwargs = init_args.get("model_kwargs") if hasattr(init_args, "get") else None
+    return bool(kwargs and hasattr(kwargs, "get") and kwargs.get("pretrained"))
 
 
 def _metrics(trainer: Trainer, prefix: str) -> dict[str, float]:
@@ -460,7 +651,10 @@ def print_summary(trainer: Trainer, seconds: float, renorm: Optional[Mapping[str
         if last and last != best:
             table.add_row("last checkpoint", last)
         if not best and not last:
-            table.add_row("checkpoints", str(getattr(ckpt, "dirpath", "")))
+            dirpath = getattr(ckpt, "dirpath", None)
+            written = bool(dirpath) and os.path.isdir(str(dirpath)) and any(os.scandir(str(dirpath)))
+            # (a resumed run already past max_steps trains nothing and writes nothing)
+            table.add_row("checkpoints", str(dirpath) if written else "no checkpoint written (no step was trained)")
     for logger in trainer.loggers:
         table.add_row(f"{type(logger).__name__} logs", str(logger.log_dir))
     Console().print(table)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
@@ -393,15 +394,16 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 
-    def _eval_loader(self, dataset: Optional[Dataset]) -> DataLoader:
+    def _eval_loader(self, dataset: Optional[Dataset], unrepeated: bool = False) -> DataLoader:
         assert dataset is not None, "call setup() first"
         self._check_trainer()
         num_replicas, rank = self._replicas()
-        sampler = (
-            DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-            if num_replicas > 1
-            else None
-        )
+        sampler: Optional[DistributedSampler] = None
+        if num_replicas > 1:
+            # predictions must hold each example once (Lightning's own choice for predict); evaluation pads the shards
+            # to equal length, as Lightning's distributed sampler does
+            cls = UnrepeatedDistributedSampler if unrepeated else DistributedSampler
+            sampler = cls(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
@@ -411,7 +413,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         return self._eval_loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+        return self._eval_loader(self.val_set, unrepeated=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -524,6 +526,12 @@ class FashionMNISTDataModule(ClassificationDataModule):
         augment: bool = False,
     ) -> None:
         super().__init__(batch_size, sampling, examples_per_label, val_batch_size, num_workers, pin_memory, seed)
+        for name, limit in (("limit_train", limit_train), ("limit_val", limit_val)):
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise ValueError(
+                    f"{name} must be a positive int (use only the first {name} images) or None (all of them), got "
+                    f"{name}={limit!r}"
+                )
         self.data_dir = Path(data_dir).expanduser()
         self.files = self._locate(self.data_dir)
         self.limit_train = limit_train

@@ -16,6 +16,7 @@ import math
 import numbers
 from typing import Any, Literal, NamedTuple, Optional
 
+import torch
 from torch import nn
 
 from lightning_brn._checks import check_dmax, check_momentum, check_rmax
@@ -372,4 +373,9 @@ class RenormSchedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"{type(self).__name__}({args})"
+
+
+# A checkpoint whose hyper-parameters hold a schedule (TimmClassifier(renorm_schedule=...)) loads with torch.load's
+# default weights_only=True: the class holds plain numbers and a string, and builds nothing else when unpickled.
+torch.serialization.add_safe_globals([RenormSchedule])
 

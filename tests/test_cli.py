@@ -323,7 +323,8 @@ def test_batch_not_divisible_by_microbatch_fails(fmnist: Path) -> None:
 
 def test_batch_not_divisible_by_k_fails(fmnist: Path) -> None:
     _fails(
-        ["fit", "--recipe", "fmnist_noniid_brn", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "31"],
+        ["fit", "--recipe", "fmnist_noniid_brn", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "31",
+         "--data.init_args.examples_per_label", "2"],
         ValueError,
         r"batch_size=31 is not divisible by examples_per_label=2.*multiple of 2",
     )
@@ -417,7 +418,7 @@ def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path, ddp_su
     works under DDP, and the closing validation runs on every rank (it is collective)."""
     cmd = [
         sys.executable, "-m", "lightning_brn", "fit", "--recipe", "fmnist_noniid_brn",
-        "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+        "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8", "--data.init_args.examples_per_label", "2",
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
         "--trainer.max_steps", "2", *QUIET,
     ]
@@ -426,3 +427,116 @@ def test_ddp_two_cpu_processes_train_validate_and_summarize(fmnist: Path, ddp_su
     assert "Starting with 2 processes" in out.stdout + out.stderr
     assert "lightning-brn fit: done" in out.stdout and "top-1" in out.stdout
     assert Path("runs/fmnist_noniid_brn/version_0/checkpoints/last.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------- what a user meets (issue 20)
+def _error_line(argv: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.delenv("LIGHTNING_BRN_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused(subcommand: str, fmnist: Path, capsys, monkeypatch) -> None:
+    err = _error_line([subcommand, "--data.init_args.data_dir", str(fmnist), *QUIET], capsys, monkeypatch)
+    assert f"lightning-brn {subcommand} needs --ckpt_path PATH (or --ckpt_path last" in err and "untrained model" in err
+
+
+def _train(fmnist: Path, *extra: str, steps: int = 2) -> Path:
+    cli_main(["fit", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+              "--trainer.limit_val_batches", "1", "--trainer.max_steps", str(steps), *QUIET, *extra])
+    return Path("runs")
+
+
+def test_ckpt_path_last_builds_the_model_from_the_checkpoint(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    """`last` is resolved before the model is built, so the checkpoint's model settings apply, as for a path."""
+    _train(fmnist, "--model.model_name", "resnet10t")
+    capsys.readouterr()
+    cli = cli_main(["validate", "--data.init_args.data_dir", str(fmnist), "--trainer.limit_val_batches", "1",
+                    "--ckpt_path", "last", *QUIET])  # the recipe says test_resnet
+    assert cli.model.model_name == "resnet10t" and "val/acc1" in cli.trainer.callback_metrics
+    assert _resolved_last(capsys) == Path("runs/default/version_0/checkpoints/last.ckpt").resolve()
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("missing", r"--ckpt_path '.*nothing\.ckpt': no such file"),
+        ("random", r"--ckpt_path '.*random\.ckpt' is not a PyTorch checkpoint, or is truncated \(torch.load: "),
+        ("truncated", r"--ckpt_path '.*truncated\.ckpt' is not a PyTorch checkpoint, or is truncated"),
+        ("foreign", r"--ckpt_path '.*foreign\.ckpt' is not a Lightning checkpoint: expected a dict with a 'state_dict'"),
+    ],
+)
+@pytest.mark.parametrize("weights_only", [None, "false"])
+def test_bad_checkpoints_get_one_line_naming_the_file(kind, match, weights_only, fmnist: Path, tmp_path: Path,
+                                                      capsys, monkeypatch) -> None:
+    path = tmp_path / f"{'nothing' if kind == 'missing' else kind}.ckpt"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif kind == "foreign":
+        torch.save({"w": torch.zeros(2)}, path)
+    extra = [] if weights_only is None else ["--weights_only", weights_only]
+    err = _error_line(["validate", "--data.init_args.data_dir", str(fmnist), "--ckpt_path", str(path), *extra, *QUIET],
+                      capsys, monkeypatch)
+    assert re.search("lightning-brn: error: [A-Za-z]+: " + match, err), err
+    assert "weights_only" not in err.lower() or kind != "random"  # not torch's weights-only advice for random bytes
+
+
+def test_a_checkpoint_holding_a_schedule_loads_weights_only(fmnist: Path) -> None:
+    from lightning_brn.cli import load_checkpoint
+
+    _train(fmnist, "--model.renorm_schedule", '{"class_path": "lightning_brn.RenormSchedule", "init_args": {"warmup_steps": 1, "rmax_steps": 2, "dmax_steps": 2}}')
+    last = Path("runs/default/version_0/checkpoints/last.ckpt")
+    assert load_checkpoint(last)["hyper_parameters"]["renorm_schedule"]  # (LightningCLI saves it in its config form)
+    from lightning_brn import RenormSchedule
+
+    holding = Path("holding.ckpt")  # a checkpoint saved from Python holds the object itself
+    torch.save({"state_dict": {}, "hyper_parameters": {"renorm_schedule": RenormSchedule.for_run(100)}}, holding)
+    assert load_checkpoint(holding)["hyper_parameters"]["renorm_schedule"] == RenormSchedule.for_run(100)
+    cli = cli_main(["validate", "--data.init_args.data_dir", str(fmnist), "--trainer.limit_val_batches", "1",
+                    "--ckpt_path", str(last), *QUIET])
+    assert cli.model.renorm_schedule.warmup_steps == 1
+
+
+def test_progress_bar_flag_and_epoch_based_runs(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    """The usual Trainer flags work with the recipes: no bar, and a run that max_epochs ends (the schedule is fitted
+    to its length); max_steps 0 trains nothing, without an error."""
+    base = ["--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "16", "--trainer.limit_val_batches", "1", *QUIET]
+    cli = cli_main(["fit", *base, "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "-1",
+                    "--trainer.max_epochs", "2"])
+    assert cli.trainer.progress_bar_callback is None
+    assert cli.trainer.global_step == 8  # 64 images / 16 a batch, 2 epochs
+    (scheduler,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "BatchRenormScheduler"]
+    from lightning_brn import RenormSchedule
+
+    assert scheduler.schedule == RenormSchedule.for_run(8)
+    cli = cli_main(["fit", *base, "--trainer.max_steps", "0"])
+    assert cli.trainer.global_step == 0
+
+
+def test_progress_bar_reads_epoch_n_in_a_run_that_max_steps_ends(fmnist: Path) -> None:
+    from lightning_brn.cli import RunProgressBar
+
+    cli = cli_main(["fit", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "16",
+                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", *QUIET])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, RunProgressBar) and cli.trainer.max_epochs == -1
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+
+
+def test_summary_names_no_checkpoint_folder_that_was_never_written(fmnist: Path, capsys: pytest.CaptureFixture) -> None:
+    _train(fmnist, steps=3)
+    last = Path("runs/default/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli_main(["fit", "--data.init_args.data_dir", str(fmnist), "--data.init_args.batch_size", "8",
+                  "--trainer.max_steps", "2", "--ckpt_path", str(last), *QUIET])  # already past max_steps
+    out = " ".join(capsys.readouterr().out.split())
+    assert "version_1/checkpoints" not in out and "no checkpoint written" in out

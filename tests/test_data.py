@@ -239,3 +239,101 @@ def test_check_data_refuses_a_training_set_smaller_than_one_batch(tmp_path, make
     with pytest.raises(ValueError, match=r"the training set has 4 examples, .*: lower batch_size "
                        r"\(--data.init_args.batch_size\)$"):
         ImageFolderDataModule(root, batch_size=8).check_data("fit")
+
+
+# ----------------------------------------------------------------------------- non-i.i.d. batches under a real Trainer
+class _RecordBatches:
+    """A tiny LightningModule (made on demand: Lightning is imported lazily) that records every training batch as
+    the tuple of its images' pixel sums (the images are random, so a sum names an image)."""
+
+    @staticmethod
+    def make(seen: list):
+        import lightning.pytorch as pl
+
+        class Recorder(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fc = torch.nn.Linear(28 * 28, 10)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                seen.append((self.current_epoch, tuple(round(float(v), 3) for v in x.flatten(1).sum(1))))
+                return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return Recorder()
+
+
+def _noniid_fit(folder: Path, root: Path, seed: int = 0, ckpt_path=None, **trainer_kwargs) -> list:
+    from lightning.pytorch import Trainer
+
+    seen: list = []
+    dm = FashionMNISTDataModule(folder, batch_size=8, sampling="non_iid", examples_per_label=2, seed=seed,
+                                pin_memory=False)
+    kwargs = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  use_distributed_sampler=False, limit_val_batches=0, default_root_dir=root, max_epochs=3)
+    kwargs.update(trainer_kwargs)
+    Trainer(**kwargs).fit(_RecordBatches.make(seen), datamodule=dm, ckpt_path=ckpt_path)
+    return seen
+
+
+def test_noniid_under_trainer_new_batches_every_epoch_deterministic_and_resumable(tmp_path: Path, make_fmnist) -> None:
+    """Lightning calls set_epoch on batch_sampler.sampler only: the sampler's handle must carry it, else every
+    epoch repeats epoch 0. Same seed -> same batches; another seed -> others; a run resumed mid-epoch from a
+    checkpoint draws exactly what the uninterrupted run drew after that step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folder = make_fmnist(tmp_path / "fm", n_train=64)
+    full = _noniid_fit(folder, tmp_path / "a", enable_checkpointing=False)
+    assert len(full) == 3 * 8 and [e for e, _ in full] == [0] * 8 + [1] * 8 + [2] * 8
+    epochs = [[b for e, b in full if e == k] for k in range(3)]
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    assert _noniid_fit(folder, tmp_path / "b", enable_checkpointing=False) == full
+    assert _noniid_fit(folder, tmp_path / "c", seed=1, enable_checkpointing=False) != full
+    # interrupted at step 12 (mid epoch 1), resumed to the end
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=12, save_top_k=-1)
+    first = _noniid_fit(folder, tmp_path / "d", max_steps=12, callbacks=[ckpt])
+    assert first == full[:12]
+    files = sorted((tmp_path / "ck").glob("*.ckpt"))
+    assert len(files) == 1
+    rest = _noniid_fit(folder, tmp_path / "e", ckpt_path=str(files[0]), enable_checkpointing=False)
+    assert rest == full[12:]
+
+
+def test_noniid_sampler_handle_forwards_set_epoch_and_start_batch_skips() -> None:
+    labels = np.repeat(np.arange(4), 16)
+    s = NonIIDBatchSampler(labels, batch_size=8, examples_per_label=4, seed=5)
+    e0 = list(s)
+    s.sampler.set_epoch(2)  # what lightning.fabric.utilities.data._set_sampler_epoch calls
+    assert s.epoch == 2 and list(s) != e0
+    s.set_epoch(0)
+    s.start_batch = lambda: 3
+    assert list(s) == e0[3:]
+    for b in e0:
+        _check_composition(b, labels, 4, 8)
+
+
+@pytest.mark.parametrize("name", ["limit_train", "limit_val"])
+@pytest.mark.parametrize("value", [-1, 0, 2.5, True])
+def test_limits_must_be_positive_ints(name, value, tmp_path, make_fmnist):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int .* got {name}={value!r}"):
+        FashionMNISTDataModule(make_fmnist(tmp_path / "fm"), **{name: value})
+
+
+def test_predict_shards_hold_every_example_once_under_ddp(tmp_path, make_fmnist):
+    from types import SimpleNamespace
+
+    fm = make_fmnist(tmp_path / "fm", n_test=21)  # not a multiple of the world size
+    seen, val_seen = [], []
+    for rank in range(2):
+        dm = FashionMNISTDataModule(fm, batch_size=4, val_batch_size=5)
+        dm.trainer = SimpleNamespace(
+            world_size=2, global_rank=rank, _accelerator_connector=SimpleNamespace(use_distributed_sampler=False)
+        )
+        dm.setup("predict")
+        seen += [i for i in dm.predict_dataloader().sampler]
+        val_seen += [i for i in dm.val_dataloader().sampler]
+    assert sorted(seen) == list(range(21))  # no padding duplicates in predictions
+    assert len(val_seen) == 22  # evaluation pads the shards to equal length, as Lightning does
