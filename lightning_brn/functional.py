@@ -75,7 +75,7 @@ def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return mean, invstd.reciprocal().square_()
     if x.dtype in _REDUCED_PRECISION:
         x = x.float()
-    if x.device.type == "meta":  # shapes only (e.g. Lightning's measure_flops): the kernel below has no meta version
+    if _shape_only(x):  # meta or fake tensors (measure_flops, FakeTensorMode): the kernel below has neither version
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
         return mean, var
     # batchnorm's own CPU statistics kernel; running stats None: nothing is updated.
@@ -435,7 +435,7 @@ def batch_renorm(
         running_mean = running_var = None
     if input.device.type == "cpu" and input.dtype in _CPP_DTYPES and _cpp_eligible(
         input.dtype, (weight, bias, running_mean, running_var), (rmax, dmax, momentum)
-    ):
+    ) and not _shape_only(input):
         op = _ext.cpu_op()
         if op is not None:  # the same maths in one C++ operator (lightning_brn/csrc/renorm_cpu.cpp)
             return op(
@@ -449,6 +449,14 @@ def batch_renorm(
 
 
 _CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def _shape_only(x: Tensor) -> bool:
+    """Whether ``x`` carries shapes but no data: a meta tensor, or a fake one (``FakeTensorMode``, which Lightning's
+    ``measure_flops`` and tracers use); the C++ operators and aten's statistics kernel need data."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.device.type == "meta" or is_fake(x)
 
 
 def _cpp_eligible(

@@ -19,7 +19,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from lightning_brn._checks import check_dmax, check_eps, check_momentum, check_rmax
 from lightning_brn._traced import batch_renorm as _traced_batch_renorm
-from lightning_brn.functional import _is_compiling, batch_renorm
+from lightning_brn.functional import _is_compiling, _shape_only, batch_renorm
 
 # torch.fx (and timm's fx feature extraction) records one call per layer instead of tracing into it.
 torch.fx.wrap("_traced_batch_renorm")
@@ -261,7 +261,7 @@ class _BatchRenorm(nn.Module):
         training mode, or by :class:`~lightning_brn.callbacks.BatchRenormScheduler`). Not part of the state dict.
         """
         nonfinite = self._buffers.get("_nonfinite")
-        return 0 if nonfinite is None or nonfinite.device.type == "meta" else int(nonfinite.item())
+        return 0 if nonfinite is None or _shape_only(nonfinite) else int(nonfinite.item())
 
     def report_nonfinite(self) -> int:
         """Warn once if training batches with non-finite statistics were seen since the last report; their count.
@@ -462,7 +462,7 @@ class _BatchRenorm(nn.Module):
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, rmax, dmax,
             microbatch_size, correction, num_batches_tracked, nonfinite,
         )
-        if nonfinite is not None and not compiling and nonfinite.device.type == "cpu":
+        if nonfinite is not None and not compiling and nonfinite.device.type == "cpu" and not _shape_only(nonfinite):
             if self._nonfinite_reported == 0 and nonfinite.item():  # (a CPU read: no device sync)
                 self.report_nonfinite()
         return out

@@ -798,3 +798,17 @@ def test_meta_device_training_forward_and_measure_flops(microbatch_size):
     assert y.device.type == "meta" and y.shape == (4, 4, 14, 14)
     flops = [measure_flops(m.train(), lambda m=m: m(x), lambda y: y.sum()) for m in (bn, brn)]
     assert flops[0] == flops[1] > 0
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_fake_tensor_mode_training_forward_and_backward(microbatch_size):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_brn import convert_model
+
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), rmax=3.0, dmax=5.0,
+                          microbatch_size=microbatch_size)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = model.train()(torch.randn(4, 3, 8, 8))
+        y.sum().backward()
+    assert y.shape == (4, 4, 6, 6)

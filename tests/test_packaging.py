@@ -58,3 +58,42 @@ def test_version_is_defined_once():
     about = (ROOT / "lightning_brn" / "__about__.py").read_text()
     assert f'__version__ = "{lightning_brn.__version__}"' in about
     assert 'dynamic = ["version"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_every_directly_imported_package_is_a_declared_dependency():
+    import ast
+    import importlib.metadata as md
+    import re
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    optional = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for deps in project.get("optional-dependencies", {}).values() for d in deps}
+    distributions = md.packages_distributions()
+    missing = {}
+    for folder in ("lightning_brn", "callbacks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    tops = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    tops = [node.module.split(".")[0]]
+                else:
+                    continue
+                for top in tops:
+                    if top in sys.stdlib_module_names or top in ("lightning_brn", "__future__"):
+                        continue
+                    dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                    if not dists & (declared | optional):
+                        missing.setdefault(top, path.relative_to(ROOT).as_posix())
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_wheel_carries_the_license(wheel):
+    assert any(n.endswith("LICENSE") for n in wheel.namelist())
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
