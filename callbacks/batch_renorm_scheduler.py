@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_brn.layers import is_batch_renorm, set_renorm_hyperparameters
 from lightning_brn.schedule import RenormSchedule, RenormValues
+from lightning_brn.validation import check_bool, check_int, check_microbatch_size
 
 __all__ = ["BatchRenormScheduler"]
 
@@ -146,21 +147,22 @@ class BatchRenormScheduler(Callback):
                 f"a function total_steps -> RenormSchedule (such as RenormSchedule.for_run) or None, got {schedule!r} "
                 f"of type {type(schedule).__name__}"
             )
-        if not isinstance(convert, bool):
-            raise _ConfigTypeError(f"`convert` must be a bool, got convert={convert!r}")
-        for name, value, minimum in (("log_every_n_steps", log_every_n_steps, 0), ("microbatch_size", microbatch_size, 1)):
-            if value is None:
-                continue
-            error = _ConfigTypeError if isinstance(value, bool) or not isinstance(value, int) else _ConfigValueError
-            if error is _ConfigTypeError or value < minimum:
-                raise error(f"`{name}` must be None or an int >= {minimum}, got {name}={value!r}")
+        # the library's rules (lightning_brn.validation), raised as Lightning's MisconfigurationException too
+        try:
+            check_bool("convert", convert)
+            if log_every_n_steps is not None:
+                check_int("log_every_n_steps", log_every_n_steps, minimum=0)
+            check_microbatch_size(microbatch_size)
+            check_bool("verbose", verbose)
+        except TypeError as err:
+            raise _ConfigTypeError(str(err)) from None
+        except ValueError as err:
+            raise _ConfigValueError(str(err)) from None
         if not convert and (microbatch_size is not None or exclude is not None):
             raise _ConfigValueError(
                 f"`microbatch_size` and `exclude` apply to the conversion and need convert=True, got "
                 f"convert=False with microbatch_size={microbatch_size!r}, exclude={exclude!r}"
             )
-        if not isinstance(verbose, bool):
-            raise _ConfigTypeError(f"`verbose` must be a bool, got verbose={verbose!r}")
         self._schedule: Optional[RenormSchedule] = schedule if is_schedule else None  # type: ignore[assignment]
         self._fit_schedule: Optional[Callable[[int], RenormSchedule]] = None if is_schedule else schedule
         self._saved_schedule: Optional[dict[str, Any]] = None  # from a checkpoint, compared once the schedule is fitted

@@ -42,11 +42,8 @@ from lightning_brn.layers import (
     BatchRenorm3d,
     BatchRenormAct2d,
     _BatchRenorm,
-    _check_dmax,
-    _check_microbatch_size,
-    _check_momentum,
-    _check_rmax,
 )
+from lightning_brn.validation import check_dmax, check_microbatch_size, check_momentum, check_rmax
 
 __all__ = ["convert_model", "revert_model", "conversion_summary", "ConversionSummary"]
 
@@ -562,10 +559,10 @@ def convert_model(
         raise TypeError(
             f"convert_model cannot change a scripted module ({type(model).__name__}): convert the eager model, then script it"
         )
-    rmax = _check_rmax(rmax)
-    dmax = _check_dmax(dmax)
-    momentum = _check_momentum(momentum)
-    microbatch_size = _check_microbatch_size(microbatch_size)
+    rmax = check_rmax(rmax)
+    dmax = check_dmax(dmax)
+    momentum = check_momentum(momentum)
+    microbatch_size = check_microbatch_size(microbatch_size)
     if callable(sync_batchnorm_dim):
         _check_two_arguments(
             "sync_batchnorm_dim", sync_batchnorm_dim, "sync_batchnorm_dim must be 1, 2, 3 or a function (name, module) -> rank"

@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_brn import _ext
-from lightning_brn._checks import check_dmax, check_eps, check_momentum, check_rmax
+from lightning_brn.validation import check_dmax, check_eps, check_microbatch_size, check_momentum, check_rmax
 
 # one module global (a guard of its own in compiled graphs) rather than the chain torch.compiler.is_compiling
 _is_compiling = torch.compiler.is_compiling
@@ -374,8 +374,8 @@ def batch_renorm(
                 f"{name} should contain {num_features} elements (one per channel of the input of shape "
                 f"{tuple(input.shape)}) not {t.numel()}"
             )
-    if microbatch_size is not None and microbatch_size < 1:
-        raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={microbatch_size}")
+    if microbatch_size is not None:
+        microbatch_size = check_microbatch_size(microbatch_size)
     if num_batches_tracked is not None and not (
         isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.numel() == 1
     ):

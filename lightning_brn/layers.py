@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from lightning_brn._checks import check_dmax, check_eps, check_momentum, check_rmax
+from lightning_brn.validation import (
+    check_bool,
+    check_dmax,
+    check_eps,
+    check_microbatch_size,
+    check_momentum,
+    check_rmax,
+)
 from lightning_brn._traced import batch_renorm as _traced_batch_renorm
 from lightning_brn.functional import _is_compiling, _shape_only, batch_renorm
 
@@ -34,53 +41,8 @@ __all__ = [
 _CORRECTION_FIELDS = ("r_clipped", "d_clipped", "abs_r_minus_1", "abs_d", "count")
 
 
-def _check_number(name: str, value: Any, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be {'a number' if allow_inf else 'finite'}, got {name}={value}")
-    return value
-
-
-def _check_rmax(value: Any) -> float:
-    v = _check_number("rmax", value, allow_inf=True)  # inf: r is not clipped
-    check_rmax(v)
-    return v
-
-
-def _check_dmax(value: Any) -> float:
-    v = _check_number("dmax", value, allow_inf=True)  # inf: d is not clipped
-    check_dmax(v)
-    return v
-
-
-def _check_momentum(value: Any) -> float:
-    if value is None:
-        raise ValueError(
-            "momentum=None (batchnorm's cumulative average) is not supported by Batch Renorm: "
-            "give the moving-average rate alpha in [0, 1], e.g. momentum=0.01"
-        )
-    v = _check_number("momentum", value)
-    check_momentum(v)
-    return v
-
-
-def _check_microbatch_size(value: Any) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"microbatch_size must be a positive int or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"microbatch_size must be >= 1 or None, got microbatch_size={value}")
-    return int(value)
-
-
 def _distributed_initialized() -> bool:
+    """Whether a ``torch.distributed`` default process group exists (the layers then share their moving averages)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -124,15 +86,13 @@ class _BatchRenorm(nn.Module):
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got num_features={num_features!r}")
-        eps_v = _check_number("eps", eps)
-        check_eps(eps_v)
-        momentum_v = _check_momentum(momentum)
-        rmax_v = _check_rmax(rmax)
-        dmax_v = _check_dmax(dmax)
-        mbs = _check_microbatch_size(microbatch_size)
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        eps_v = check_eps(eps)
+        momentum_v = check_momentum(momentum)
+        rmax_v = check_rmax(rmax)
+        dmax_v = check_dmax(dmax)
+        mbs = check_microbatch_size(microbatch_size)
+        check_bool("affine", affine)
+        check_bool("track_running_stats", track_running_stats)
         super().__init__()
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = int(num_features)
@@ -191,7 +151,7 @@ class _BatchRenorm(nn.Module):
 
     @rmax.setter
     def rmax(self, value: float) -> None:
-        v = _check_rmax(value)
+        v = check_rmax(value)
         self._schedule[0] = v
         self._rmax_value = v
 
@@ -202,7 +162,7 @@ class _BatchRenorm(nn.Module):
 
     @dmax.setter
     def dmax(self, value: float) -> None:
-        v = _check_dmax(value)
+        v = check_dmax(value)
         self._schedule[1] = v
         self._dmax_value = v
 
@@ -213,7 +173,7 @@ class _BatchRenorm(nn.Module):
 
     @momentum.setter
     def momentum(self, value: float) -> None:
-        v = _check_momentum(value)
+        v = check_momentum(value)
         self._schedule[2] = v
         self._momentum_value = v
 
@@ -224,7 +184,7 @@ class _BatchRenorm(nn.Module):
 
     @microbatch_size.setter
     def microbatch_size(self, value: Optional[int]) -> None:
-        self._microbatch_size = _check_microbatch_size(value)
+        self._microbatch_size = check_microbatch_size(value)
 
     def correction_stats(self) -> dict[str, float]:
         """What the correction did in the last training step (needs ``track_correction = True``).
@@ -672,7 +632,7 @@ def set_renorm_hyperparameters(model: nn.Module, rmax: float, dmax: float, momen
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    values = (_check_rmax(rmax), _check_dmax(dmax), _check_momentum(momentum))
+    values = (check_rmax(rmax), check_dmax(dmax), check_momentum(momentum))
     count = 0
     for module in model.modules():
         if isinstance(module, _BatchRenorm):

@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_brn.convert import convert_model
 from lightning_brn.schedule import RenormSchedule
+from lightning_brn.validation import check_float, check_int, check_microbatch_size
 
 __all__ = ["TimmClassifier", "create_timm_model", "check_batch_config"]
 
@@ -144,7 +145,7 @@ class TimmClassifier(pl.LightningModule):
         normalization: ``"bn"`` or ``"brn"``.
         renorm_schedule: the rmax/dmax/alpha schedule; ``None`` fits the paper's to the run.
         microbatch_size: normalize each group of this many consecutive examples on its own
-            (paper 4.2: 4); must divide the per-process batch size.
+            (paper 4.2: 4); >= 1, and must divide the per-process batch size.
         label_smoothing: cross-entropy label smoothing (paper/Inception v3: 0.1).
         optimizer: a callable ``params -> Optimizer`` (LightningCLI ``class_path`` +
             ``init_args``). ``None``: :class:`timm.optim.RMSpropTF` with the Inception v3
@@ -187,17 +188,10 @@ class TimmClassifier(pl.LightningModule):
         super().__init__()
         if normalization not in ("bn", "brn"):
             raise ValueError(f"normalization must be 'bn' or 'brn', got {normalization!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
-        if microbatch_size is not None and (
-            isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 2
-        ):
-            raise ValueError(
-                f"microbatch_size must be an int >= 2 (a group of one example has no variance) or None, "
-                f"got {microbatch_size!r}"
-            )
+        check_int("num_classes", num_classes, minimum=1)
+        check_int("in_chans", in_chans, minimum=1)
+        microbatch_size = check_microbatch_size(microbatch_size)
+        label_smoothing = check_float("label_smoothing", label_smoothing)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if lr_scheduler_interval not in ("step", "epoch"):

@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple, Optional
 import torch
 from torch import nn
 
-from lightning_brn._checks import check_dmax, check_momentum, check_rmax
+from lightning_brn.validation import check_choice, check_dmax, check_float, check_int, check_momentum, check_rmax
 from lightning_brn.layers import set_renorm_hyperparameters
 
 __all__ = ["RenormSchedule", "RenormValues"]
@@ -49,16 +49,8 @@ class RenormValues(NamedTuple):
     momentum: float
 
 
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
-    return int(value)
-
-
 def _check_reference_steps(value: Any) -> int:
-    steps = _check_int("reference_steps", value, minimum=1)
+    steps = check_int("reference_steps", value, minimum=1)
     if steps < _MIN_REFERENCE_STEPS:
         raise ValueError(
             f"reference_steps must be >= {_MIN_REFERENCE_STEPS} (the length of the run the paper's points belong to: "
@@ -67,15 +59,6 @@ def _check_reference_steps(value: Any) -> int:
             "yourself, build RenormSchedule(warmup_steps=..., rmax_steps=..., dmax_steps=...)"
         )
     return steps
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {name}={v}")
-    return v
 
 
 class RenormSchedule:
@@ -134,27 +117,26 @@ class RenormSchedule:
         momentum: float = _PAPER_MOMENTUM,
         shape: RampShape = "linear",
     ) -> None:
-        warmup_steps = _check_int("warmup_steps", warmup_steps)
-        rmax = _check_float("rmax", rmax)
+        warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        rmax = check_float("rmax", rmax)
         check_rmax(rmax)
-        rmax_steps = _check_int("rmax_steps", rmax_steps)
+        rmax_steps = check_int("rmax_steps", rmax_steps, minimum=0)
         if rmax_steps < warmup_steps:
             raise ValueError(
                 f"rmax_steps must be >= warmup_steps (the ramp ends after it starts), "
                 f"got rmax_steps={rmax_steps} < warmup_steps={warmup_steps}"
             )
-        dmax = _check_float("dmax", dmax)
+        dmax = check_float("dmax", dmax)
         check_dmax(dmax)
-        dmax_steps = _check_int("dmax_steps", dmax_steps)
+        dmax_steps = check_int("dmax_steps", dmax_steps, minimum=0)
         if dmax_steps < warmup_steps:
             raise ValueError(
                 f"dmax_steps must be >= warmup_steps (the ramp ends after it starts), "
                 f"got dmax_steps={dmax_steps} < warmup_steps={warmup_steps}"
             )
-        momentum = _check_float("momentum", momentum)
+        momentum = check_float("momentum", momentum)
         check_momentum(momentum)
-        if shape not in _SHAPES:
-            raise ValueError(f"shape must be one of {_SHAPES}, got shape={shape!r}")
+        check_choice("shape", shape, _SHAPES)
         self._warmup_steps = warmup_steps
         self._rmax = rmax
         self._rmax_steps = rmax_steps
@@ -187,8 +169,7 @@ class RenormSchedule:
 
         Args:
             total_steps: optimizer steps of the run, >= 1.
-            reference_steps: length of the run whose horizon (1 / 0.01 = 100 steps) is scaled, >= 40000 (the
-                paper's points must lie within it). Default: 130000.
+            reference_steps: length of the run whose horizon (1 / 0.01 = 100 steps) is scaled. Default: 130000.
 
         Examples::
 
@@ -196,8 +177,8 @@ class RenormSchedule:
             >>> [RenormSchedule.momentum_for_run(t) for t in (2_000, 26_000, 130_000, 500_000)]
             [0.1, 0.05, 0.01, 0.01]
         """
-        total_steps = _check_int("total_steps", total_steps, minimum=1)
-        reference_steps = _check_reference_steps(reference_steps)
+        total_steps = check_int("total_steps", total_steps, minimum=1)
+        reference_steps = check_int("reference_steps", reference_steps, minimum=1)
         alpha = _PAPER_MOMENTUM * reference_steps / total_steps
         return float(min(max(alpha, _PAPER_MOMENTUM), _RULE_MAX_MOMENTUM))
 
@@ -237,7 +218,7 @@ class RenormSchedule:
             >>> RenormSchedule.for_run(260_000).momentum
             0.01
         """
-        total_steps = _check_int("total_steps", total_steps, minimum=1)
+        total_steps = check_int("total_steps", total_steps, minimum=1)
         reference_steps = _check_reference_steps(reference_steps)
         scale = total_steps / reference_steps
         if momentum is None:
@@ -301,17 +282,17 @@ class RenormSchedule:
 
     def rmax_at(self, step: int) -> float:
         """``rmax`` for optimizer step ``step`` (>= 0)."""
-        step = _check_int("step", step)
+        step = check_int("step", step, minimum=0)
         return 1.0 + (self._rmax - 1.0) * self._progress(step, self._rmax_steps)
 
     def dmax_at(self, step: int) -> float:
         """``dmax`` for optimizer step ``step`` (>= 0)."""
-        step = _check_int("step", step)
+        step = check_int("step", step, minimum=0)
         return self._dmax * self._progress(step, self._dmax_steps)
 
     def momentum_at(self, step: int) -> float:
         r"""The moving-average rate :math:`\alpha` for optimizer step ``step`` (>= 0); constant."""
-        _check_int("step", step)
+        check_int("step", step, minimum=0)
         return self._momentum
 
     def values(self, step: int) -> RenormValues:

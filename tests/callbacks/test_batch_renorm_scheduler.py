@@ -550,7 +550,7 @@ def test_custom_schedule_with_the_same_interface(tmp_path):
     [
         (dict(schedule={"warmup_steps": 3}), TypeError, "`schedule` must be a lightning_brn.RenormSchedule.*warmup_steps"),
         (dict(schedule=0.01), TypeError, "`schedule` must be a lightning_brn.RenormSchedule.*got 0.01 of type float"),
-        (dict(convert="yes"), TypeError, "`convert` must be a bool, got convert='yes'"),
+        (dict(convert="yes"), TypeError, "convert must be a bool, got convert='yes'"),
         (dict(log_every_n_steps=-1), ValueError, "log_every_n_steps=-1"),
         (dict(log_every_n_steps=2.5), TypeError, "log_every_n_steps=2.5"),
         (dict(log_every_n_steps=True), TypeError, "log_every_n_steps=True"),
