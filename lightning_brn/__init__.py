@@ -20,6 +20,14 @@ from lightning_brn.layers import (
 )
 from lightning_brn.convert import ConversionSummary, conversion_summary, convert_model, revert_model
 from lightning_brn.schedule import RenormSchedule, RenormValues
+from lightning_brn.distributed import (
+    RunningStatsSharing,
+    SyncBatchRenorm,
+    convert_sync_batch_renorm,
+    revert_sync_batch_renorm,
+    share_running_stats,
+    wait_running_stats,
+)
 
 __all__ = [
     "__version__",
@@ -36,4 +44,10 @@ __all__ = [
     "ConversionSummary",
     "RenormSchedule",
     "RenormValues",
+    "SyncBatchRenorm",
+    "RunningStatsSharing",
+    "share_running_stats",
+    "wait_running_stats",
+    "convert_sync_batch_renorm",
+    "revert_sync_batch_renorm",
 ]

@@ -41,7 +41,7 @@ from lightning_brn.layers import (
     BatchRenorm2d,
     BatchRenorm3d,
     BatchRenormAct2d,
-    _BatchRenorm,
+    BatchRenormBase,
 )
 from lightning_brn.validation import check_dmax, check_microbatch_size, check_momentum, check_rmax
 
@@ -105,7 +105,7 @@ def _frozen_classes() -> tuple[type, ...]:
 def _is_frozen(module: nn.Module) -> bool:
     """Frozen batchnorms (fixed statistics and affine, no training behaviour): left alone."""
     return isinstance(module, _frozen_classes()) or (
-        not isinstance(module, (_BatchNorm, _BatchRenorm)) and "FrozenBatchNorm" in type(module).__name__
+        not isinstance(module, (_BatchNorm, BatchRenormBase)) and "FrozenBatchNorm" in type(module).__name__
     )
 
 
@@ -220,7 +220,7 @@ def _sync_rank(name: str, module: nn.Module, sync_batchnorm_dim: SyncDimType) ->
     return int(rank)
 
 
-def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: SyncDimType) -> type[_BatchRenorm]:
+def _target_class(name: str, module: _BatchNorm, sync_batchnorm_dim: SyncDimType) -> type[BatchRenormBase]:
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise _unsupported(
             name, module, "it is an uninitialized lazy batchnorm (num_features unknown); run one forward pass first"
@@ -287,8 +287,8 @@ def _retarget_hooks(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _make_renorm(
-    module: _BatchNorm, cls: type[_BatchRenorm], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
-) -> _BatchRenorm:
+    module: _BatchNorm, cls: type[BatchRenormBase], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
+) -> BatchRenormBase:
     # Built without weight, bias or running statistics (registered as None, nothing allocated, nothing
     # initialized), on the device of the original state so that the schedule buffers live there;
     # then the original tensors move in and the flags are set to the original's.
@@ -313,7 +313,7 @@ def _make_renorm(
     return new
 
 
-def _make_batchnorm(module: _BatchRenorm, cls: type[_BatchNorm], momentum: Optional[float]) -> _BatchNorm:
+def _make_batchnorm(module: BatchRenormBase, cls: type[_BatchNorm], momentum: Optional[float]) -> _BatchNorm:
     # As _make_renorm: nothing allocated, then the renorm layer's tensors move in.
     kwargs: dict[str, object] = dict(eps=module.eps, momentum=momentum, affine=False, track_running_stats=False)
     if cls in _timm_norm_act()[0]:
@@ -393,7 +393,7 @@ def conversion_summary(model: nn.Module) -> ConversionSummary:
     names: list[str] = []
     for name, m in model.named_modules():
         cls = _class_name(m)
-        if isinstance(m, _BatchRenorm):
+        if isinstance(m, BatchRenormBase):
             renorm[cls] += 1
             names.append(name)
             source = getattr(m, _SOURCE_ATTR, None)
@@ -577,7 +577,7 @@ def convert_model(
     # First every check and every new layer (built from the originals, which stay as they are), then the swap: a
     # model that cannot be converted is left as it was.
     excluded_ids: set[int] = set()
-    targets: dict[int, tuple[type[_BatchRenorm], _BatchRenorm]] = {}
+    targets: dict[int, tuple[type[BatchRenormBase], BatchRenormBase]] = {}
 
     def check(module: nn.Module, name: str) -> bool:
         if is_excluded(name, module):  # (the predicate is called once per module)
@@ -609,7 +609,7 @@ def convert_model(
     def convert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         if id(module) in excluded_ids:
             for m in module.modules():
-                if isinstance(m, (_BatchNorm, _BatchRenorm)):
+                if isinstance(m, (_BatchNorm, BatchRenormBase)):
                     excluded[_class_name(m)] += 1
             return module, False
         if isinstance(module, torch.jit.ScriptModule):  # checked above: no batchnorm inside
@@ -619,7 +619,7 @@ def convert_model(
             cls, out = targets[id(module)]
             _retarget_hooks(module, out)
             converted[f"{_class_name(module)} -> {cls.__name__}"] += 1
-        elif isinstance(module, _BatchRenorm):
+        elif isinstance(module, BatchRenormBase):
             already[_class_name(module)] += 1
         elif _is_frozen(module):
             frozen[_class_name(module)] += 1
@@ -647,7 +647,7 @@ def convert_model(
 
 
 # --------------------------------------------------------------------------------------------- revert
-def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
+def _bn_target(name: str, module: BatchRenormBase) -> type[_BatchNorm]:
     where = _where(name)
     qualname = parametrize.type_before_parametrizations(module).__qualname__
     for renorm_cls, bn_cls in _revert_table():
@@ -665,9 +665,9 @@ def _bn_target(name: str, module: _BatchRenorm) -> type[_BatchNorm]:
 
 
 @functools.lru_cache(maxsize=None)
-def _revert_table() -> tuple[tuple[type[_BatchRenorm], type[_BatchNorm]], ...]:
+def _revert_table() -> tuple[tuple[type[BatchRenormBase], type[_BatchNorm]], ...]:
     """(renorm class, batchnorm class) pairs, most specific first."""
-    table: list[tuple[type[_BatchRenorm], type[_BatchNorm]]] = []
+    table: list[tuple[type[BatchRenormBase], type[_BatchNorm]]] = []
     act = _timm_norm_act()[0]
     if act:
         table.append((BatchRenormAct2d, act[0]))
@@ -714,7 +714,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     targets: dict[int, tuple[type[_BatchNorm], _BatchNorm]] = {}
 
     def check(module: nn.Module, name: str) -> bool:
-        if isinstance(module, _BatchRenorm):
+        if isinstance(module, BatchRenormBase):
             bn_cls = _bn_target(name, module)
             bn_momentum = getattr(module, _BN_MOMENTUM_ATTR, _MISSING)
             if bn_momentum is _MISSING:
@@ -727,7 +727,7 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     def revert(module: nn.Module, name: str) -> tuple[nn.Module, bool]:
         out = module
-        if isinstance(module, _BatchRenorm):
+        if isinstance(module, BatchRenormBase):
             bn_cls, out = targets[id(module)]
             _retarget_hooks(module, out)
             reverted[f"{_class_name(module)} -> {bn_cls.__name__}"] += 1

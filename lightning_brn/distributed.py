@@ -1,39 +1,34 @@
 r"""Batch Renorm on many processes: moving averages shared by every rank, and a synchronized Batch Renorm.
 
 The paper trained on 50 synchronized workers whose moving averages every worker's batch updated, while each worker
-normalized its own minibatch (so r and d were per worker). Two modes follow from that:
+normalized its own minibatch (so r and d were per worker). The modes (``docs/distributed.md`` has the details):
 
-==========================  ===================================  ==================================  ======================
-mode                        statistics that normalize            moving averages (mu, sigma)         all-reduces per layer
-==========================  ===================================  ==================================  ======================
-shared averages (default)   each rank's own batch (or its        move towards the mean over ranks    one of 2C + 1 floats
-                            microbatch groups); r, d per rank    (and groups) of mu_B and sigma_B     per training forward,
-                                                                                                      async (overlaps the
-                                                                                                      backward)
-:class:`SyncBatchRenorm`    the whole process group's batch      as in one process over that batch;  forward: 2C + 1,
-                            (count, shifted sum and sum of       over a subgroup, shared with the    backward: 2C (sync);
-                            squares all-reduced); r, d shared    other subgroups as above            +1 async with
-                                                                                                      subgroups
-local (``enabled=False``)   each rank's own batch                per rank (they diverge)             none
-==========================  ===================================  ==================================  ======================
+- **shared averages** (default): each rank normalizes its own batch (or its microbatch groups), r and d per rank; the
+  averages move towards the mean over ranks (and groups) of mu_B and sigma_B and are identical on every rank. Cost:
+  one asynchronous all-reduce per step and process group of sum(2C + 1) values over the layers (about 53k floats
+  for a ResNet-50), launched when the backward starts and waited for after the optimizer step.
+- :class:`SyncBatchRenorm` (opt in): statistics of the whole process group's batch (one all-reduce of 2C + 1
+  values per layer in the forward, one of 2C in the backward, synchronous as in ``SyncBatchNorm``); r and d the same
+  on every rank. Over a subgroup (the paper's microbatches spread over devices), the averages are shared as above.
+- local (``share_running_stats(model, enabled=False)``): per-rank averages, which diverge; no collective.
 
 **Shared averages** need no code: a Batch Renorm layer's first training forward in a process whose default process
 group (``torch.distributed``) has several ranks attaches a :class:`RunningStatsSharing` to it (the layer's
-``running_stats_sharing``). Each training forward then computes this rank's update of the averages as usual, and
-launches one asynchronous all-reduce of the update, weighted by the number of normalized groups (1, or the
-microbatch groups); the result is written into the buffers before the layer's next forward, before its state dict is
-read or loaded, and after every ``optimizer.step()``, so the averages are identical on every rank after every step,
-and a rank-0 checkpoint holds what all ranks saw. The update is affine in (mu_B, sigma_B): averaging each rank's
-update, from the same starting averages, is the update with the mean over ranks, exactly as one process normalizing
-the ranks' batches as microbatches (``microbatch_size`` = per-rank batch). Under ``no_sync`` (gradient
-accumulation) every forward still moves the averages, as in one process, and every forward is shared: one
-all-reduce per layer and training forward, not per optimizer step. Eval forwards issue none.
-:func:`share_running_stats` chooses another process group (say, the data-parallel dimension of a device mesh), and
-keeps the renorm buffers out of ``DistributedDataParallel``'s rank-0 broadcast (call it before wrapping the model).
-Under ``torch.compile`` the all-reduce is a functional collective in the graph, waited for in the same graph.
+``running_stats_sharing``). Each training forward then runs the layer's own step (r and d from the shared averages,
+then this rank's update) and adds w * mu, w * sigma and w (w: the number of groups the batch normalized, 1 without
+microbatches) to the step's flat buffer; the backward reaching any renorm output launches one all-reduce of it; the
+weighted means are written into every layer's buffers after the optimizer step, or earlier before a layer's next
+forward or its state dict. The averages are therefore identical on every rank after every step, and a rank-0
+checkpoint holds what all ranks saw. The update is affine in (mu_B, sigma_B): averaging the ranks' updated
+averages, from the same starting averages, is the update with the mean over ranks, exactly as one process
+normalizing the ranks' batches as microbatches (``microbatch_size`` = per-rank batch). Under ``no_sync`` (gradient
+accumulation) every forward still moves the averages, as in one process, and every forward is shared (one
+all-reduce per micro-step). Eval forwards issue none. :func:`share_running_stats` chooses another process group
+(say, the data-parallel dimension of a device mesh), and keeps the renorm buffers out of
+``DistributedDataParallel``'s rank-0 broadcast (call it before wrapping the model). Under ``torch.compile`` each
+layer's all-reduce is a functional collective in the graph, waited for in the same graph.
 
-Every rank must run every layer's training forward the same number of times, as with ``SyncBatchNorm``: each is a
-collective.
+Every rank must run every layer's training forward the same number of times, as with ``SyncBatchNorm``.
 """
 
 from __future__ import annotations
@@ -45,13 +40,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_brn._checks import check_eps
-from lightning_brn.functional import batch_renorm, renorm_correction
-from lightning_brn.layers import _BatchRenorm, is_batch_renorm
+from lightning_brn.validation import check_eps
+from lightning_brn.functional import renorm_correction
+from lightning_brn.layers import BatchRenormBase, is_batch_renorm
 
 __all__ = [
     "RunningStatsSharing",
     "SyncBatchRenorm",
+    "SyncBatchRenormAct",
     "convert_sync_batch_renorm",
     "default_running_stats_sharing",
     "renorm_buffer_names",
@@ -62,9 +58,11 @@ __all__ = [
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup (or None: the default group)
 
-# sharings with an all-reduce in flight, completed by the optimizer step post-hook
-_in_flight: "weakref.WeakSet[RunningStatsSharing]" = weakref.WeakSet()
-_step_hook: Optional[Any] = None
+# buckets with an all-reduce to launch or to complete, completed by the optimizer step post-hook
+_in_flight: "weakref.WeakSet[_Bucket]" = weakref.WeakSet()
+# the bucket that training forwards add to, per (process group, device, dtype)
+_open: dict[tuple[int, torch.device, torch.dtype], "_Bucket"] = {}
+_step_hooks: Optional[Any] = None
 
 
 def _none() -> None:
@@ -75,28 +73,89 @@ def _world_size(group: ProcessGroup) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+def _launch_in_flight(*_: Any, **__: Any) -> None:
+    for bucket in list(_in_flight):
+        bucket.launch()
+
+
 def _complete_in_flight(*_: Any, **__: Any) -> None:
-    for sharing in list(_in_flight):
-        sharing.wait()
+    for bucket in list(_in_flight):
+        bucket.wait()
 
 
 def _ensure_step_hook() -> None:
-    global _step_hook
-    if _step_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+    global _step_hooks
+    if _step_hooks is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        _step_hook = register_optimizer_step_post_hook(_complete_in_flight)
+        _step_hooks = (
+            register_optimizer_step_pre_hook(_launch_in_flight),
+            register_optimizer_step_post_hook(_complete_in_flight),
+        )
+
+
+class _Bucket:
+    """The averages of the training forwards of one step, one process group, device and dtype: one flat all-reduce.
+
+    Launched once, at the first of: the backward reaching a layer's output (a tensor hook), an optimizer step, or a
+    wait (the next forward of one of its layers, its state dict); then every layer's averages are written at once."""
+
+    def __init__(self, group: ProcessGroup, key: tuple[int, torch.device, torch.dtype]) -> None:
+        self.group, self.key = group, key
+        self.entries: list[tuple[BatchRenormBase, Tensor]] = []
+        self.flat: Optional[Tensor] = None
+        self.work: Optional[Any] = None
+        self.done = False
+
+    def add(self, layer: BatchRenormBase, flat: Tensor) -> None:
+        self.entries.append((layer, flat))
+        _in_flight.add(self)
+
+    def launch(self, *_: Any) -> None:
+        if self.work is not None:
+            return
+        if _open.get(self.key) is self:
+            del _open[self.key]  # later forwards start a new bucket
+        flats = [f for _, f in self.entries]
+        self.flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+        self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        self.launch()
+        assert self.work is not None and self.flat is not None
+        self.work.wait()
+        self.done = True
+        _in_flight.discard(self)
+        offset = 0
+        for layer, f in self.entries:
+            n = f.numel()
+            RunningStatsSharing._write(layer, self.flat[offset : offset + n], eager=True)
+            offset += n
+        self.entries = []
+
+
+def _open_bucket(group: ProcessGroup, flat: Tensor) -> _Bucket:
+    key = (id(group), flat.device, flat.dtype)
+    bucket = _open.get(key)
+    if bucket is None:
+        bucket = _open[key] = _Bucket(group, key)
+    return bucket
 
 
 class RunningStatsSharing:
     r"""Shares one Batch Renorm layer's moving-average updates with the other ranks of a process group.
 
-    Called as the layer's forward (the layer's ``running_stats_sharing``). In training with running statistics:
-    the averages before the step are kept, the layer's own forward updates them from this rank's batch, and the
-    update, :math:`\Delta\mu` and :math:`\Delta\sigma` per channel times the number of normalized groups, goes into
-    one asynchronous all-reduce (2C + 1 values). :meth:`wait` writes back
-    :math:`\mu + \overline{\Delta\mu}` and :math:`(\sigma + \overline{\Delta\sigma})^2 - \epsilon`; it runs before
-    the next forward, before the layer's state dict is saved or loaded, and after every optimizer step.
+    Called as the layer's forward (the layer's ``running_stats_sharing``). In training with running statistics the
+    layer's own forward updates its averages from this rank's batch; then :math:`w\mu` and :math:`w\sigma` per
+    channel, with w the number of groups the batch normalized, and w (2C + 1 values) join the step's one
+    asynchronous all-reduce over the process group (with every other layer's; launched when the backward starts).
+    :meth:`wait` writes back :math:`\bar\mu = \sum w\mu / \sum w` and
+    :math:`\bar\sigma^2 - \epsilon`; it runs before the next forward, before the layer's state dict is saved or
+    loaded, and after every optimizer step. Since the update is affine in (mu_B, sigma_B), the mean of the ranks'
+    updated averages is the update with the mean of their batch statistics; ranks that started from different
+    averages (rank-local averages loaded into a run) end up with the same ones after one step.
 
     Args:
         process_group: the ranks that share the averages; ``None``: the default (world) group.
@@ -104,7 +163,7 @@ class RunningStatsSharing:
 
     def __init__(self, process_group: ProcessGroup = None) -> None:
         self.process_group = process_group
-        self._pending: Optional[tuple[Any, Tensor, _BatchRenorm, Tensor, Tensor]] = None
+        self._bucket: Optional[_Bucket] = None
 
     # not copied (deepcopy of a model, e.g. for an EMA copy) nor pickled: the copy decides again at its first forward
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -122,9 +181,9 @@ class RunningStatsSharing:
     @property
     def pending(self) -> bool:
         """Whether an all-reduce of this layer's last update is still to be written into its buffers."""
-        return self._pending is not None
+        return self._bucket is not None and not self._bucket.done
 
-    def attach(self, layer: _BatchRenorm) -> "RunningStatsSharing":
+    def attach(self, layer: BatchRenormBase) -> "RunningStatsSharing":
         """Makes this the sharing of ``layer``; its state dict is then saved and loaded with the update written."""
         layer.running_stats_sharing = self
         if _wait_hook not in layer._state_dict_pre_hooks.values():
@@ -133,81 +192,85 @@ class RunningStatsSharing:
         _ensure_step_hook()
         return self
 
-    def __call__(self, layer: _BatchRenorm, input: Tensor) -> Tensor:
+    def __call__(self, layer: BatchRenormBase, input: Tensor) -> Tensor:
         self.wait()
         if not (layer.training and layer.track_running_stats and layer.running_mean is not None and dist.is_initialized()):
             return layer.renorm_forward(input)
         if torch.compiler.is_compiling():
             return self._compiled_forward(layer, input)
-        old_mean, old_var = self._before(layer)
+        if torch.fx._symbolic_trace.is_fx_tracing():  # an fx graph records the layer's own call
+            return layer.renorm_forward(input)
         out = layer.renorm_forward(input)
-        flat = self._update(layer, input, old_mean, old_var)
-        work = dist.all_reduce(flat, group=self.process_group, async_op=True)
-        self._pending = (work, flat, layer, old_mean, old_var)
-        _in_flight.add(self)
+        flat = self._weighted_averages(layer, input)
+        bucket = self._bucket = _open_bucket(self.process_group, flat)
+        bucket.add(layer, flat)
+        if isinstance(out, Tensor) and out.requires_grad:
+            out.register_hook(bucket.launch)  # the backward starts: every layer's forward of this step is in
+        else:
+            bucket.launch()  # no backward will come: launched here, by every rank alike
         return out
 
     def wait(self) -> None:
-        """Writes the all-reduced update of the last training forward into the layer's buffers (if one is in flight)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        _in_flight.discard(self)
-        work, flat, layer, old_mean, old_var = pending
-        work.wait()
-        self._write(layer, flat, old_mean, old_var)
+        """Writes the all-reduced averages of the last training forward into the layer's buffers (if in flight),
+        with those of every layer whose forward went into the same all-reduce (launched now if it was not yet)."""
+        bucket, self._bucket = self._bucket, None
+        if bucket is not None:
+            bucket.wait()
 
     # ----------------------------------------------------------------- the maths
     @staticmethod
-    def _stat_dtype(layer: _BatchRenorm) -> torch.dtype:
-        assert layer.running_mean is not None
-        return torch.promote_types(layer.running_mean.dtype, torch.float32)
-
-    def _before(self, layer: _BatchRenorm) -> tuple[Tensor, Tensor]:
-        assert layer.running_mean is not None and layer.running_var is not None
-        sd = self._stat_dtype(layer)
-        return layer.running_mean.detach().to(sd, copy=True), layer.running_var.detach().to(sd, copy=True)
+    def _weighted_averages(layer: BatchRenormBase, input: Tensor) -> Tensor:
+        """(2C + 1,): w * mu, w * sigma, w after this rank's update, with w the number of groups the batch
+        normalized (``N / microbatch_size``, 1 without microbatches, 0 for an empty batch)."""
+        rm, rv = layer.running_mean, layer.running_var
+        assert rm is not None and rv is not None
+        c = rm.numel()
+        mbs = layer.microbatch_size
+        groups = 0 if input.numel() == 0 else (input.shape[0] // mbs if mbs else 1)
+        with torch.no_grad():
+            dtype = torch.promote_types(rm.dtype, torch.float32)
+            weight = torch.full((1,), float(groups), dtype=dtype, device=rm.device)
+            flat = torch.cat([rm, rv.add(layer.eps).sqrt_(), weight])  # sigma: eps inside, as the layer tracks it
+            if groups != 1:
+                flat[: 2 * c].mul_(groups)
+        return flat
 
     @staticmethod
-    def _update(layer: _BatchRenorm, input: Tensor, old_mean: Tensor, old_var: Tensor) -> Tensor:
-        """(2C + 1,): w * (mu' - mu), w * (sigma' - sigma), w, with w the number of groups this batch normalized."""
-        assert layer.running_mean is not None and layer.running_var is not None
+    def _write(layer: BatchRenormBase, flat: Tensor, eager: bool) -> None:
+        """mu = sum(w mu) / W and running_var = (sum(w sigma) / W)^2 - eps; nothing when no rank normalized anything
+        (W = 0). ``eager``: W is read on the CPU (no device sync there); compiled graphs select on the device."""
+        rm, rv = layer.running_mean, layer.running_var
+        assert rm is not None and rv is not None
+        c = rm.numel()
         with torch.no_grad():
-            new_mean = layer.running_mean.detach().to(old_mean.dtype)
-            new_var = layer.running_var.detach().to(old_var.dtype)
-            eps = layer.eps
-            # sigma' - sigma = (var' - var) / (sigma' + sigma): no cancellation between sigma^2 and eps
-            d_sigma = (new_var - old_var).div_((new_var + eps).sqrt_().add_((old_var + eps).sqrt_()))
-            mbs = layer.microbatch_size
-            n = input.shape[0]
-            groups = 0 if input.numel() == 0 else (n // mbs if mbs else 1)
-            weight = torch.full((1,), float(groups), dtype=old_mean.dtype, device=old_mean.device)
-            return torch.cat([(new_mean - old_mean).mul_(groups), d_sigma.mul_(groups), weight])
+            if eager and flat.device.type == "cpu":
+                total = flat[2 * c].item()
+                if total <= 0:
+                    return
+                mean, sigma = flat[: 2 * c].view(2, c).unbind(0)
+                torch.div(mean, total, out=rm)
+                torch.addcmul(_neg(layer.eps, sigma), sigma, sigma, value=1.0 / (total * total), out=rv).clamp_min_(0.0)
+                return
+            total = flat[2 * c :]
+            values = flat[: 2 * c] / total.clamp_min(1.0)  # integer counts
+            keep = total > 0
+            rm.copy_(torch.where(keep, values[:c], rm))
+            rv.copy_(torch.where(keep, values[c:].square().sub_(layer.eps).clamp_min_(0.0), rv))
 
-    @staticmethod
-    def _write(layer: _BatchRenorm, flat: Tensor, old_mean: Tensor, old_var: Tensor) -> None:
-        assert layer.running_mean is not None and layer.running_var is not None
-        c = old_mean.numel()
-        with torch.no_grad():
-            total = flat[2 * c :].clamp_min(1.0)  # integer counts; 0 only when no rank normalized anything (no update)
-            d_mean = flat[:c] / total
-            d_sigma = flat[c : 2 * c] / total
-            old_sigma = (old_var + layer.eps).sqrt()
-            # as the layer stores its own update: var += delta (2 sigma + delta)
-            layer.running_mean.copy_(old_mean + d_mean)
-            layer.running_var.copy_((old_var + d_sigma * (2 * old_sigma + d_sigma)).clamp_min_(0.0))
-
-    def _compiled_forward(self, layer: _BatchRenorm, input: Tensor) -> Tensor:
+    def _compiled_forward(self, layer: BatchRenormBase, input: Tensor) -> Tensor:
         """The same in a compiled graph: a functional all-reduce, waited for in the graph (the graph stays whole)."""
         from torch.distributed import _functional_collectives as funcol
 
-        old_mean, old_var = self._before(layer)
         out = layer.renorm_forward(input)
-        flat = self._update(layer, input, old_mean, old_var)
+        flat = self._weighted_averages(layer, input)
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         reduced = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
-        self._write(layer, reduced, old_mean, old_var)
+        self._write(layer, reduced, eager=False)
         return out
+
+
+def _neg(eps: float, like: Tensor) -> Tensor:
+    return torch.full((), -eps, dtype=like.dtype, device=like.device)
 
 
 def _wait_hook(module: nn.Module, *args: Any) -> None:
@@ -300,7 +363,7 @@ def share_running_stats(
 
 def wait_running_stats(model: nn.Module) -> None:
     """Writes every in-flight shared update of ``model``'s Batch Renorm layers into their buffers (no collective:
-    the all-reduces were launched by the forwards). Runs by itself after every ``optimizer.step()``; call it after
+    every rank launches the same all-reduces). Runs by itself after every ``optimizer.step()``; call it after
     a forward that no optimizer step follows, before reading ``running_mean`` / ``running_var`` directly."""
     for m in model.modules():
         sharing = getattr(m, "running_stats_sharing", None) if is_batch_renorm(m) else None
@@ -329,6 +392,7 @@ class _SyncRenormFn(torch.autograd.Function):
         eps: float,
         group: ProcessGroup,
         correction: Optional[Tensor],
+        nonfinite: Optional[Tensor] = None,
     ) -> Tensor:
         c = x.shape[1]
         sd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -357,7 +421,7 @@ class _SyncRenormFn(torch.autograd.Function):
             r, d = renorm_correction(mean, std, running_mean.detach().to(sd), running_std, rmax, dmax)
             if correction is not None:
                 _record(correction, std / running_std, (mean - running_mean.to(sd)) / running_std, r, d)
-            _update_averages(running_mean, running_var, mean, std, running_std, momentum)
+            _update_averages(running_mean, running_var, mean, std, running_std, momentum, nonfinite)
         else:
             r, d = torch.ones_like(mean), torch.zeros_like(mean)
         w = weight.detach().to(sd) if weight is not None else None
@@ -394,7 +458,7 @@ class _SyncRenormFn(torch.autograd.Function):
         grad_w_eff = sum_dy_xmu * invstd
         grad_weight = (grad_w_eff * r + sum_dy * d).to(ctx.weight_dtype) if ctx.has_weight else None
         grad_bias = sum_dy.to(ctx.weight_dtype) if ctx.weight_dtype is not None else None
-        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _record(correction: Tensor, r_raw: Tensor, d_raw: Tensor, r: Tensor, d: Tensor) -> None:
@@ -410,12 +474,24 @@ def _record(correction: Tensor, r_raw: Tensor, d_raw: Tensor, r: Tensor, d: Tens
 
 
 def _update_averages(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, std: Tensor, running_std: Tensor, momentum: float
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    running_std: Tensor,
+    momentum: float,
+    nonfinite: Optional[Tensor] = None,
 ) -> None:
     """Algorithm 1's update, stored as the layers store it: mu += a (mu_B - mu); sigma += delta with
-    delta = a (sigma_B - sigma), as running_var += delta (2 sigma + delta)."""
+    delta = a (sigma_B - sigma), as running_var += delta (2 sigma + delta). Channels whose statistics are not finite
+    keep their averages (counted in ``nonfinite``), as in the per-device layers."""
     with torch.no_grad():
         sd = mean.dtype
+        finite = torch.isfinite(mean) & torch.isfinite(std)
+        mean = torch.where(finite, mean, running_mean.to(sd))
+        std = torch.where(finite, std, running_std)
+        if nonfinite is not None:
+            nonfinite.add_((~finite).any().to(nonfinite.dtype))
         delta = (std - running_std) * momentum
         new_mean = running_mean.to(sd).lerp(mean, momentum)
         new_var = (running_var.to(sd) + delta * (2 * running_std + delta)).clamp_min_(0.0)
@@ -423,7 +499,7 @@ def _update_averages(
         running_var.copy_(new_var)
 
 
-class SyncBatchRenorm(_BatchRenorm):
+class SyncBatchRenorm(BatchRenormBase):
     r"""Batch Renorm with batch statistics over a process group, the counterpart of ``torch.nn.SyncBatchNorm``.
 
     In training, :math:`\mu_B` and :math:`\sigma_B` are those of the batches of every rank of ``process_group``
@@ -513,12 +589,25 @@ class SyncBatchRenorm(_BatchRenorm):
         if tracked:
             assert self.num_batches_tracked is not None
             self.num_batches_tracked.add_(1)
-        correction = self._correction if self.track_correction else None
+        correction = self.correction_record() if self.track_correction else None
         return _SyncRenormFn.apply(
             input, self.weight, self.bias, self.running_mean if tracked else None,
             self.running_var if tracked else None, self.rmax, self.dmax, self.momentum, self.eps,
-            self.process_group, correction,
+            self.process_group, correction, self.nonfinite_counter() if tracked else None,
         )
+
+
+class SyncBatchRenormAct(SyncBatchRenorm):
+    """:class:`SyncBatchRenorm` followed by ``drop`` and ``act`` children: what :func:`convert_sync_batch_renorm`
+    makes of a :class:`~lightning_brn.BatchRenormAct2d` (timm's ``BatchNormAct2d`` converted), with its children."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))
 
 
 # --------------------------------------------------------------------------------------------- surgery
@@ -528,7 +617,8 @@ _LOCAL_CLASS_ATTR = "_brn_local_class"
 def convert_sync_batch_renorm(model: nn.Module, process_group: ProcessGroup = None) -> nn.Module:
     """Replaces every Batch Renorm layer of ``model`` by a :class:`SyncBatchRenorm` over ``process_group``, with the
     same Parameter objects, buffers, hooks and hyper-parameters (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
-    does for batchnorm; batchnorm layers are left alone). Layers with ``microbatch_size`` are refused.
+    does for batchnorm; batchnorm layers are left alone; a :class:`~lightning_brn.BatchRenormAct2d` becomes a
+    :class:`SyncBatchRenormAct` with the same ``act`` and ``drop``). Layers with ``microbatch_size`` are refused.
     :func:`revert_sync_batch_renorm` undoes it. Returns the converted model (the root itself may be replaced).
 
     Examples::
@@ -587,13 +677,10 @@ def _move(src: nn.Module, dst: nn.Module) -> None:
             src.running_stats_sharing.wait()
 
 
-def _to_sync(m: _BatchRenorm, process_group: ProcessGroup) -> SyncBatchRenorm:
-    if isinstance(m, nn.Module) and getattr(m, "act", None) is not None and getattr(m, "drop", None) is not None:
-        raise TypeError(
-            f"convert_sync_batch_renorm does not convert {type(m).__name__} (its act and drop would be lost); "
-            "synchronize the model before fusing activations, or keep shared averages for it"
-        )
-    new = SyncBatchRenorm(m.num_features, eps=m.eps, affine=False, track_running_stats=False, process_group=process_group)
+def _to_sync(m: BatchRenormBase, process_group: ProcessGroup) -> SyncBatchRenorm:
+    fused = isinstance(getattr(m, "act", None), nn.Module) and isinstance(getattr(m, "drop", None), nn.Module)
+    cls = SyncBatchRenormAct if fused else SyncBatchRenorm  # (the act and drop children are re-attached by _swap)
+    new = cls(m.num_features, eps=m.eps, affine=False, track_running_stats=False, process_group=process_group)
     _move(m, new)
     if new.running_stats_sharing is not None and not isinstance(new.running_stats_sharing, RunningStatsSharing):
         new.running_stats_sharing = None  # decided again at the first forward
@@ -601,7 +688,7 @@ def _to_sync(m: _BatchRenorm, process_group: ProcessGroup) -> SyncBatchRenorm:
     return new
 
 
-def _to_local(m: SyncBatchRenorm) -> _BatchRenorm:
+def _to_local(m: SyncBatchRenorm) -> BatchRenormBase:
     from lightning_brn.layers import BatchRenorm2d
 
     cls = getattr(m, _LOCAL_CLASS_ATTR, BatchRenorm2d)

@@ -32,7 +32,8 @@ from lightning_brn.functional import _is_compiling, _shape_only, batch_renorm
 torch.fx.wrap("_traced_batch_renorm")
 
 __all__ = [
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm", "set_renorm_hyperparameters",
+    "BatchRenormBase", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm",
+    "set_renorm_hyperparameters",
 ]
 
 # The schedule-controlled hyper-parameters live in one non-persistent float64 buffer ``_schedule`` =
@@ -53,8 +54,12 @@ def _is_fx_symbolic_tracing() -> bool:
     return fx.is_fx_tracing()  # pragma: no cover - older torch
 
 
-class _BatchRenorm(nn.Module):
-    """Common state and plumbing of the Batch Renorm layers (mirrors ``torch.nn.modules.batchnorm._NormBase``)."""
+class BatchRenormBase(nn.Module):
+    """Common state and plumbing of the Batch Renorm layers (mirrors ``torch.nn.modules.batchnorm._NormBase``).
+
+    Public so that other modules (the surgery, the synchronized layer) can subclass and type against it; the 1d,
+    2d and 3d classes add only their input check. Build those, not this class.
+    """
 
     # Version 2 is batchnorm's buffer layout (with ``num_batches_tracked``); see _load_from_state_dict.
     _version = 2
@@ -261,7 +266,7 @@ class _BatchRenorm(nn.Module):
             "scripts, exports and fuses), or use torch.compile / torch.export for the renorm layers themselves"
         )
 
-    def train(self, mode: bool = True) -> "_BatchRenorm":
+    def train(self, mode: bool = True) -> "BatchRenormBase":
         if not mode and self.training:
             self.report_nonfinite()  # devices and compiled graphs where the forward does not check each step
         return super().train(mode)
@@ -281,7 +286,7 @@ class _BatchRenorm(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "_BatchRenorm":  # type: ignore[override]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BatchRenormBase":  # type: ignore[override]
         # ``.half()`` / ``.to(dtype)`` must not round the schedule's values nor the recorded statistics:
         # those buffers follow the module's device but keep their own dtype, converted from the originals.
         keep = {
@@ -436,7 +441,7 @@ class _BatchRenorm(nn.Module):
             )
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(BatchRenormBase):
     r"""Batch Renormalization over a 2D or 3D input (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
 
     .. math::
@@ -484,7 +489,7 @@ class BatchRenorm1d(_BatchRenorm):
             raise ValueError(f"expected 2D or 3D input (N, C) or (N, C, L), got {input.dim()}D input of shape {tuple(input.shape)}")
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(BatchRenormBase):
     r"""Batch Renormalization over a 4D input (N, C, H, W) (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
 
     .. math::
@@ -511,7 +516,7 @@ class BatchRenorm2d(_BatchRenorm):
             raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input of shape {tuple(input.shape)}")
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(BatchRenormBase):
     r"""Batch Renormalization over a 5D input (N, C, D, H, W) (Ioffe, 2017, https://arxiv.org/abs/1702.03275).
 
     See :class:`BatchRenorm1d` for the maths and the arguments.
@@ -608,7 +613,7 @@ class BatchRenormAct2d(BatchRenorm2d):
 
 def is_batch_renorm(module: nn.Module) -> bool:
     """``True`` for any Batch Renorm layer of this package (1d, 2d, 3d, Act2d)."""
-    return isinstance(module, _BatchRenorm)
+    return isinstance(module, BatchRenormBase)
 
 
 def set_renorm_hyperparameters(model: nn.Module, rmax: float, dmax: float, momentum: float) -> int:
@@ -635,7 +640,7 @@ def set_renorm_hyperparameters(model: nn.Module, rmax: float, dmax: float, momen
     values = (check_rmax(rmax), check_dmax(dmax), check_momentum(momentum))
     count = 0
     for module in model.modules():
-        if isinstance(module, _BatchRenorm):
+        if isinstance(module, BatchRenormBase):
             module.rmax, module.dmax, module.momentum = values
             count += 1
         elif isinstance(module, torch.fx.GraphModule):

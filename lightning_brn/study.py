@@ -18,12 +18,12 @@ Settings (paper sections 4.1-4.3; ``PAPER.md``):
 Examples::
 
     $ python -m lightning_brn.study --list            # the cells and their commands, nothing trained
-    $ python -m lightning_brn.study                   # the full study (about 70 minutes on 2 CPU cores)
+    $ python -m lightning_brn.study --jobs 2 --threads 1   # the full study (docs/reproduction.md has its time)
     $ python -m lightning_brn.study --quick           # the pipeline end to end, ~1 minute, into runs/study_quick
 
     >>> from lightning_brn.study import plan_cells, summarize
-    >>> cells = plan_cells(steps=3000, seeds=[0, 1, 2])
-    >>> len([c for c in cells if c.variant == "core"])
+    >>> cells = plan_cells(steps=2000, seeds=[0, 1, 2])
+    >>> len([c for c in cells if c.variant == "core" and c.steps == 2000])
     24
     >>> summarize([90.0, 91.0, 92.0])
     (91.0, 1.0)
@@ -251,19 +251,20 @@ def plan_cells(
     """The cells, in the order they run: the core (4 settings x 2 norms x seeds) first, then the exploration.
 
     Exploration (on ``explore_seeds``, default the first two seeds): the run length ``short_steps`` for
-    i.i.d., microbatches of 4 and non-i.i.d. (both norms), and for Batch Renorm under microbatches of 4 and
-    non-i.i.d. batches the paper's alpha = 0.01 and tighter limits (rmax 1.5 / dmax 0.5).
+    i.i.d., microbatches of 4 and non-i.i.d. (both norms), then, at that length (``steps`` without one), Batch
+    Renorm under microbatches of 4 and non-i.i.d. batches with the paper's alpha = 0.01 and with tighter limits
+    (rmax 1.5 / dmax 0.5).
     """
     kw = {"limit_train": limit_train, "limit_val": limit_val}
     cells = [Cell(s, n, seed, steps, **kw) for seed in seeds for s in SETTINGS for n in NORMS]
     if explore:
         ex = list(explore_seeds if explore_seeds is not None else seeds[:2])
-        for seed in ex:
+        vsteps = short_steps or steps
+        for seed in ex:  # seed by seed, so that a study stopped early has whole comparisons
+            if short_steps:
+                cells += [Cell(s, n, seed, short_steps, **kw) for s in ("iid", "micro4", "noniid") for n in NORMS]
             for variant in ("alpha0.01", "tight"):
-                cells += [Cell(s, "brn", seed, steps, variant, **kw) for s in ("micro4", "noniid")]
-        if short_steps:
-            cells += [Cell(s, n, seed, short_steps, **kw) for seed in ex for s in ("iid", "micro4", "noniid")
-                      for n in NORMS]
+                cells += [Cell(s, "brn", seed, vsteps, variant, **kw) for s in ("micro4", "noniid")]
     return cells
 
 
@@ -284,7 +285,7 @@ def _read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _cell_result(cell: Cell, cell_dir: Path, seconds: float, command: str) -> dict[str, Any]:
-    found = sorted(cell_dir.glob("*/version_*/metrics.csv"))
+    found = sorted(cell_dir.glob("runs/*/version_*/metrics.csv"))
     if not found:
         raise RuntimeError(f"{cell.name}: no metrics.csv under {cell_dir}")
     m = _read_metrics(found[-1])
@@ -346,14 +347,26 @@ def run_study(
             shutil.rmtree(cell_dir)
         cell_dir.mkdir(parents=True)
         val_every = max(1, int(round(c.steps * val_every_frac)))
-        a = c.args(cell_dir / "runs", val_every, val_every, probe_images)
+        a = c.args((cell_dir / "runs").resolve(), val_every, val_every, probe_images)
         logf = open(cell_dir / "train.log", "w")
+        # (run inside the cell's folder: the package imported is the installed one, or PYTHONPATH's)
         p = subprocess.Popen([sys.executable, "-m", "lightning_brn", *a], stdout=logf, stderr=subprocess.STDOUT,
-                             env=env)
+                             env=env, cwd=cell_dir)
         running.append((c, p, time.perf_counter(), _user_command(a), logf))
         log(f"[study] start {c.name} (log: {cell_dir / 'train.log'})")
 
     n_total = len(todo)
+    try:
+        _loop(queue, running, start, jobs, out, n_total, results, done_times, t0, log)
+    finally:  # interrupted (Ctrl-C, SIGTERM): stop the runs in flight; they rerun from scratch next time
+        for c, p, *_ in running:
+            if p.poll() is None:
+                p.terminate()
+                log(f"[study] stopped {c.name} (unfinished: it reruns next time)")
+    return results
+
+
+def _loop(queue, running, start, jobs, out, n_total, results, done_times, t0, log) -> None:
     while queue or running:
         while queue and len(running) < max(1, jobs):
             start(queue.pop(0))
@@ -381,7 +394,6 @@ def run_study(
             eta = (time.perf_counter() - t0) / finished * left
             log(f"[study] {finished}/{n_total} done: {c.name}: top-1 {res['top1']:.2f}% in {seconds:.0f} s; "
                 f"about {eta / 60:.0f} min left")
-    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -438,29 +450,30 @@ def _fmt(x: float, nd: int = 2, sign: bool = False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
-def composition_table(num_classes: int = 10, batch: int = 32, draws: int = 20000, seed: int = 0) -> list[dict]:
+def composition_table(num_classes: int = 10, batch: int = 32, draws: int = 5000, seed: int = 0) -> list[dict]:
     """Class coverage of a batch of ``L`` labels drawn with replacement x ``K`` images, for Fashion-MNIST's 10
-    classes and the paper's 16 x 2 of 1,000: distinct labels, share of the classes seen, and the total-variation
-    distance between the batch's label mix and the population's (0: i.i.d.-like, 1: nothing in common)."""
+    classes and the paper's 16 x 2 of 1,000 (and i.i.d. batches, the last row): distinct labels, share of the
+    classes seen, and the total-variation distance between the batch's label mix and the population's (0: the
+    population's mix, 1: nothing in common).
+
+    Examples::
+
+        >>> rows = composition_table(draws=500)
+        >>> [(r["labels"], r["k"], round(r["coverage"], 1)) for r in rows][:2]
+        [(16, 2, 0.0), (16, 2, 0.8)]
+    """
     rng = np.random.default_rng(seed)
     rows = []
-    for classes, k in ((1000, 2), (num_classes, 2), (num_classes, 4), (num_classes, 8), (num_classes, 16),
-                       (num_classes, 32)):
+    for classes, k, iid in ((1000, 2, False), (num_classes, 2, False), (num_classes, 4, False), (num_classes, 8, False),
+                            (num_classes, 16, False), (num_classes, 32, False), (num_classes, 1, True)):
         lab = batch // k
         picks = rng.integers(classes, size=(draws, lab))
-        distinct, tv = [], []
-        for p in picks:
-            counts = np.bincount(p, minlength=classes) / lab
-            distinct.append(np.count_nonzero(counts))
-            tv.append(0.5 * np.abs(counts - 1.0 / classes).sum())
-        rows.append({"classes": classes, "labels": lab, "k": k, "distinct": float(np.mean(distinct)),
-                     "coverage": float(np.mean(distinct)) / classes, "tv": float(np.mean(tv))})
-    # i.i.d. batches of 32 of 10 classes, for reference
-    picks = rng.integers(num_classes, size=(draws, batch))
-    tv = [0.5 * np.abs(np.bincount(p, minlength=num_classes) / batch - 1.0 / num_classes).sum() for p in picks]
-    rows.append({"classes": num_classes, "labels": batch, "k": 1, "distinct": float(np.mean(
-        [len(set(p)) for p in picks])), "coverage": float(np.mean([len(set(p)) for p in picks])) / num_classes,
-        "tv": float(np.mean(tv)), "iid": True})
+        counts = np.bincount((picks + classes * np.arange(draws)[:, None]).ravel(), minlength=draws * classes)
+        share = counts.reshape(draws, classes) / lab
+        distinct = float(np.count_nonzero(share, axis=1).mean())
+        tv = float((0.5 * np.abs(share - 1.0 / classes).sum(1)).mean())
+        rows.append({"classes": classes, "labels": lab, "k": k, "distinct": distinct, "coverage": distinct / classes,
+                     "tv": tv, "iid": iid})
     return rows
 
 
@@ -501,7 +514,8 @@ def write_plots(results: Sequence[dict[str, Any]], steps: int, plots_dir: Path) 
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation top-1 (%, EMA weights)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
         ys = [v for r in _pick(results, setting=s, steps=steps, variant="core") for _, v in r["val"]]
         if ys:
             ax.set_ylim(max(min(ys) - 1, np.percentile(ys, 10) - 5), max(ys) + 0.5)
@@ -524,7 +538,8 @@ def write_plots(results: Sequence[dict[str, Any]], steps: int, plots_dir: Path) 
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("train-mode - eval-mode top-1 (points)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("What renorm is meant to close: accuracy with the batch's statistics (training batches' "
                  "composition) minus accuracy with the moving averages, same weights and images", fontsize=9)
     fig.tight_layout()
@@ -544,7 +559,8 @@ def write_plots(results: Sequence[dict[str, Any]], steps: int, plots_dir: Path) 
         ax.set_title("brn/" + m, fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle("Batch Renorm's logged metrics (line: mean over seeds, band: min-max)", fontsize=9)
     fig.tight_layout()
     written.append(plots_dir / "brn_metrics.png")
@@ -659,7 +675,7 @@ def write_report(
         pb, pr = SETTINGS[s]["paper"]
         p_iid = SETTINGS[s].get("paper_iid_bn", PAPER_IID_BN)
         pshare = "" if s == "iid" else f" ({100 * (pr - pb) / (p_iid - pb):.0f}%)"
-        goal = "|BRN - BN| <= 0.5" if s == "iid" else f">= {100 * GOALS[s]:.0f}%, beyond seed spread"
+        goal = "within 0.5 points" if s == "iid" else f">= {100 * GOALS[s]:.0f}%, beyond the seed spread"
         if c is None:
             w(f"| {s} | not run | not run | | | {pb} / {pr}{pshare} | {goal} | |")
             continue
@@ -673,7 +689,7 @@ def write_report(
         w(f"| {s} | {_fmt(c['bn_mean'])} ± {_fmt(c['bn_std'])} | {_fmt(c['brn_mean'])} ± {_fmt(c['brn_std'])} | "
           f"{_fmt(c['diff'], sign=True)} | {share} | {pb} / {pr}{pshare} | {goal} | **{verdict}** |")
     w("")
-    w(f"Mean ± sample standard deviation over seeds, top-1 in %. Share recovered = (BRN - BN) / (BN i.i.d. - BN), "
+    w(f"Mean ± sample standard deviation over seeds, top-1 in % (test set, EMA weights, last step). Share recovered = (BRN - BN) / (BN i.i.d. - BN), "
       "each against batchnorm's own i.i.d. run of the same length. \"Beyond the seed spread\": every Batch Renorm "
       "seed above every batchnorm seed. The micro2 paper column is not the paper's (it has no such run): Yan et "
       "al. 2020, ResNet-50 at 2 images per GPU.")
@@ -766,12 +782,12 @@ def write_report(
     w("The paper's 16 labels x 2 images drew from ImageNet's 1,000 classes, so a batch saw about 1.6% of them and "
       "its label mix had almost nothing in common with the population's. Drawing 16 labels from Fashion-MNIST's "
       "10 (the recipes before this study) gives batches that hold most classes, close to i.i.d. Class coverage "
-      "per batch (20,000 simulated batches of 32, labels drawn with replacement):")
+      "per batch (5,000 simulated batches of 32, labels drawn with replacement):")
     w("")
     w("| classes | labels x images | distinct labels per batch | share of classes seen | label-mix distance from the population (TV) |")
     w("|---|---|---|---|---|")
     for row in composition_table():
-        what = "i.i.d. 32" if row.get("iid") else f"{row['labels']} x {row['k']}"
+        what = "i.i.d. 32" if row["iid"] else f"{row['labels']} x {row['k']}"
         tag = " (paper)" if row["classes"] == 1000 else (" (chosen)" if row["k"] == 16 else "")
         w(f"| {row['classes']} | {what}{tag} | {row['distinct']:.1f} | {100 * row['coverage']:.1f}% | "
           f"{row['tv']:.2f} |")
@@ -786,16 +802,12 @@ def write_report(
     w("## Regime: run length, alpha, rmax / dmax")
     w("")
     ex_rows = []
-    for s in ("micro4", "noniid"):
-        for variant in ("core", "alpha0.01", "tight"):
-            c = compare(results, s, steps, variant)
-            if c is not None:
-                ex_rows.append((s, variant, steps, c))
-    if short_steps:
+    for st in [steps] + ([short_steps] if short_steps else []):
         for s in ("iid", "micro4", "noniid"):
-            c = compare(results, s, short_steps)
-            if c is not None:
-                ex_rows.append((s, "core", short_steps, c))
+            for variant in ("core", "alpha0.01", "tight"):
+                c = compare(results, s, st, variant)
+                if c is not None and (st != steps or variant != "core" or short_steps):
+                    ex_rows.append((s, variant, st, c))
     if not ex_rows:
         w("Not run (the exploration runs after the core cells; `--quick` and `--no-explore` skip it).")
     else:
@@ -807,10 +819,12 @@ def write_report(
               f"{_fmt(c['bn_std'])} | {_fmt(c['brn_mean'])} ± {_fmt(c['brn_std'])} | {_fmt(c['diff'], sign=True)} | "
               f"{share} |")
         w("")
+        short = (f"the {short_steps:,}-step rows compare against batchnorm's own {short_steps:,}-step i.i.d. run. "
+                 if short_steps else "")
         w("Batchnorm rows are the same batchnorm runs for every variant (a variant changes Batch Renorm only); "
-          f"the {short_steps:,}-step rows compare against batchnorm's own {short_steps:,}-step i.i.d. run. "
-          "alpha0.01 uses `RenormSchedule.for_run(steps, momentum=0.01)`; for_run's rule gives "
-          f"alpha = {_momentum(steps)} at {steps:,} steps and {_momentum(short_steps)} at {short_steps:,}.")
+          + short + "alpha0.01 uses `RenormSchedule.for_run(steps, momentum=0.01)`; for_run's rule gives "
+          f"alpha = {_momentum(steps)} at {steps:,} steps" + (f" and {_momentum(short_steps)} at {short_steps:,}."
+                                                             if short_steps else "."))
     w("")
     w(CONCLUSIONS_START)
     w(_kept_conclusions(page))
@@ -897,9 +911,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the Markdown page to write (default docs/reproduction.md; <out>/reproduction.md with --quick)")
     p.add_argument("--plots-dir", type=Path, default=None,
                    help="folder of the PNGs (default: a folder named like the page, without .md)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of every core run")
-    p.add_argument("--short-steps", type=int, default=1000,
-                   help="the second run length of the exploration (0: none)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps of every core run")
+    p.add_argument("--short-steps", type=int, default=600,
+                   help="the second run length, also that of the alpha and rmax/dmax variants (0: none; variants at --steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the core cells")
     p.add_argument("--explore-seeds", type=int, nargs="+", default=None,
                    help="seeds of the exploration cells (default: the first two of --seeds)")
@@ -914,20 +928,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-val", type=int, default=None, help="use only the first N test images")
     p.add_argument("--quick", action="store_true",
-                   help="check the pipeline end to end: 120 steps, one seed, 4,000 training and 1,000 test images, "
-                        "no exploration, 2 runs at a time, 1 thread each, into runs/study_quick (not the accuracy)")
+                   help="check the pipeline end to end: 60 steps, one seed, 2,000 training and 500 test images, "
+                        "validation at steps 30 and 60, no exploration, 2 runs at a time, 1 thread each, into runs/study_quick (not the accuracy)")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite the page from the finished runs")
     p.add_argument("--list", action="store_true", help="print the cells and their commands, and exit")
+    p.add_argument("--code-state", default=None,
+                   help="how the page names the code measured (default: the git commit of this checkout)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
-        args.steps, args.seeds, args.no_explore = 120, args.seeds[:1], True
-        args.limit_train = args.limit_train or 4000
-        args.limit_val = args.limit_val or 1000
-        args.probe_images = min(args.probe_images, 256)
+        args.steps, args.seeds, args.no_explore, args.val_every = 60, args.seeds[:1], True, 0.5
+        args.limit_train = args.limit_train or 2000
+        args.limit_val = args.limit_val or 500
+        args.probe_images = min(args.probe_images, 128)
         if args.jobs == 1:
             args.jobs = 2
         args.threads = args.threads or 1
@@ -949,6 +965,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         wanted = {c.name for c in cells}
         results = [r for r in results if Cell(**r["cell"]).name in wanted]
     else:
+        import signal
+
+        def _stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, _stop)
         results = run_study(cells, out, args.val_every, args.probe_images, args.jobs, args.threads)
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - t0
         state["command"] = "python -m lightning_brn.study " + " ".join(
@@ -957,7 +979,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state_file.write_text(json.dumps(state, indent=1))
     meta = {
         "command": state.get("command", "python -m lightning_brn.study"),
-        "machine": _machine(), "jobs": args.jobs, "threads": args.threads,
+        "machine": {**_machine(), **({"git": args.code_state} if args.code_state else {})},
+        "jobs": args.jobs, "threads": args.threads,
         "wall_minutes": state.get("wall_seconds", float("nan")) / 60, "out": str(out),
     }
     write_report(results, page, plots, args.steps, None if args.no_explore else (args.short_steps or None), meta)

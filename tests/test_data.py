@@ -337,3 +337,64 @@ def test_predict_shards_hold_every_example_once_under_ddp(tmp_path, make_fmnist)
         val_seen += [i for i in dm.val_dataloader().sampler]
     assert sorted(seen) == list(range(21))  # no padding duplicates in predictions
     assert len(val_seen) == 22  # evaluation pads the shards to equal length, as Lightning does
+
+
+_DDP_NONIID_SCRIPT = '''
+import json, sys
+import torch
+import lightning.pytorch as pl
+from lightning_brn.data import FashionMNISTDataModule
+
+folder, out = sys.argv[1], sys.argv[2]
+
+
+class Recorder(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(28 * 28, 10)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append([self.current_epoch, [round(float(v), 3) for v in x.flatten(1).sum(1)]])
+        return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def on_train_end(self):
+        with open(f"{out}/rank{self.global_rank}.json", "w") as f:
+            json.dump(self.seen, f)
+
+
+if __name__ == "__main__":
+    dm = FashionMNISTDataModule(folder, batch_size=4, sampling="non_iid", examples_per_label=2, pin_memory=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0)
+    trainer.fit(Recorder(), datamodule=dm)
+'''
+
+
+def test_noniid_under_ddp_every_rank_draws_its_own_batches_and_new_ones_each_epoch(
+    tmp_path: Path, make_fmnist, ddp_subprocess_env
+) -> None:
+    """A real 2-process DDP run (gloo, CPU): at every step the two ranks hold different images, and each rank's
+    second epoch differs from its first (set_epoch reaches the sampler on every rank)."""
+    import json
+    import subprocess
+    import sys
+
+    folder = make_fmnist(tmp_path / "fm", n_train=64)
+    script = tmp_path / "ddp_noniid.py"
+    script.write_text(_DDP_NONIID_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path)], capture_output=True, text=True,
+                         timeout=240, env=ddp_subprocess_env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 2 * (64 // (4 * 2))
+    for (e0, b0), (e1, b1) in zip(r0, r1):
+        assert e0 == e1 and not set(b0) & set(b1), "two ranks trained on the same image in one step"
+    for seen in (r0, r1):
+        first, second = ([b for e, b in seen if e == k] for k in (0, 1))
+        assert first and first != second
