@@ -50,8 +50,8 @@ from lightning_brn.data import ClassificationDataModule
 from lightning_brn.module import TimmClassifier, check_batch_config
 
 __all__ = [
-    "BatchRenormCLI", "RunProgressBar", "available_recipes", "recipe_path", "expand_recipe_args", "find_last_checkpoint",
-    "load_checkpoint", "cli_main", "main",
+    "BatchRenormCLI", "RunProgressBar", "available_recipes", "recipe_path", "recipe_chain", "load_recipe",
+    "expand_recipe_args", "find_last_checkpoint", "load_checkpoint", "cli_main", "main",
 ]
 
 #: The recipe a bare ``lightning-brn fit`` runs.
@@ -116,6 +116,70 @@ def recipe_path(name: str) -> str:
     return os.fspath(entry)
 
 
+#: A recipe's header line naming the recipe it changes: ``# extends: NAME`` (a shipped recipe, or a file path
+#: relative to the recipe's folder). ``--recipe`` / ``--config`` then load that one first, as LightningCLI's
+#: several ``--config`` files: a recipe family is one full recipe plus small deltas.
+_EXTENDS = "# extends:"
+
+
+def recipe_chain(path: Union[str, os.PathLike]) -> list[str]:
+    """The config files a recipe file stands for: the recipes it extends (``# extends: NAME`` in its header
+    comment), base first, then the file itself.
+
+    Examples::
+
+        >>> [os.path.basename(p) for p in recipe_chain(recipe_path("imagenet_iid_bn"))]
+        ['imagenet_iid_brn.yaml', 'imagenet_iid_bn.yaml']
+    """
+    chain: list[str] = []
+    current: Optional[str] = os.fspath(path)
+    while current is not None:
+        if current in chain:
+            raise ValueError(f"recipe {current!r} extends itself (through {', '.join(chain)})")
+        chain.insert(0, current)
+        current = _extended(current)
+    return chain
+
+
+def _extended(path: str) -> Optional[str]:
+    """The file named by ``path``'s ``# extends:`` header line, or ``None``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.startswith("#"):
+                    break
+                if line.startswith(_EXTENDS):
+                    name = line[len(_EXTENDS):].strip()
+                    nearby = os.path.join(os.path.dirname(path), name)
+                    return nearby if os.path.isfile(nearby) else recipe_path(name)
+    except (OSError, UnicodeDecodeError):  # not a readable file (an inline JSON config, ...): nothing to extend
+        return None
+    return None
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A shipped recipe as one plain dict: the files of its chain (:func:`recipe_chain`) merged as LightningCLI
+    merges several ``--config`` files (mappings key by key, anything else replaced).
+
+    Examples::
+
+        >>> load_recipe("imagenet_iid_bn")["model"]["normalization"]
+        'bn'
+    """
+    import yaml
+
+    def merge(base: Any, delta: Any) -> Any:
+        if isinstance(base, dict) and isinstance(delta, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in delta.items()}}
+        return delta
+
+    merged: dict[str, Any] = {}
+    for path in recipe_chain(recipe_path(name)):
+        with open(path, encoding="utf-8") as f:
+            merged = merge(merged, yaml.safe_load(f) or {})
+    return merged
+
+
 def expand_recipe_args(argv: Sequence[str]) -> tuple[list[str], str]:
     """Rewrite ``--recipe NAME`` / ``--config NAME`` into ``--config <file>``; add the default recipe.
 
@@ -152,7 +216,8 @@ def expand_recipe_args(argv: Sequence[str]) -> tuple[list[str], str]:
                     if key == "--recipe" or not Path(value).suffix or Path(value).name == value:
                         raise SystemExit(f"lightning-brn: {err}") from None
                     # a path that does not exist: let jsonargparse report it
-            out += ["--config", value]
+            for file in recipe_chain(value) if not value.lstrip().startswith("{") else [value]:
+                out += ["--config", file]
             has_config = True
             if not value.lstrip().startswith("{"):
                 name = Path(value).stem
@@ -160,7 +225,7 @@ def expand_recipe_args(argv: Sequence[str]) -> tuple[list[str], str]:
         out.append(arg)
         i += 1
     if out and out[0] in _SUBCOMMANDS and not has_config:
-        out[1:1] = ["--config", recipe_path(DEFAULT_RECIPE)]
+        out[1:1] = [arg for file in recipe_chain(recipe_path(DEFAULT_RECIPE)) for arg in ("--config", file)]
         name = DEFAULT_RECIPE
     return out, name or "lightning_brn"
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from lightning_brn import is_batch_renorm
-from lightning_brn.cli import available_recipes, cli_main, recipe_path
+from lightning_brn.cli import available_recipes, cli_main, expand_recipe_args, load_recipe, recipe_chain, recipe_path
 
 RECIPES = sorted(available_recipes())
 
@@ -31,7 +31,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, make_fmnist, make_image_
 def test_recipe_header_and_settings(name: str) -> None:
     text = Path(recipe_path(name)).read_text()
     assert text.startswith("# "), "each recipe starts with a header comment"
-    cfg = yaml.safe_load(text)
+    cfg = load_recipe(name)  # with the recipe it extends, if any
     model, trainer = cfg["model"], cfg["trainer"]
     assert trainer["use_distributed_sampler"] is False
     assert trainer["gradient_clip_val"] == 2.0 and model["label_smoothing"] == 0.1
@@ -87,3 +87,27 @@ def test_recipe_fast_dev_run(name: str, tiny_data: dict[str, Path], tmp_path: Pa
     assert has_renorm == (name.endswith("brn") or "microbatch" in name or name == "default")
     assert "val/acc1" in cli.trainer.callback_metrics
     assert cli.trainer.world_size == 1 and not torch.distributed.is_initialized()  # one process, no process group
+
+
+FAMILY_BASES = {"imagenet": "imagenet_iid_brn"}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_family_is_one_full_recipe_plus_small_deltas(name: str, tmp_path: Path) -> None:
+    family = name.split("_")[0]
+    base = FAMILY_BASES.get(family)
+    chain = [Path(p).stem for p in recipe_chain(recipe_path(name))]
+    if base is None:
+        return
+    assert chain == ([base] if name == base else [base, name])
+    if name != base:
+        body = [ln for ln in Path(recipe_path(name)).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        assert len(body) <= 12, f"{name}: a delta of {len(body)} lines"
+        # --recipe and --config of the file itself load the base first, then the delta
+        for flag, value in (("--recipe", name), ("--config", recipe_path(name))):
+            args, run = expand_recipe_args(["fit", flag, value])
+            assert args == ["fit", "--config", recipe_path(base), "--config", recipe_path(name)] and run == name
+        # a copy elsewhere extends the shipped base by name
+        copy = tmp_path / "mine.yaml"
+        copy.write_text(Path(recipe_path(name)).read_text())
+        assert recipe_chain(copy) == [recipe_path(base), str(copy)]
