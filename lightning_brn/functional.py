@@ -754,8 +754,8 @@ def _batch_renorm_composite(
 # calling the C++ operators; None: no limit (the default). A layer on its own runs faster through the C++ operators
 # once it holds a few hundred thousand values (bench/bench_layers.py), but in a compiled model the inline step
 # fuses with the neighbouring activation or residual add, forward and backward, as batchnorm does, and an opaque
-# operator cannot: whole models trained 1.07-1.19x slower through the C++ operators (bench/bench_model.py). Tests
-# and ``bench_overhead.py --cpp-route`` set -1 to take the C++ operators at every size.
+# operator cannot, so whole models train slower through the C++ operators (``bench/bench_model.py --cpp-route``;
+# figures in docs/performance.md). Tests and ``bench_overhead.py --cpp-route`` set -1 to take them at every size.
 _INLINE_MAX_NUMEL: Optional[int] = None
 
 
@@ -824,7 +824,7 @@ def _batch_renorm_inline(
 
     r and d must reach the backward as computed here, from the averages before this step's update: AOTAutograd's
     partitioner would otherwise be free to recompute them in the backward from the buffers, which by then hold
-    the updated averages (a hazard of the partitioner; pytorch/pytorch#197039 proposes a fix in torch itself).
+    the updated averages (a hazard of the partitioner itself).
     By default they reach it, with the batch mean, 1/sigma_B and gamma * r, in one (5, C) tensor built by
     ``select_scatter`` (:func:`_pack_constants`), an operator the partitioner's default settings never
     recompute, so it saves that tensor (or rows of it). With ``must_save`` (set when its settings allow
@@ -934,7 +934,7 @@ def _pack_constants(mean_b: Tensor, std_b: Tensor, r: Tensor, d: Tensor, weight:
     kernel, and which AOTAutograd's partitioner does not recompute under its default settings (no scatter is in
     its allowlist). ``torch.stack`` has the second property too, but on CPU inductor lays a concatenation out as
     views of one buffer that the compiled graph builds on every call, and the partitioner then saved those views,
-    several tensors instead of one: a few microseconds per layer and step (``bench/bench_overhead.py``)."""
+    several tensors instead of one, a fixed cost per layer and step (``bench/bench_overhead.py`` measures it)."""
     with torch.no_grad():
         w_eff = r if weight is None else weight.to(r.dtype) * r
         packed = mean_b.new_empty((5, *mean_b.shape))

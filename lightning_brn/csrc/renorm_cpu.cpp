@@ -2,8 +2,8 @@
 //
 // Loaded by lightning_brn/_ext.py (built once per machine with torch.utils.cpp_extension) and called by
 // lightning_brn.functional.batch_renorm for float32/float64 CPU tensors: renorm_train in eager mode (autograd
-// node in C++), renorm_fwd / renorm_bwd inside torch.compile graphs (functional, autograd formula registered
-// in Python). The maths is the same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
+// node in C++), renorm_fwd / renorm_bwd inside torch.compile graphs (functional ops whose autograd formula,
+// RenormFwdFunction, is C++ too; _ext.py registers their shapes for tracing). The maths is the same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
 //   per group g (a microbatch, or the whole batch) and channel c:
 //     mean, biased var of x over the group;  sigma_B = sqrt(var + eps)
 //     r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - mu) / sigma, -dmax, dmax)   (constants)
@@ -401,8 +401,8 @@ constexpr bool kHasStream = false;
 
 // Outputs of at least half the L3 cache, and at most 16 MiB (16 MiB where its size is unknown; Linux sysfs), are
 // streamed: most of such an output would be evicted before the next layer reads it anyway (glibc's memcpy uses a
-// similar threshold). The cap: virtual machines report the host's L3 (480 MiB on a 2-vCPU VM, where streaming a
-// 25 MiB output made the training step 25% faster), and a machine's L3 is shared by all its cores and tenants.
+// similar threshold). The cap: virtual machines report the host's L3 (hundreds of MiB on a 2-vCPU VM, where
+// streaming large outputs sped the step up: bench/bench_layers.py), and an L3 is shared by all cores and tenants.
 int64_t stream_bytes() {
   static const int64_t bytes = [] {
     int64_t l3 = 0;
