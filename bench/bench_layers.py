@@ -13,7 +13,7 @@ random ``grad``), float32. For every shape and memory format it builds, with the
 - with ``microbatch_size=4`` (shapes whose batch 4 divides): ``brn mb4`` and ``literal mb4`` eager,
   and ``brn mb4 compiled``;
 - ``brn eager, Python path`` (and ``brn mb4 ..., Python path``): the same renorm modules with the C++ CPU
-  kernels switched off (``lightning_brn._ext.use_cpp(False)``), i.e. the pure-PyTorch implementation that
+  kernels switched off (``lightning_brn.cpu_kernels.use_cpp(False)``), i.e. the pure-PyTorch implementation that
   CUDA, half precision and machines without a compiler use. Eager ``brn`` is the default path: on CPU,
   float32, the C++ kernels when they are built (the header says whether they are).
 
@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_brn
-from lightning_brn import _ext
+from lightning_brn import cpu_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import malloc_note, pin_malloc  # noqa: E402
@@ -138,7 +138,7 @@ def python_path(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the C++ CPU kernels switched off."""
 
     def run() -> None:
-        with _ext.use_cpp(False):
+        with cpu_kernels.use_cpp(False):
             step()
 
     return run
@@ -285,7 +285,7 @@ def bench_config(
     del probe
 
     steps: dict[str, Callable[[], None]] = {k: make_step(m, x, g) for k, m in mods.items()}
-    if device.type == "cpu" and _ext.available():
+    if device.type == "cpu" and cpu_kernels.available():
         for name, src in PY_VARIANTS.items():
             if src in mods:
                 steps[name] = python_path(make_step(mods[src], x, g))
@@ -320,7 +320,7 @@ def bench_config(
     peak: dict[str, str] = {}
     for name in steps:
         try:
-            with _ext.use_cpp(False) if name in PY_VARIANTS else contextlib.nullcontext():
+            with cpu_kernels.use_cpp(False) if name in PY_VARIANTS else contextlib.nullcontext():
                 nbytes, count = saved_bytes(mods[PY_VARIANTS.get(name, name)], x)
             mem[name] = f"{nbytes / MIB:.2f} ({count})" if count else "n/a (no hook call)"
         except Exception as e:  # noqa: BLE001
@@ -467,13 +467,13 @@ def code_version() -> str:
         head, dirty = "unknown", ""
     pkg = os.path.dirname(lightning_brn.__file__)
     h = hashlib.sha256()
-    for name in ("functional.py", "layers.py", "_traced.py", "_ext.py", "csrc/renorm_cpu.cpp"):
+    for name in ("functional.py", "layers.py", "cpu_kernels.py", "csrc/renorm_cpu.cpp"):
         try:
             with open(os.path.join(pkg, name), "rb") as f:
                 h.update(f.read())
         except OSError:
             pass
-    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py, layers.py, _traced.py, _ext.py, csrc/renorm_cpu.cpp) {h.hexdigest()[:12]}"
+    return f"git {head or 'unknown'}{' + uncommitted changes in lightning_brn/' if dirty else ''}; sha256(functional.py, layers.py, cpu_kernels.py, csrc/renorm_cpu.cpp) {h.hexdigest()[:12]}"
 
 
 def header(args: argparse.Namespace, device: torch.device) -> str:
@@ -495,9 +495,9 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         f"- allocator: {malloc_note()}",
         "- eager renorm on this device: "
         + (
-            f"C++ CPU kernels (lightning_brn/csrc/renorm_cpu.cpp, built with {' '.join(_ext._flags())})"
-            if device.type == "cpu" and _ext.available()
-            else "Python path (torch ops" + (f"; C++ kernels unavailable: {_ext.build_error()}" if _ext.build_error() else "") + ")"
+            f"C++ CPU kernels (lightning_brn/csrc/renorm_cpu.cpp, built with {' '.join(cpu_kernels.compile_flags())})"
+            if device.type == "cpu" and cpu_kernels.available()
+            else "Python path (torch ops" + (f"; C++ kernels unavailable: {cpu_kernels.build_error()}" if cpu_kernels.build_error() else "") + ")"
         ),
     ]
     return "\n".join(lines)
@@ -544,7 +544,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if device.type == "cpu":
-        _ext.available()  # build (or load) the C++ kernels before any timing
+        cpu_kernels.available()  # build (or load) the C++ kernels before any timing
 
     all_shapes: list[tuple[int, ...]] = [*SHAPES_2D, SHAPE_1D]
     try:

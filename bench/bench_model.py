@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_brn
-from lightning_brn import _ext, convert_model
+from lightning_brn import cpu_kernels, convert_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import malloc_note, pin_malloc  # noqa: E402
@@ -143,7 +143,7 @@ def header(args: argparse.Namespace, device: torch.device, argv: list[str]) -> s
             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; code: {code_version()}",
             f"- torch {torch.__version__}, timm {timm.__version__}, lightning_brn {lightning_brn.__version__}, "
             f"{platform.machine()}, device: {dev}, threads {torch.get_num_threads()}, clock {args.clock}, "
-            f"{args.reps} repetitions, C++ kernels: {'yes' if device.type == 'cpu' and _ext.available() else 'no'}",
+            f"{args.reps} repetitions, C++ kernels: {'yes' if device.type == 'cpu' and cpu_kernels.available() else 'no'}",
             f"- allocator: {malloc_note()}",
             f"- step = `loss = cross_entropy(model(x), y); torch.autograd.grad(loss, parameters)`, train mode, float32; "
             f"renorm layers: rmax={RMAX}, dmax={DMAX}, microbatch_size={args.microbatch_size}; compiled renorm on CPU: "
@@ -199,9 +199,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cpp_route:
         from lightning_brn import functional
 
-        functional._INLINE_MAX_NUMEL = -1
+        functional.set_compiled_inline_limit(-1)
     if device.type == "cpu":
-        _ext.available()  # build (or load) the C++ kernels before any timing
+        cpu_kernels.available()  # build (or load) the C++ kernels before any timing
     results = []
     for name in [m for m in args.models.split(",") if m]:
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import lightning_brn
-from lightning_brn import BatchRenorm2d, _ext
+from lightning_brn import BatchRenorm2d, cpu_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import malloc_note, pin_malloc  # noqa: E402
@@ -115,10 +115,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cpp_route:
         from lightning_brn import functional
 
-        functional._INLINE_MAX_NUMEL = -1
+        functional.set_compiled_inline_limit(-1)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    _ext.available()  # build or load the C++ kernels before timing
+    cpu_kernels.available()  # build or load the C++ kernels before timing
     rows = []
     for text in (args.shape, args.scale_shape):
         shape = tuple(int(v) for v in text.split(","))
@@ -139,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, clock {args.clock}, {args.reps} blocks of {args.inner} steps, "
-        f"C++ kernels: {'yes' if _ext.available() else 'no'}"
+        f"C++ kernels: {'yes' if cpu_kernels.available() else 'no'}"
     )
     print(f"- allocator: {malloc_note()}\n")
     print("| input | bn eager | brn eager | bn compiled | brn compiled |")

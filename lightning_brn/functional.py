@@ -18,7 +18,7 @@ the input plus per-channel vectors, the same memory as batchnorm (up to a few ve
 
 On CPU, for float32/float64 in eager mode, the whole training step runs in one C++ operator with its own
 autograd node (``lightning_brn/csrc/renorm_cpu.cpp``, built once per machine on first use, see
-:mod:`lightning_brn._ext`; ``LIGHTNING_BRN_CPP=0`` turns it off): the same maths without Python in the loop,
+:mod:`lightning_brn.cpu_kernels`; ``LIGHTNING_BRN_CPP=0`` turns it off): the same maths without Python in the loop,
 with its own vectorized statistics, elementwise and backward kernels (faster than aten's batchnorm kernels
 on contiguous NCHW data). CUDA, half precision under autocast and machines without a C++ compiler use the
 Python path below; both paths are tested against each other and against a literal Algorithm 1.
@@ -49,13 +49,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_brn import _ext
+from lightning_brn import cpu_kernels
 from lightning_brn.validation import check_dmax, check_eps, check_microbatch_size, check_momentum, check_rmax
 
 # one module global (a guard of its own in compiled graphs) rather than the chain torch.compiler.is_compiling
 _is_compiling = torch.compiler.is_compiling
 
-__all__ = ["batch_renorm", "renorm_correction"]
+__all__ = ["batch_renorm", "renorm_correction", "set_compiled_inline_limit"]
 
 Number = Union[float, Tensor]
 
@@ -436,7 +436,7 @@ def batch_renorm(
     if input.device.type == "cpu" and input.dtype in _CPP_DTYPES and _cpp_eligible(
         input.dtype, (weight, bias, running_mean, running_var), (rmax, dmax, momentum)
     ) and not _shape_only(input):
-        op = _ext.cpu_op()
+        op = cpu_kernels.cpu_op()
         if op is not None:  # the same maths in one C++ operator (lightning_brn/csrc/renorm_cpu.cpp)
             return op(
                 input, weight, bias, running_mean, running_var, rmax, dmax, momentum, eps, groups, correction_stats,
@@ -759,6 +759,24 @@ def _batch_renorm_composite(
 _INLINE_MAX_NUMEL: Optional[int] = None
 
 
+def set_compiled_inline_limit(max_numel: Optional[int]) -> Optional[int]:
+    """Route compiled CPU graphs (no microbatches) by input size, for benchmarks and tests: inputs of at most
+    ``max_numel`` values take the inline step, larger ones the C++ operators (``None``: no limit, the default;
+    ``-1``: the C++ operators at every size). Applies to graphs traced afterwards; returns the previous limit.
+
+    Examples::
+
+        >>> previous = set_compiled_inline_limit(-1)
+        >>> set_compiled_inline_limit(previous)
+        -1
+    """
+    global _INLINE_MAX_NUMEL
+    if max_numel is not None and (isinstance(max_numel, bool) or not isinstance(max_numel, int) or max_numel < -1):
+        raise ValueError(f"max_numel must be None or an int >= -1, got max_numel={max_numel!r}")
+    previous, _INLINE_MAX_NUMEL = _INLINE_MAX_NUMEL, max_numel
+    return previous
+
+
 @torch.compiler.assume_constant_result
 def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per_channel_ok: bool) -> str:
     """How a compiled graph runs the training step, as far as it does not depend on the input's size:
@@ -773,7 +791,7 @@ def _compiled_route(device_type: str, dtype: torch.dtype, has_running: bool, per
     if has_running and _partitioner_may_recompute():
         return "must_save"
     if device_type == "cpu" and dtype in _CPP_DTYPES and has_running and per_channel_ok:
-        return "cpp" if _ext.compiled_op_ready() else "cpu"
+        return "cpp" if cpu_kernels.compiled_op_ready() else "cpu"
     return "generic"
 
 

@@ -25,11 +25,49 @@ from lightning_brn.validation import (
     check_momentum,
     check_rmax,
 )
-from lightning_brn._traced import batch_renorm as _traced_batch_renorm
-from lightning_brn.functional import _is_compiling, _shape_only, batch_renorm
+from lightning_brn.functional import batch_renorm
 
 # torch.fx (and timm's fx feature extraction) records one call per layer instead of tracing into it.
 torch.fx.wrap("_traced_batch_renorm")
+# one module global (a guard of its own in compiled graphs) rather than the chain torch.compiler.is_compiling
+_is_compiling = torch.compiler.is_compiling
+
+
+def _traced_batch_renorm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    schedule: Tensor,
+    eps: float,
+    microbatch_size: Optional[int],
+    correction_stats: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    nonfinite_count: Optional[Tensor] = None,
+) -> Tensor:
+    """The call an fx graph (``torch.fx.symbolic_trace``, timm's and torchvision's fx feature extractors) records for
+    one layer: :func:`lightning_brn.functional.batch_renorm` with (rmax, dmax, momentum) read from the layer's
+    schedule buffer each time the graph runs.
+
+    The graph takes the buffer itself as an argument (a ``get_attr``), not slices of it, which fx would record as
+    tensor constants: persistent buffers of the graph's own, so that its state dict would not be the model's. The
+    traced module shares the buffer with the layer, so it follows new values assigned to the layer (and
+    :func:`set_renorm_hyperparameters` writes it in the graph itself), until the traced module is moved or cast
+    (fx's copy of the layer is a plain ``nn.Module``, which copies the buffer, and ``.half()`` rounds it); trace
+    again after that."""
+    return batch_renorm(
+        input, running_mean, running_var, weight, bias, training, schedule[2:3], eps, schedule[0:1], schedule[1:2],
+        microbatch_size, correction_stats, num_batches_tracked, nonfinite_count,
+    )
+
+
+def _shape_only(t: Tensor) -> bool:
+    """A meta or fake tensor (shapes without data): nothing to read back."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 __all__ = [
     "BatchRenormBase", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm",
@@ -412,7 +450,7 @@ class BatchRenormBase(nn.Module):
         nonfinite = self._nonfinite if (self.training and self.track_running_stats) else None
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
-        if tracing:  # the graph reads the schedule buffer when it runs (see lightning_brn._traced)
+        if tracing:  # the graph reads the schedule buffer when it runs (see _traced_batch_renorm)
             return _traced_batch_renorm(
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, self._schedule, self.eps,
                 microbatch_size, correction, num_batches_tracked, nonfinite,

@@ -802,11 +802,12 @@ def write_report(
     w("## Regime: run length, alpha, rmax / dmax")
     w("")
     ex_rows = []
-    for st in [steps] + ([short_steps] if short_steps else []):
-        for s in ("iid", "micro4", "noniid"):
+    other = sorted({r["cell"]["steps"] for r in results} - {steps, short_steps})
+    for st in [steps] + ([short_steps] if short_steps else []) + other:
+        for s in SETTINGS:
             for variant in ("core", "alpha0.01", "tight"):
                 c = compare(results, s, st, variant)
-                if c is not None and (st != steps or variant != "core" or short_steps):
+                if c is not None and (st != steps or variant != "core" or short_steps or other):
                     ex_rows.append((s, variant, st, c))
     if not ex_rows:
         w("Not run (the exploration runs after the core cells; `--quick` and `--no-explore` skip it).")
@@ -931,6 +932,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="check the pipeline end to end: 60 steps, one seed, 2,000 training and 500 test images, "
                         "validation at steps 30 and 60, no exploration, 2 runs at a time, 1 thread each, into runs/study_quick (not the accuracy)")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite the page from the finished runs")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="run only the planned cells whose name (e.g. noniid-brn-core-1500steps-seed0) contains one of "
+                        "these strings; the page still shows every finished run in --out")
     p.add_argument("--list", action="store_true", help="print the cells and their commands, and exit")
     p.add_argument("--code-state", default=None,
                    help="how the page names the code measured (default: the git commit of this checkout)")
@@ -952,6 +956,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plots = args.plots_dir or page.with_suffix("")
     cells = plan_cells(args.steps, args.seeds, args.short_steps or None, args.explore_seeds, not args.no_explore,
                        args.limit_train, args.limit_val)
+    if args.only:
+        cells = [c for c in cells if any(t in c.name for t in args.only)]
     if args.list:
         for c in cells:
             v = max(1, int(round(c.steps * args.val_every)))
@@ -961,9 +967,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"wall_seconds": 0.0}
     t0 = time.perf_counter()
     if args.report_only:
-        results = [json.loads(f.read_text()) for f in sorted(out.glob("cells/*/result.json"))]
-        wanted = {c.name for c in cells}
-        results = [r for r in results if Cell(**r["cell"]).name in wanted]
+        results = []
     else:
         import signal
 
@@ -973,19 +977,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
         results = run_study(cells, out, args.val_every, args.probe_images, args.jobs, args.threads)
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - t0
-        state["command"] = "python -m lightning_brn.study " + " ".join(
-            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        cmd = "python -m lightning_brn.study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        state["commands"] = [c for c in state.get("commands", []) if c != cmd] + [cmd.strip()]
         out.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state, indent=1))
+    # the page shows every finished run in --out (those of other options too, e.g. a longer --only run)
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("cells/*/result.json"))]
     meta = {
-        "command": state.get("command", "python -m lightning_brn.study"),
+        "command": "\n".join(state.get("commands", [])) or "python -m lightning_brn.study",
         "machine": {**_machine(), **({"git": args.code_state} if args.code_state else {})},
         "jobs": args.jobs, "threads": args.threads,
         "wall_minutes": state.get("wall_seconds", float("nan")) / 60, "out": str(out),
     }
     write_report(results, page, plots, args.steps, None if args.no_explore else (args.short_steps or None), meta)
-    print(f"[study] {len(results)}/{len(cells)} runs finished; page: {page}; plots: {plots}/")
-    return 0 if len(results) == len(cells) else 1
+    done = {Cell(**r["cell"]).name for r in results}
+    missing = [c.name for c in cells if c.name not in done]
+    print(f"[study] {len(cells) - len(missing)}/{len(cells)} runs finished; page: {page}; plots: {plots}/")
+    return 0 if not missing else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

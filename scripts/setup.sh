@@ -33,5 +33,5 @@ fi
 echo "[setup] installing lightning-brn (editable, with the dev extra)"
 "$PY" -m pip install -q -e ".[dev]"
 echo "[setup] building the C++ CPU kernels (once per machine, ~20 s)"
-"$PY" -c "from lightning_brn import _ext; ok = _ext.available(); print('[setup] C++ CPU kernels:', 'ready' if ok else 'unavailable (' + str(_ext.build_error()) + '), using the Python path')" || true
+"$PY" -c "from lightning_brn import cpu_kernels; ok = cpu_kernels.available(); print('[setup] C++ CPU kernels:', 'ready' if ok else 'unavailable (' + str(cpu_kernels.build_error()) + '), using the Python path')" || true
 echo "[setup] done: $("$PY" -c 'import torch, lightning, timm, lightning_brn; print("torch", torch.__version__, "| lightning", lightning.__version__, "| timm", timm.__version__, "| lightning_brn", lightning_brn.__version__)')"

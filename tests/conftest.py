@@ -100,9 +100,9 @@ def clipping_layer() -> Callable[..., object]:
 @pytest.fixture(params=["cpp", "python"])
 def eager_backend(request: pytest.FixtureRequest):
     """Runs a test once with the C++ CPU kernels and once with the pure-PyTorch path (same maths, both tested)."""
-    from lightning_brn import _ext
+    from lightning_brn import cpu_kernels
 
-    if request.param == "cpp" and not _ext.available():
-        pytest.skip(f"C++ CPU kernels unavailable here: {_ext.build_error() or 'disabled by LIGHTNING_BRN_CPP'}")
-    with _ext.use_cpp(request.param == "cpp"):
+    if request.param == "cpp" and not cpu_kernels.available():
+        pytest.skip(f"C++ CPU kernels unavailable here: {cpu_kernels.build_error() or 'disabled by LIGHTNING_BRN_CPP'}")
+    with cpu_kernels.use_cpp(request.param == "cpp"):
         yield request.param

@@ -414,14 +414,14 @@ def test_compiled_cpu_graphs_take_the_inline_step_unless_microbatched():
     """Compiled CPU graphs without microbatches take the inline step at every size (it fuses with the model's
     neighbouring ops); microbatches take the C++ operators when built. ``_INLINE_MAX_NUMEL`` bounds the inline
     step when set (tests and ``bench_overhead.py --cpp-route`` set -1)."""
-    from lightning_brn import _ext, functional
+    from lightning_brn import cpu_kernels, functional
     from lightning_brn.functional import _inline_eligible
 
     assert functional._INLINE_MAX_NUMEL is None
     for x in (torch.empty(4, 512, 7, 7), torch.empty(2, 64, 56, 56), torch.empty(1 << 18, 1)):
         assert _inline_eligible(x, 1) and not _inline_eligible(x, 2)
     assert _inline_eligible(torch.empty(2, 64, 56, 56).contiguous(memory_format=torch.channels_last), 1)
-    if not _ext.available():
+    if not cpu_kernels.available():
         return
     from lightning_brn import BatchRenorm1d
 
@@ -638,11 +638,11 @@ def test_a_single_running_statistic_is_refused(given):
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
 def test_wrong_sized_per_channel_tensor_names_the_size(name, backend):
-    from lightning_brn import _ext
+    from lightning_brn import cpu_kernels
 
     args = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3), "bias": torch.zeros(3)}
     args[name] = torch.ones(5)
-    with _ext.use_cpp(backend == "cpp"), pytest.raises(ValueError, match=f"{name} should contain 3 elements .* not 5"):
+    with cpu_kernels.use_cpp(backend == "cpp"), pytest.raises(ValueError, match=f"{name} should contain 3 elements .* not 5"):
         batch_renorm(torch.randn(4, 3, 2, 2), training=True, **args)
 
 

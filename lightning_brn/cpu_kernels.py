@@ -70,7 +70,7 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _flags() -> list[str]:
+def compile_flags() -> list[str]:
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine().lower() in ("x86_64", "amd64") else "-mcpu=native")
@@ -87,7 +87,7 @@ def _build() -> Any:
     cpp_extension.load(
         name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=_flags(),
+        extra_cflags=compile_flags(),
         is_python_module=False,
         verbose=False,
     )

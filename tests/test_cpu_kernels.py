@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (lightning_brn/_ext.py, lightning_brn/csrc/renorm_cpu.cpp) against the Python path.
+"""The C++ CPU kernels (lightning_brn/cpu_kernels.py, lightning_brn/csrc/renorm_cpu.cpp) against the Python path.
 
 The Python path is itself checked against a literal Algorithm 1 (tests/test_functional.py, which, like
 tests/test_layers.py, runs every test on both paths); here the two paths are compared on every layout and
@@ -18,23 +18,23 @@ import warnings
 import pytest
 import torch
 
-from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _ext
+from lightning_brn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, cpu_kernels
 
 HAS_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and importlib.util.find_spec("ninja") is not None
-needs_cpp = pytest.mark.skipif(not _ext.enabled(), reason="LIGHTNING_BRN_CPP=0")
+needs_cpp = pytest.mark.skipif(not cpu_kernels.enabled(), reason="LIGHTNING_BRN_CPP=0")
 
 
 @pytest.fixture(scope="module")
 def cpp() -> None:
-    if not _ext.available():
-        pytest.skip(f"C++ CPU kernels unavailable: {_ext.build_error()}")
+    if not cpu_kernels.available():
+        pytest.skip(f"C++ CPU kernels unavailable: {cpu_kernels.build_error()}")
 
 
 @needs_cpp
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no C++ compiler or ninja on this machine")
 def test_kernels_build_where_a_compiler_exists():
-    assert _ext.available(), _ext.build_error()
-    assert _ext.build_error() is None
+    assert cpu_kernels.available(), cpu_kernels.build_error()
+    assert cpu_kernels.build_error() is None
 
 
 def _case(name: str):
@@ -75,7 +75,7 @@ def _run(layer, x, use_cpp: bool, steps: int = 2):
     out = []
     for i in range(steps):
         xi = (x * (1 + 0.3 * i) + 0.2 * i).detach().requires_grad_()
-        with _ext.use_cpp(use_cpp):
+        with cpu_kernels.use_cpp(use_cpp):
             y = layer(xi)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(10 + i), dtype=y.dtype)
         params = [xi] + [p for p in (layer.weight, layer.bias) if p is not None]
@@ -149,7 +149,7 @@ def test_float32_statistics_far_from_zero_are_accurate(cpp):
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = (torch.randn(16, 8, 30, 30, generator=g) * 0.5 + 3000.0).contiguous(memory_format=fmt)
         layer = BatchRenorm2d(8, momentum=1.0, rmax=1.0, dmax=0.0)
-        with _ext.use_cpp(True):
+        with cpu_kernels.use_cpp(True):
             layer(x)
         xd = x.double()
         var = xd.var(dim=(0, 2, 3), unbiased=False)
@@ -161,7 +161,7 @@ def test_float32_statistics_far_from_zero_are_accurate(cpp):
 def test_double_backward_is_refused(cpp):
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     layer = BatchRenorm2d(3, rmax=2.0)
-    with _ext.use_cpp(True):
+    with cpu_kernels.use_cpp(True):
         (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         gx.sum().backward()
@@ -173,9 +173,9 @@ def test_only_requested_gradients_are_computed(cpp, clipping_layer, channels):
     layer = clipping_layer(BatchRenorm2d, channels)
     layer.weight.requires_grad_(False)
     ref = copy.deepcopy(layer)
-    with _ext.use_cpp(True):
+    with cpu_kernels.use_cpp(True):
         y = layer(x)
-    with _ext.use_cpp(False):
+    with cpu_kernels.use_cpp(False):
         y_ref = ref(x)
     (gb,) = torch.autograd.grad(y.sum(), [layer.bias])
     (gb_ref,) = torch.autograd.grad(y_ref.sum(), [ref.bias])
@@ -193,7 +193,7 @@ def test_saved_memory_is_input_plus_per_channel_vectors(cpp):
             storages[st.data_ptr()] = st.nbytes()
             return t
 
-        with _ext.use_cpp(True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with cpu_kernels.use_cpp(True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             layer(x)
         per_channel = 4 * groups * 32 * 4  # mean, invstd, r, d per group
         assert sum(storages.values()) <= x.numel() * 4 + per_channel + 32 * 4  # + the weight (a parameter)
@@ -254,25 +254,25 @@ def test_nchw_fused_and_two_pass_kernels_agree_bit_for_bit(cpp, clipping_layer, 
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch):
-    monkeypatch.setattr(_ext, "_tried", False)
-    monkeypatch.setattr(_ext, "_op", None)
-    monkeypatch.setattr(_ext, "_error", None)
-    monkeypatch.setattr(_ext, "_enabled", True)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_op", None)
+    monkeypatch.setattr(cpu_kernels, "_error", None)
+    monkeypatch.setattr(cpu_kernels, "_enabled", True)
 
     def broken():
         raise OSError("no compiler here")
 
-    monkeypatch.setattr(_ext, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
     layer = BatchRenorm2d(3, rmax=2.0)
     x = torch.randn(4, 3, 2, 2)
     with pytest.warns(RuntimeWarning, match="could not be built.*no compiler here"):
         y = layer(x)
-    assert _ext.build_error() == "OSError: no compiler here"
+    assert cpu_kernels.build_error() == "OSError: no compiler here"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning, no second attempt
         y2 = layer(x)
     ref = BatchRenorm2d(3, rmax=2.0)
-    with _ext.use_cpp(False):
+    with cpu_kernels.use_cpp(False):
         torch.testing.assert_close(y, ref(x))
         torch.testing.assert_close(y2, ref(x))
 
@@ -280,8 +280,8 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
 def test_environment_variable_turns_the_kernels_off():
     code = (
         "import torch, lightning_brn\n"
-        "from lightning_brn import _ext, BatchRenorm2d\n"
-        "assert not _ext.enabled() and _ext.cpu_op() is None\n"
+        "from lightning_brn import cpu_kernels, BatchRenorm2d\n"
+        "assert not cpu_kernels.enabled() and cpu_kernels.cpu_op() is None\n"
         "BatchRenorm2d(3, rmax=2.0)(torch.randn(4, 3, 2, 2)).sum().backward()\n"
         "print('ok')\n"
     )
@@ -296,7 +296,9 @@ def no_inline(monkeypatch: pytest.MonkeyPatch) -> None:
     inline step, tested in tests/test_functional.py)."""
     from lightning_brn import functional
 
-    monkeypatch.setattr(functional, "_INLINE_MAX_NUMEL", -1)
+    previous = functional.set_compiled_inline_limit(-1)
+    yield
+    functional.set_compiled_inline_limit(previous)
 
 
 @pytest.mark.parametrize("microbatch_size", [None, 2])
@@ -323,7 +325,7 @@ def test_compiled_graphs_call_the_functional_cpp_operator(
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     y = compiled(xa)
-    with _ext.use_cpp(False):
+    with cpu_kernels.use_cpp(False):
         y_ref = ref(xb)
     assert any("lightning_brn_cpu.renorm_fwd" in code for code in graphs)
     g = torch.randn(y.shape, dtype=y.dtype)
@@ -349,7 +351,7 @@ def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, no_inl
             m.rmax, m.dmax, m.momentum = 1.0 + 0.5 * step, 0.2 * step, 0.1 / (step + 1)
         x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
         y = compiled(x)
-        with _ext.use_cpp(False):
+        with cpu_kernels.use_cpp(False):
             y_ref = ref(x)
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
@@ -372,7 +374,7 @@ def test_optional_weight_and_bias_get_their_gradients(cpp, has_weight, has_bias,
     for use in (True, False):
         xi = x.clone().requires_grad_()
         args = (rm.clone(), rv.clone()) if running else (None, None)
-        with _ext.use_cpp(use):
+        with cpu_kernels.use_cpp(use):
             y = batch_renorm(xi, *args, w, b, training=True, rmax=1.5, dmax=0.3)
         inputs = [t for t in (xi, w, b) if t is not None]
         results.append((y, torch.autograd.grad(y.square().sum(), inputs)))
@@ -385,7 +387,7 @@ def test_optional_weight_and_bias_get_their_gradients(cpp, has_weight, has_bias,
 def test_affine_false_without_running_stats_trains_in_cpp(cpp):
     layer = BatchRenorm2d(4, affine=False, track_running_stats=False)
     x = torch.randn(8, 4, 3, 3, requires_grad=True)
-    with _ext.use_cpp(True):
+    with cpu_kernels.use_cpp(True):
         layer(x).pow(2).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -416,14 +418,14 @@ def test_functional_backward_operator_handles_non_dense_input(cpp):
 def test_operator_rejects_empty_input(cpp):
     for shape in ((0, 3), (4, 0, 2)):
         with pytest.raises(RuntimeError, match="non-empty"):
-            _ext.cpu_op()(torch.empty(shape), None, None, None, None, 1.0, 0.0, 0.1, 1e-5, 1, None)
+            cpu_kernels.cpu_op()(torch.empty(shape), None, None, None, None, 1.0, 0.0, 0.1, 1e-5, 1, None)
 
 
 def test_running_statistics_version_counters_advance(cpp):
     """The update is in place, as with torch ops: autograd's version checks see it."""
     layer = BatchRenorm2d(3, rmax=2.0)
     before = (layer.running_mean._version, layer.running_var._version)
-    with _ext.use_cpp(True):
+    with cpu_kernels.use_cpp(True):
         layer(torch.randn(4, 3, 2, 2))
     assert layer.running_mean._version > before[0] and layer.running_var._version > before[1]
 
@@ -438,7 +440,7 @@ def test_recording_does_not_change_the_step(cpp, clipping_layer):
     outs = []
     for m in (a, b):
         xi = x.clone().requires_grad_()
-        with _ext.use_cpp(True):
+        with cpu_kernels.use_cpp(True):
             y = m(xi)
         outs.append((y, torch.autograd.grad(y.square().sum(), [xi, m.weight, m.bias]), m.running_mean, m.running_var))
     (ya, ga, ma, va), (yb, gb, mb, vb) = outs
@@ -447,7 +449,7 @@ def test_recording_does_not_change_the_step(cpp, clipping_layer):
 
 
 def test_unknown_environment_value_is_named_in_a_warning():
-    code = "import lightning_brn._ext as e; print('enabled', e.enabled())"
+    code = "import lightning_brn.cpu_kernels as e; print('enabled', e.enabled())"
     env = dict(os.environ, LIGHTNING_BRN_CPP="maybe")
     res = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -501,12 +503,13 @@ def test_functional_operator_gradients_equal_the_eager_operator(cpp):
     gy = torch.randn_like(out)
     grads = torch.autograd.grad(out, [x, w, b], gy)
     rm2, rv2, rec2 = rm.clone(), rv.clone(), torch.zeros(5, dtype=torch.float64)
-    ref = _ext.cpu_op()(x, w, b, rm2, rv2, 1.4, 0.3, 0.1, 1e-5, groups, rec2)
+    ref = cpu_kernels.cpu_op()(x, w, b, rm2, rv2, 1.4, 0.3, 0.1, 1e-5, groups, rec2)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for p, q in zip(grads, torch.autograd.grad(ref, [x, w, b], gy)):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(running, torch.stack([rm2, rv2]), rtol=0, atol=0)
-    torch.testing.assert_close(record, rec2, rtol=0, atol=0)
+    torch.testing.assert_close(record[:5], rec2, rtol=0, atol=0)  # the eager record; then the held channels
+    assert record[5].item() == 0
 
 
 def test_functional_operator_without_grad_builds_no_graph_and_refuses_double_backward(cpp):
@@ -535,7 +538,7 @@ def test_second_derivative_through_the_input_is_refused_even_with_a_constant_gra
     c = torch.randn(x.shape, dtype=torch.float64)
     if path == "layer":
         layer = BatchRenorm2d(3, rmax=1.4, dmax=0.3, microbatch_size=3).double()
-        with _ext.use_cpp(True):
+        with cpu_kernels.use_cpp(True):
             y = layer(x)
     else:
         y = torch.ops.lightning_brn_cpu.renorm_fwd(x, w, b, rm, rv, *hp, 1e-5, groups, False)[0]
@@ -607,7 +610,7 @@ def test_outputs_larger_than_the_cache_are_exact(cpp, channels_last, clipping_la
     for dtype, use_cpp in ((torch.float32, True), (torch.float64, False)):  # the Python path in float64
         layer = clipping_layer(BatchRenorm2d, c).to(dtype)
         xi = x.to(dtype).requires_grad_()
-        with _ext.use_cpp(use_cpp):
+        with cpu_kernels.use_cpp(use_cpp):
             y = layer(xi)
         grads = torch.autograd.grad(y, [xi, layer.weight, layer.bias], gy.to(dtype))
         results.append([t.double() for t in (y, *grads, layer.running_mean, layer.running_var)])
