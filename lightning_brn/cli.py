@@ -190,8 +190,8 @@ def expand_recipe_args(argv: Sequence[str]) -> tuple[list[str], str]:
     Examples::
 
         >>> args, name = expand_recipe_args(["fit", "--trainer.max_steps", "5"])
-        >>> args[1], args[2].endswith("default.yaml"), args[3:], name
-        ('--config', True, ['--trainer.max_steps', '5'], 'default')
+        >>> [os.path.basename(a) for a in args[1:5]], args[5:], name  # the default recipe extends fmnist_iid_brn
+        (['--config', 'fmnist_iid_brn.yaml', '--config', 'default.yaml'], ['--trainer.max_steps', '5'], 'default')
     """
     argv = list(argv)
     out: list[str] = []

@@ -374,7 +374,10 @@ def batch_renorm(
                 f"{name} should contain {num_features} elements (one per channel of the input of shape "
                 f"{tuple(input.shape)}) not {t.numel()}"
             )
-    if microbatch_size is not None:
+    # Python numbers are checked in eager mode (lightning_brn.validation); a compiled graph may hold them as symbolic
+    # values, and gets them from a layer, which checked them when they were set
+    eager = not _is_compiling()
+    if microbatch_size is not None and eager:
         microbatch_size = check_microbatch_size(microbatch_size)
     if num_batches_tracked is not None and not (
         isinstance(num_batches_tracked, torch.Tensor) and num_batches_tracked.numel() == 1
@@ -384,12 +387,12 @@ def batch_renorm(
             + (f"a tensor of shape {tuple(num_batches_tracked.shape)}" if isinstance(num_batches_tracked, torch.Tensor)
                else f"num_batches_tracked={num_batches_tracked!r}")
         )
-    if not isinstance(eps, Tensor):
+    if eager and not isinstance(eps, Tensor):
         check_eps(eps)
     use_running = running_mean is not None and running_var is not None
     if not training and use_running:
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if use_running:  # training with moving averages, the only use of momentum, rmax and dmax
+    if use_running and eager:  # training with moving averages, the only use of momentum, rmax and dmax
         # Python numbers are checked here; tensors (the layers' schedule buffer, checked when set) are not read
         if not isinstance(momentum, Tensor):
             check_momentum(momentum)

@@ -856,7 +856,8 @@ def write_report(
     for r in sorted(results, key=lambda r: (r["cell"]["variant"], r["cell"]["steps"], r["cell"]["setting"],
                                             r["cell"]["norm"], r["cell"]["seed"])):
         cmd = r["command"]
-        cut = cmd.find(" --trainer.callbacks+=")  # the probe and the log folder are bookkeeping, not training
+        cut = min([i for i in (cmd.find(" --trainer.callbacks+="), cmd.find(" '--trainer.callbacks+=")) if i > 0],
+                  default=-1)  # the probe and the log folder are bookkeeping, not training
         w(cmd[:cut] if cut > 0 else cmd)
     w("```")
     w("")

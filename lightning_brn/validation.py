@@ -99,8 +99,8 @@ def check_momentum(value: Any) -> float:
     """The moving-average rate alpha in [0, 1] (batchnorm's ``momentum=None``, a cumulative average, is refused)."""
     if value is None:
         raise ValueError(
-            "momentum=None (batchnorm's cumulative average) is not supported by Batch Renorm: "
-            "give the moving-average rate alpha in [0, 1], e.g. momentum=0.01"
+            "momentum (the moving-average rate alpha) must be in [0, 1], got momentum=None: batchnorm's cumulative "
+            "average is not supported by Batch Renorm; give e.g. momentum=0.01"
         )
     v = check_float("momentum", value)
     if not 0.0 <= v <= 1.0:

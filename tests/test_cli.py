@@ -39,12 +39,14 @@ def test_recipes_ship_as_package_data() -> None:
 
 
 def test_expand_recipe_args() -> None:
+    base = ["--config", recipe_path("fmnist_iid_brn")]  # the recipe the fmnist variants and the default extend
     args, name = expand_recipe_args(["fit", "--recipe", "fmnist_iid_bn", "--trainer.max_steps=3"])
-    assert args == ["fit", "--config", recipe_path("fmnist_iid_bn"), "--trainer.max_steps=3"] and name == "fmnist_iid_bn"
+    assert args == ["fit", *base, "--config", recipe_path("fmnist_iid_bn"), "--trainer.max_steps=3"]
+    assert name == "fmnist_iid_bn"
     args, _ = expand_recipe_args(["fit", "--config=fmnist_noniid_brn.yaml"])
-    assert args == ["fit", "--config", recipe_path("fmnist_noniid_brn")]
+    assert args == ["fit", *base, "--config", recipe_path("fmnist_noniid_brn")]
     args, name = expand_recipe_args(["test", "--ckpt_path", "x.ckpt"])
-    assert args[:3] == ["test", "--config", recipe_path(DEFAULT_RECIPE)] and name == DEFAULT_RECIPE
+    assert args[:5] == ["test", *base, "--config", recipe_path(DEFAULT_RECIPE)] and name == DEFAULT_RECIPE
     assert expand_recipe_args(["--help"])[0] == ["--help"]
     with pytest.raises(SystemExit, match=r"unknown recipe 'fmnist_iid_brnn'.*Did you mean fmnist_iid_brn"):
         expand_recipe_args(["fit", "--recipe", "fmnist_iid_brnn"])
@@ -54,7 +56,7 @@ def test_config_file_path_is_kept(tmp_path: Path) -> None:
     cfg = tmp_path / "mine.yaml"
     shutil.copy(recipe_path("default"), cfg)
     args, name = expand_recipe_args(["fit", "--config", str(cfg)])
-    assert args == ["fit", "--config", str(cfg)] and name == "mine"
+    assert args == ["fit", "--config", recipe_path("fmnist_iid_brn"), "--config", str(cfg)] and name == "mine"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"]])

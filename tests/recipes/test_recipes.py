@@ -89,7 +89,7 @@ def test_recipe_fast_dev_run(name: str, tiny_data: dict[str, Path], tmp_path: Pa
     assert cli.trainer.world_size == 1 and not torch.distributed.is_initialized()  # one process, no process group
 
 
-FAMILY_BASES = {"imagenet": "imagenet_iid_brn"}
+FAMILY_BASES = {"imagenet": "imagenet_iid_brn", "fmnist": "fmnist_iid_brn", "default": "fmnist_iid_brn"}
 
 
 @pytest.mark.parametrize("name", RECIPES)
