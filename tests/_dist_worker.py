@@ -150,12 +150,7 @@ def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
         groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, world, group_size)]
         group = groups[rank // group_size]
     torch.manual_seed(0)
-    layer = SyncBatchRenorm(5, rmax=1.5, dmax=0.3, momentum=0.2, process_group=group).double()
-    with torch.no_grad():
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 2)
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
+    layer = _randomized(SyncBatchRenorm(5, rmax=1.5, dmax=0.3, momentum=0.2, process_group=group).double())
     results = []
     for step in range(2):
         x, g = sync_inputs(step, world)
@@ -174,6 +169,16 @@ def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
     return {"steps": results, "buffers": {k: v.clone() for k, v in layer.state_dict().items()}}
 
 
+def _randomized(layer: torch.nn.Module) -> torch.nn.Module:
+    """The same random moving averages and affine parameters for the synchronized layer and its reference."""
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    return layer
+
+
 def sync_inputs(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7 + step)
     x = torch.randn(2 * world, 5, 3, 3, generator=g, dtype=torch.float64)
@@ -185,12 +190,7 @@ def sync_reference(world: int, group_size: int) -> dict:
     from lightning_brn import BatchRenorm2d
 
     torch.manual_seed(0)
-    layer = BatchRenorm2d(5, rmax=1.5, dmax=0.3, momentum=0.2, microbatch_size=2 * group_size).double()
-    with torch.no_grad():
-        layer.running_mean.uniform_(-1, 1)
-        layer.running_var.uniform_(0.5, 2)
-        layer.weight.uniform_(0.5, 1.5)
-        layer.bias.uniform_(-1, 1)
+    layer = _randomized(BatchRenorm2d(5, rmax=1.5, dmax=0.3, momentum=0.2, microbatch_size=2 * group_size).double())
     results = []
     for step in range(2):
         x, g = sync_inputs(step, world)
