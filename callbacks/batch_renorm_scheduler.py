@@ -140,7 +140,7 @@ class BatchRenormScheduler(Callback):
         if schedule is None:
             schedule = RenormSchedule()
         # Duck-typed (``values(step)`` and ``to_dict()``), so custom schedules with RenormSchedule's interface work too.
-        is_schedule = callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))
+        is_schedule = _is_schedule(schedule)
         if not is_schedule and (not callable(schedule) or isinstance(schedule, type)):
             raise _ConfigTypeError(
                 f"`schedule` must be a lightning_brn.RenormSchedule (or have its `values(step)` and `to_dict()` methods), "
@@ -295,7 +295,7 @@ class BatchRenormScheduler(Callback):
                 "RenormSchedule"
             )
         schedule = self._fit_schedule(max(int(total), 1))  # (a run of 0 steps trains nothing: any schedule will do)
-        if not (callable(getattr(schedule, "values", None)) and callable(getattr(schedule, "to_dict", None))):
+        if not _is_schedule(schedule):
             raise _ConfigTypeError(
                 f"BatchRenormScheduler: schedule={self._fit_schedule!r} returned {schedule!r} of type "
                 f"{type(schedule).__name__} for {int(total)} steps; expected a lightning_brn.RenormSchedule"
@@ -444,6 +444,11 @@ class BatchRenormScheduler(Callback):
             Console().print(table)
         else:
             rank_zero_info("Batch Renorm: " + "; ".join(f"{k}: {v}" for k, v in rows))
+
+
+def _is_schedule(obj: Any) -> bool:
+    """RenormSchedule's interface (``values(step)`` and ``to_dict()``), which custom schedules may implement too."""
+    return callable(getattr(obj, "values", None)) and callable(getattr(obj, "to_dict", None))
 
 
 def _logging_step(trainer: "pl.Trainer") -> int:

@@ -643,7 +643,10 @@ def load_checkpoint(path: Union[str, os.PathLike], weights_only: Optional[bool] 
         raise FileNotFoundError(f"{where} is a folder; expected a checkpoint file (.ckpt)")
     wo = True if weights_only is None else bool(weights_only)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=wo)
+        try:  # memory-mapped: the tensors are not read, only the structure (the Trainer loads the file for real)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=wo, mmap=True)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: a legacy file, or no checkpoint (the load says)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=wo)
     except Exception as err:  # noqa: BLE001 - whatever torch.load raises for a file it cannot read
         text = str(err).strip()
         if wo and "Unsupported global" in text:

@@ -47,6 +47,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 
 from lightning_brn import cpu_kernels
@@ -428,7 +429,7 @@ def batch_renorm(
     if training and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
 
-    if _is_compiling():
+    if not eager:
         return _batch_renorm_composite(
             input, running_mean, running_var, weight, bias, momentum, eps, rmax, dmax, groups, correction_stats,
             nonfinite_count,
@@ -457,8 +458,6 @@ _CPP_DTYPES = (torch.float32, torch.float64)
 def _shape_only(x: Tensor) -> bool:
     """Whether ``x`` carries shapes but no data: a meta tensor, or a fake one (``FakeTensorMode``, which Lightning's
     ``measure_flops`` and tracers use); the C++ operators and aten's statistics kernel need data."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return x.device.type == "meta" or is_fake(x)
 
 

@@ -8,13 +8,13 @@ Parameters and persistent buffers carry batchnorm's names and meaning (``weight`
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from lightning_brn.validation import (
@@ -26,6 +26,11 @@ from lightning_brn.validation import (
     check_rmax,
 )
 from lightning_brn.functional import batch_renorm
+
+__all__ = [
+    "BatchRenormBase", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm",
+    "set_renorm_hyperparameters",
+]
 
 # torch.fx (and timm's fx feature extraction) records one call per layer instead of tracing into it.
 torch.fx.wrap("_traced_batch_renorm")
@@ -65,14 +70,8 @@ def _traced_batch_renorm(
 
 def _shape_only(t: Tensor) -> bool:
     """A meta or fake tensor (shapes without data): nothing to read back."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type == "meta" or is_fake(t)
 
-__all__ = [
-    "BatchRenormBase", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm",
-    "set_renorm_hyperparameters",
-]
 
 # The schedule-controlled hyper-parameters live in one non-persistent float64 buffer ``_schedule`` =
 # (rmax, dmax, momentum): assigning a new value is an in-place write, so a compiled graph reads them from one
@@ -465,8 +464,10 @@ class BatchRenormBase(nn.Module):
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, rmax, dmax,
             microbatch_size, correction, num_batches_tracked, nonfinite,
         )
-        if nonfinite is not None and not compiling and nonfinite.device.type == "cpu" and not _shape_only(nonfinite):
-            if self._nonfinite_reported == 0 and nonfinite.item():  # (a CPU read: no device sync)
+        # the first non-finite batch is reported at once where reading the counter costs no device sync (compiled
+        # graphs read nothing here: each Python value read would be a guard)
+        if not compiling and nonfinite is not None and self._nonfinite_reported == 0 and nonfinite.device.type == "cpu":
+            if not _shape_only(nonfinite) and nonfinite.item():
                 self.report_nonfinite()
         return out
 
