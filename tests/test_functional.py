@@ -655,3 +655,12 @@ def test_nonfinite_count_counts_batches_with_held_channels():
     held = mean[0].clone()
     batch_renorm(x, mean, var, training=True, momentum=0.1, nonfinite_count=count)
     assert count.item() == 1 and mean[0] == held and torch.isfinite(var).all()
+
+
+@pytest.mark.parametrize("bad", [-2, 2.5, True, "10"])
+def test_compiled_inline_limit_refuses_bad_values_and_restores(bad):
+    from lightning_brn import functional
+
+    with pytest.raises(ValueError, match=rf"max_numel must be None or an int >= -1, got max_numel={bad!r}"):
+        functional.set_compiled_inline_limit(bad)
+    assert functional.set_compiled_inline_limit(None) is None  # nothing was changed by the refusal

@@ -256,3 +256,14 @@ def test_apply_reaches_the_layers_of_an_fx_feature_extractor():
     expected = bn1_mean.lerp(batch_mean, 0.2)
     fe(x)
     torch.testing.assert_close(bn1_mean, expected)
+
+
+def test_set_renorm_hyperparameters_checks_every_value_before_writing():
+    from lightning_brn import set_renorm_hyperparameters
+
+    model = torch.nn.Sequential(BatchRenorm2d(3, rmax=2.0))
+    with pytest.raises(ValueError, match=r"dmax must be >= 0 .*got dmax=-1.0"):
+        set_renorm_hyperparameters(model, rmax=3.0, dmax=-1.0, momentum=0.1)
+    assert model[0].rmax == 2.0  # nothing written
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        set_renorm_hyperparameters("model", 1.0, 0.0, 0.1)  # type: ignore[arg-type]

@@ -693,3 +693,11 @@ def test_nonfinite_batches_are_logged_and_summed_at_the_end(tmp_path):
         t.fit(model)
     assert t.callback_metrics["brn/nonfinite_batches"].item() == 2  # both layers saw it
     assert all(torch.isfinite(m.running_mean).all() and m.nonfinite_batches == 1 for m in renorm_layers(model))
+
+
+def test_a_fitting_function_that_returns_no_schedule_is_named(tmp_path):
+    def bad(total_steps: int) -> Any:
+        return {"steps": total_steps}
+
+    with pytest.raises(MisconfigurationException, match=r"returned \{'steps': 5\} of type dict for 5 steps"):
+        trainer(tmp_path, [BatchRenormScheduler(bad, verbose=False)], max_steps=5).fit(TinyModule())

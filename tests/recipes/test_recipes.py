@@ -111,3 +111,11 @@ def test_a_family_is_one_full_recipe_plus_small_deltas(name: str, tmp_path: Path
         copy = tmp_path / "mine.yaml"
         copy.write_text(Path(recipe_path(name)).read_text())
         assert recipe_chain(copy) == [recipe_path(base), str(copy)]
+
+
+def test_a_recipe_that_extends_itself_is_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("# a\n# extends: b.yaml\nseed_everything: 1\n")
+    b.write_text("# b\n# extends: a.yaml\nseed_everything: 2\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        recipe_chain(a)
