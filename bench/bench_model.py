@@ -146,12 +146,8 @@ def header(args: argparse.Namespace, device: torch.device, argv: list[str]) -> s
             f"{args.reps} repetitions, C++ kernels: {'yes' if device.type == 'cpu' and cpu_kernels.available() else 'no'}",
             f"- allocator: {malloc_note()}",
             f"- step = `loss = cross_entropy(model(x), y); torch.autograd.grad(loss, parameters)`, train mode, float32; "
-            f"renorm layers: rmax={RMAX}, dmax={DMAX}, microbatch_size={args.microbatch_size}; compiled renorm on CPU: "
-            + (
-                "the C++ operators (`--cpp-route`)" if args.cpp_route
-                else "the C++ operators (microbatches)" if args.microbatch_size
-                else "the inline step, fused with neighbouring ops"
-            ),
+            f"renorm layers: rmax={RMAX}, dmax={DMAX}, microbatch_size={args.microbatch_size}; compiled renorm: "
+            "Route.COMPILED (`lightning_brn.routes`), fused with neighbouring ops",
             "",
         ]
     )
@@ -172,11 +168,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant (default 2)")
     p.add_argument("--sample-ms", type=float, default=200.0, help="length of one timed sample (default 200)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
-    p.add_argument(
-        "--cpp-route", action="store_true",
-        help="compiled renorm calls the C++ operators, opaque to the compiler (default: the inline step that "
-        "inductor fuses with the neighbouring ops, as compiled graphs without microbatches do)",
-    )
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: time.process_time (default; CPU only)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--out", default=None, help="also write the output (markdown) to this file")
@@ -196,10 +187,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
-    if args.cpp_route:
-        from lightning_brn import functional
-
-        functional.set_compiled_inline_limit(-1)
     if device.type == "cpu":
         cpu_kernels.available()  # build (or load) the C++ kernels before any timing
     results = []

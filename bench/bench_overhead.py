@@ -3,7 +3,7 @@
 On an input of a few hundred values the arithmetic is negligible, so the time of ``y = layer(x)`` plus
 ``torch.autograd.grad(y, [x, weight, bias], g)`` is the per-layer, per-step overhead: Python, dispatch,
 autograd, and for ``torch.compile`` the graph's wrappers and the calls it makes (batchnorm: one generated
-kernel; renorm on CPU: the C++ forward and backward operators). The four variants run interleaved in a
+kernel; renorm: the generated kernels of ``Route.COMPILED``). The four variants run interleaved in a
 shuffled order, blocks of ``--inner`` steps, and the table shows medians in microseconds and the
 difference to batchnorm in the same mode. The last row repeats the measurement on a larger input for
 scale. With ``--in-model L`` each variant is instead a model of L blocks (1x1 convolution, the norm layer, ReLU),
@@ -14,7 +14,6 @@ Usage::
 
     python bench/bench_overhead.py                   # CPU, one thread, CPU time
     python bench/bench_overhead.py --shape 4,512,7,7 # another input
-    python bench/bench_overhead.py --cpp-route       # compiled renorm through the C++ operators
     python bench/bench_overhead.py --in-model 16 --shape 4,32,2,2 --scale-shape 8,64,28,28  # inside a model
 """
 
@@ -100,10 +99,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="time a model of L blocks (1x1 conv, norm, ReLU) instead of one layer; brackets: difference per layer",
     )
     p.add_argument(
-        "--cpp-route", action="store_true",
-        help="compiled renorm calls the C++ operators (default: the inline step, as compiled graphs without microbatches do)",
-    )
-    p.add_argument(
         "--malloc", choices=("pinned", "default"), default="pinned",
         help="pinned (default): re-run under glibc tunables that keep freed blocks for reuse (bench/_common.py)",
     )
@@ -112,10 +107,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--in-model expects a number of blocks >= 0, got {args.in_model}")
     if argv is None:
         pin_malloc(args.malloc)
-    if args.cpp_route:
-        from lightning_brn import functional
-
-        functional.set_compiled_inline_limit(-1)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cpu_kernels.available()  # build or load the C++ kernels before timing
@@ -132,10 +123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     else:
         print("## Per-step cost of one layer, forward + backward (median us; in brackets: renorm - batchnorm)\n")
-    flag = (" --cpp-route" if args.cpp_route else "") + (f" --in-model {args.in_model}" if args.in_model else "")
+    flag = f" --in-model {args.in_model}" if args.in_model else ""
     print(f"- command: `python bench/bench_overhead.py --shape {args.shape} --scale-shape {args.scale_shape}{flag}`")
-    route = "the C++ operators" if args.cpp_route else "the inline step (x * scale + shift, batchnorm's backward)"
-    print(f"- compiled renorm on CPU: {route}")
+    print("- compiled renorm: Route.COMPILED (x * scale + shift, batchnorm's backward)")
     print(
         f"- torch {torch.__version__}, lightning_brn {lightning_brn.__version__}, {platform.processor() or platform.machine()}, "
         f"threads {torch.get_num_threads()}, clock {args.clock}, {args.reps} blocks of {args.inner} steps, "

@@ -1,11 +1,12 @@
 """The optional C++ CPU kernels (``csrc/renorm_cpu.cpp``), built once per machine on first use.
 
-Eager training steps on CPU tensors (float32/float64) run through one C++ operator with its own autograd
+``Route.CPP``: eager training steps on CPU tensors (float32/float64) run through one C++ operator with its own autograd
 node: statistics, the per-channel step, the normalization and the backward without Python in the loop. On
 small tensors that Python overhead is most of the time of a step; the kernels also compute statistics of
-contiguous (NCHW) data several times faster than aten's batchnorm statistics kernel. ``torch.compile`` graphs
-call the functional forward and backward operators (``renorm_fwd`` / ``renorm_bwd``), whose autograd formula
-is C++ as well; only their shapes for tracing are registered here.
+contiguous (NCHW) data faster than aten's batchnorm statistics kernel. ``Route.COMPILED_CPP``: compiled graphs with
+microbatches call the functional forward and backward operators (``renorm_fwd`` / ``renorm_bwd``), whose autograd
+formula is C++ as well; only their shapes for tracing are registered here. :mod:`lightning_brn.routes` says when
+each route is taken.
 
 The build uses :func:`torch.utils.cpp_extension.load` (a C++ compiler and ``ninja``) with ``-O3
 -march=native``: the library is compiled for this machine's CPU and cached (``TORCH_EXTENSIONS_DIR``, by
@@ -13,8 +14,8 @@ default ``~/.cache/torch_extensions``) under a name that includes a fingerprint 
 sharing a home directory never load each other's builds. The first use on a machine takes ~20 s; later
 processes load the cached library in milliseconds.
 
-Environment: ``LIGHTNING_BRN_CPP=0`` turns the kernels off (the Python path computes the same maths with
-torch ops). If the build fails, a warning says why and the Python path is used.
+Environment: ``LIGHTNING_BRN_CPP=0`` turns the kernels off (``Route.ATEN`` and ``Route.COMPILED`` compute the same
+maths with torch ops). If the build fails, a warning says why and those routes are used.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def _cpu_fingerprint() -> str:
 
 
 def compile_flags() -> list[str]:
-    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    """The C++ compiler flags of the kernels. ``-fopenmp``: ``at::parallel_for`` runs on torch's OpenMP threads only
+    in code compiled with it (otherwise it is a serial loop); the library then uses the OpenMP runtime torch loaded,
+    so ``torch.set_num_threads`` governs it."""
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine().lower() in ("x86_64", "amd64") else "-mcpu=native")
     return flags
@@ -88,6 +92,7 @@ def _build() -> Any:
         name=name,
         sources=[str(_SOURCE)],
         extra_cflags=compile_flags(),
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
@@ -120,8 +125,8 @@ def _register_functional_ops() -> None:
 
 @torch.compiler.assume_constant_result
 def compiled_op_ready() -> bool:
-    """Whether compiled graphs call the functional C++ ops. Run for real while a graph is traced (building or
-    loading the kernels then, like an eager step would) and baked into the graph as a constant."""
+    """Whether the functional C++ ops are there for compiled graphs. Run for real while a graph is traced (building
+    or loading the kernels then, like an eager step would) and baked into the graph as a constant."""
     return cpu_op() is not None
 
 
@@ -136,7 +141,7 @@ def cpu_op() -> Optional[Any]:
         if not _tried:
             try:
                 _op = _build()
-            except Exception as exc:  # no compiler, no ninja, unsupported platform: the Python path still works
+            except Exception as exc:  # no compiler, no ninja, unsupported platform: Route.ATEN still works
                 _error = _summarize(exc)
                 warnings.warn(
                     f"lightning_brn: the C++ CPU kernels could not be built ({_error}); using the Python "

@@ -7,9 +7,10 @@ normalized its own minibatch (so r and d were per worker). The modes (``docs/dis
   averages move towards the mean over ranks (and groups) of mu_B and sigma_B and are identical on every rank. Cost:
   one asynchronous all-reduce per step and process group of sum(2C + 1) values over the layers (about 53k floats
   for a ResNet-50), launched when the backward starts and waited for after the optimizer step.
-- :class:`SyncBatchRenorm` (opt in): statistics of the whole process group's batch (one all-reduce of 2C + 1
-  values per layer in the forward, one of 2C in the backward, synchronous as in ``SyncBatchNorm``); r and d the same
-  on every rank. Over a subgroup (the paper's microbatches spread over devices), the averages are shared as above.
+- :class:`SyncBatchRenorm` (opt in: the class, :func:`convert_sync_batch_renorm`, ``convert_model(model, sync=True)``,
+  or ``Trainer(sync_batchnorm=True)`` / :class:`~lightning_brn.plugins.RenormLayerSync` under Lightning): statistics
+  of the whole process group's batch (one all-reduce of 2C + 1 values per layer in the forward, one of 2C in the
+  backward, synchronous as in ``SyncBatchNorm``); r and d the same on every rank. Over a subgroup (the paper's microbatches spread over devices), the averages are shared as above.
 - local (``share_running_stats(model, enabled=False)``): per-rank averages, which diverge; no collective.
 
 **Shared averages** need no code: a Batch Renorm layer's first training forward in a process whose default process
@@ -40,9 +41,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_brn.algorithm import renorm_step
 from lightning_brn.validation import check_eps
-from lightning_brn.functional import renorm_correction
 from lightning_brn.layers import BatchRenormBase, is_batch_renorm
+from lightning_brn.routes import stat_dtype
 
 __all__ = [
     "RunningStatsSharing",
@@ -395,7 +397,7 @@ class _SyncRenormFn(torch.autograd.Function):
         nonfinite: Optional[Tensor] = None,
     ) -> Tensor:
         c = x.shape[1]
-        sd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sd = stat_dtype(x)
         dims = [0] + list(range(2, x.dim()))
         n_local = x.numel() // c
         xs = x.detach().to(sd)
@@ -417,11 +419,7 @@ class _SyncRenormFn(torch.autograd.Function):
         var = (flat[c : 2 * c] / count - s1 * s1).clamp_min_(0.0)
         std = (var + eps).sqrt()
         if running_mean is not None and running_var is not None:
-            running_std = (running_var.detach().to(sd) + eps).sqrt()
-            r, d = renorm_correction(mean, std, running_mean.detach().to(sd), running_std, rmax, dmax)
-            if correction is not None:
-                _record(correction, std / running_std, (mean - running_mean.to(sd)) / running_std, r, d)
-            _update_averages(running_mean, running_var, mean, std, running_std, momentum, nonfinite)
+            r, d = renorm_step(mean, std, running_mean, running_var, rmax, dmax, momentum, eps, correction, nonfinite)
         else:
             r, d = torch.ones_like(mean), torch.zeros_like(mean)
         w = weight.detach().to(sd) if weight is not None else None
@@ -461,44 +459,6 @@ class _SyncRenormFn(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
-def _record(correction: Tensor, r_raw: Tensor, d_raw: Tensor, r: Tensor, d: Tensor) -> None:
-    dt = correction.dtype
-    correction.copy_(
-        torch.stack(
-            [
-                (r != r_raw).sum().to(dt), (d != d_raw).sum().to(dt), (r - 1).abs().sum().to(dt), d.abs().sum().to(dt),
-                torch.full((), r.numel(), dtype=dt, device=correction.device),
-            ]
-        )
-    )
-
-
-def _update_averages(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    running_std: Tensor,
-    momentum: float,
-    nonfinite: Optional[Tensor] = None,
-) -> None:
-    """Algorithm 1's update, stored as the layers store it: mu += a (mu_B - mu); sigma += delta with
-    delta = a (sigma_B - sigma), as running_var += delta (2 sigma + delta). Channels whose statistics are not finite
-    keep their averages (counted in ``nonfinite``), as in the per-device layers."""
-    with torch.no_grad():
-        sd = mean.dtype
-        finite = torch.isfinite(mean) & torch.isfinite(std)
-        mean = torch.where(finite, mean, running_mean.to(sd))
-        std = torch.where(finite, std, running_std)
-        if nonfinite is not None:
-            nonfinite.add_((~finite).any().to(nonfinite.dtype))
-        delta = (std - running_std) * momentum
-        new_mean = running_mean.to(sd).lerp(mean, momentum)
-        new_var = (running_var.to(sd) + delta * (2 * running_std + delta)).clamp_min_(0.0)
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-
-
 class SyncBatchRenorm(BatchRenormBase):
     r"""Batch Renorm with batch statistics over a process group, the counterpart of ``torch.nn.SyncBatchNorm``.
 
@@ -528,6 +488,11 @@ class SyncBatchRenorm(BatchRenormBase):
         >>> SyncBatchRenorm(4, rmax=2.0)(torch.randn(8, 4, 3, 3)).shape  # one process: the local batch
         torch.Size([8, 4, 3, 3])
     """
+
+    #: The per-device class this layer was converted from (:func:`convert_sync_batch_renorm`,
+    #: ``convert_model(..., sync=True)``), which :func:`revert_sync_batch_renorm` gives back; ``None`` for a layer
+    #: built as such.
+    local_class: Optional[type[BatchRenormBase]] = None
 
     def __init__(
         self,
@@ -611,7 +576,6 @@ class SyncBatchRenormAct(SyncBatchRenorm):
 
 
 # --------------------------------------------------------------------------------------------- surgery
-_LOCAL_CLASS_ATTR = "_brn_local_class"
 
 
 def convert_sync_batch_renorm(model: nn.Module, process_group: ProcessGroup = None) -> nn.Module:
@@ -684,14 +648,14 @@ def _to_sync(m: BatchRenormBase, process_group: ProcessGroup) -> SyncBatchRenorm
     _move(m, new)
     if new.running_stats_sharing is not None and not isinstance(new.running_stats_sharing, RunningStatsSharing):
         new.running_stats_sharing = None  # decided again at the first forward
-    setattr(new, _LOCAL_CLASS_ATTR, type(m))
+    new.local_class = type(m)
     return new
 
 
 def _to_local(m: SyncBatchRenorm) -> BatchRenormBase:
     from lightning_brn.layers import BatchRenorm2d
 
-    cls = getattr(m, _LOCAL_CLASS_ATTR, BatchRenorm2d)
+    cls = m.local_class or BatchRenorm2d
     new = cls(m.num_features, eps=m.eps, affine=False, track_running_stats=False)
     _move(m, new)
     new.running_stats_sharing = None  # decided again at the first forward

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from lightning_brn.validation import (
@@ -26,6 +25,7 @@ from lightning_brn.validation import (
     check_rmax,
 )
 from lightning_brn.functional import batch_renorm
+from lightning_brn.routes import shape_only
 
 __all__ = [
     "BatchRenormBase", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormAct2d", "is_batch_renorm",
@@ -66,11 +66,6 @@ def _traced_batch_renorm(
         input, running_mean, running_var, weight, bias, training, schedule[2:3], eps, schedule[0:1], schedule[1:2],
         microbatch_size, correction_stats, num_batches_tracked, nonfinite_count,
     )
-
-
-def _shape_only(t: Tensor) -> bool:
-    """A meta or fake tensor (shapes without data): nothing to read back."""
-    return t.device.type == "meta" or is_fake(t)
 
 
 # The schedule-controlled hyper-parameters live in one non-persistent float64 buffer ``_schedule`` =
@@ -263,7 +258,7 @@ class BatchRenormBase(nn.Module):
         training mode, or by :class:`~lightning_brn.callbacks.BatchRenormScheduler`). Not part of the state dict.
         """
         nonfinite = self._buffers.get("_nonfinite")
-        return 0 if nonfinite is None or _shape_only(nonfinite) else int(nonfinite.item())
+        return 0 if nonfinite is None or shape_only(nonfinite) else int(nonfinite.item())
 
     def report_nonfinite(self) -> int:
         """Warn once if training batches with non-finite statistics were seen since the last report; their count.
@@ -467,7 +462,7 @@ class BatchRenormBase(nn.Module):
         # the first non-finite batch is reported at once where reading the counter costs no device sync (compiled
         # graphs read nothing here: each Python value read would be a guard)
         if not compiling and nonfinite is not None and self._nonfinite_reported == 0 and nonfinite.device.type == "cpu":
-            if not _shape_only(nonfinite) and nonfinite.item():
+            if not shape_only(nonfinite) and nonfinite.item():
                 self.report_nonfinite()
         return out
 

@@ -55,6 +55,8 @@ def _case(name: str):
         # channels-last groups of more than 64 rows, 160 channels: register blocks (64 floats or 32 doubles) and a
         # rest, on one thread or on each of two
         "channels_last_wide": ((8, 160, 6, 6), torch.channels_last, BatchRenorm2d),
+        # channels-last statistics in several spans of rows (2048 rows per span at 32 channels), merged in order
+        "channels_last_spans": ((8, 32, 40, 41), torch.channels_last, BatchRenorm2d),
     }
     shape, fmt, cls = shapes[name]
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
@@ -65,7 +67,7 @@ def _case(name: str):
 
 LAYOUTS = [
     "nchw", "channels_last", "nc", "ncl", "ncdhw", "channels_last_3d", "hw1", "long_rows", "many_rows_cl", "nchw_wide",
-    "long_rows_wide", "channels_last_wide",
+    "long_rows_wide", "channels_last_wide", "channels_last_spans",
 ]
 
 
@@ -199,9 +201,12 @@ def test_saved_memory_is_input_plus_per_channel_vectors(cpp):
         assert sum(storages.values()) <= x.numel() * 4 + per_channel + 32 * 4  # + the weight (a parameter)
 
 
-def test_threads_give_the_same_result(cpp, clipping_layer):
-    x = torch.randn(16, 64, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    layer = clipping_layer(BatchRenorm2d, 64, microbatch_size=4)
+@pytest.mark.parametrize("shape, microbatch_size", [((16, 64, 9, 9), 4), ((8, 32, 40, 41), None), ((8, 32, 40, 41), 4)])
+def test_threads_give_the_same_result(cpp, clipping_layer, shape, microbatch_size):
+    """The kernels run on torch's threads (OpenMP); their results do not depend on how many (the channels-last
+    statistics are taken over spans of rows fixed by the shape, merged in order)."""
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    layer = clipping_layer(BatchRenorm2d, shape[1], microbatch_size=microbatch_size)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -290,24 +295,13 @@ def test_environment_variable_turns_the_kernels_off():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
-@pytest.fixture
-def no_inline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compiled CPU graphs call the C++ operators whatever the input's size (small inputs otherwise take the
-    inline step, tested in tests/test_functional.py)."""
-    from lightning_brn import functional
-
-    previous = functional.set_compiled_inline_limit(-1)
-    yield
-    functional.set_compiled_inline_limit(previous)
-
-
-@pytest.mark.parametrize("microbatch_size", [None, 2])
+@pytest.mark.parametrize("microbatch_size", [2, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_compiled_graphs_call_the_functional_cpp_operator(
-    cpp, no_inline, microbatch_size, channels_last, clipping_layer
+def test_compiled_graphs_with_microbatches_call_the_functional_cpp_operator(
+    cpp, microbatch_size, channels_last, clipping_layer
 ):
-    """Under torch.compile on CPU a layer too large for the inline step is one opaque C++ operator (forward and
-    backward) plus the copy of the running statistics it returns; the result equals eager, the moving averages
+    """Under torch.compile on CPU a layer with microbatches (Route.COMPILED_CPP) is one opaque C++ operator (forward
+    and backward) plus the copy of the running statistics it returns; the result equals eager, the moving averages
     and the record included."""
     x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
     if channels_last:
@@ -339,10 +333,10 @@ def test_compiled_graphs_call_the_functional_cpp_operator(
     assert layer.correction_stats() == ref.correction_stats()
 
 
-def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, no_inline, clipping_layer):
+def test_compiled_cpp_operator_with_inductor_and_new_hyperparameters(cpp, clipping_layer):
     """Inductor around the operator, rmax/dmax/momentum changing every step: same as eager, no recompilation."""
     torch._dynamo.reset()
-    layer = clipping_layer(BatchRenorm2d, 4)
+    layer = clipping_layer(BatchRenorm2d, 4, microbatch_size=2)
     ref = copy.deepcopy(layer)
     compiled = torch.compile(layer, fullgraph=True)
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -572,12 +566,13 @@ def test_tensor_hyperparameters_take_the_python_path_and_per_channel_bounds_stil
     """The eager C++ operator takes Python floats: one-element tensors (fx-traced layers pass the schedule
     buffers) go to the Python path, with the same results; a per-channel bound tensor still broadcasts."""
     from lightning_brn import functional as F
+    from lightning_brn.routes import Route, choose_route
 
     w = torch.ones(3, dtype=torch.float64)
     hp = torch.tensor([1.5], dtype=torch.float64)
-    assert not F._cpp_eligible(torch.float64, (w, None, w, w), (hp, 0.5, 0.1))
-    assert F._cpp_eligible(torch.float64, (w, None, w, w), (1.5, 0.5, 0.1))
     x = torch.randn(8, 3, 2, 2, dtype=torch.float64)
+    assert choose_route(x, (w, None, w, w), (hp, 0.5, 0.1), True) is Route.ATEN
+    assert choose_route(x, (w, None, w, w), (1.5, 0.5, 0.1), True) is Route.CPP
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     a = F.batch_renorm(x, rm.clone(), rv.clone(), training=True, rmax=hp, dmax=torch.tensor([0.5]))
     b = F.batch_renorm(x, rm.clone(), rv.clone(), training=True, rmax=1.5, dmax=0.5)

@@ -1,15 +1,17 @@
 // Batch Renorm training step on the CPU: one operator with its own autograd node.
 //
-// Loaded by lightning_brn/_ext.py (built once per machine with torch.utils.cpp_extension) and called by
-// lightning_brn.functional.batch_renorm for float32/float64 CPU tensors: renorm_train in eager mode (autograd
-// node in C++), renorm_fwd / renorm_bwd inside torch.compile graphs (functional ops whose autograd formula,
-// RenormFwdFunction, is C++ too; _ext.py registers their shapes for tracing). The maths is the same as the Python path (_RenormBN in functional.py), Algorithm 1 of Ioffe (2017):
+// Loaded by lightning_brn/cpu_kernels.py (built once per machine with torch.utils.cpp_extension) and called by
+// lightning_brn.functional.batch_renorm (lightning_brn/routes/__init__.py has the table of routes): Route.CPP, eager
+// training steps of float32/float64 CPU tensors, runs renorm_train (its autograd node is C++ too); Route.COMPILED_CPP,
+// compiled graphs with microbatches, runs renorm_fwd / renorm_bwd (functional ops whose autograd formula,
+// RenormFwdFunction, is C++ too; cpu_kernels.py registers their shapes for tracing). The maths is that of
+// lightning_brn/algorithm.py, Algorithm 1 of Ioffe (2017):
 //   per group g (a microbatch, or the whole batch) and channel c:
 //     mean, biased var of x over the group;  sigma_B = sqrt(var + eps)
 //     r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - mu) / sigma, -dmax, dmax)   (constants)
 //     y = (x - mean) / sigma_B * (gamma r) + (beta + gamma d)
 //   then, once per call, mu += alpha (mean over groups of mean - mu) and sigma += alpha (... sigma_B - sigma),
-//   sigma stored as running_var = sigma^2 - eps (see functional.py).
+//   sigma stored as running_var = sigma^2 - eps (see algorithm.py).
 // The backward is batchnorm's training backward with weight gamma r (r, d constant), per group; the
 // gradients of gamma and beta follow by the chain rule: r dL/dw_eff + d dL/db_eff and dL/db_eff.
 //
@@ -279,6 +281,42 @@ LBRN_INLINE void planar_grad_sums(const T* x, const T* dy, const Layout& lay, in
   *sum_dyx = sx;
 }
 
+// Rows per span of the rows layout's statistics: about 64k values (whole rows, a multiple of kRows), from the
+// number of channels alone.
+inline int64_t span_rows(int64_t C) {
+  return std::max<int64_t>(kRows, (65536 / std::max<int64_t>(C, 1)) / kRows * kRows);
+}
+
+// Rows [start, end) of one group (C channels per row): each chunk of kRows rows gets its own mean and centred sum
+// of squares (its second read hits the cache), merged into double moments with Chan's formula: mu, m2 (C each).
+// acc, m: scratch of C values.
+template <typename T>
+void span_moments(const T* xg, int64_t C, int64_t start, int64_t end, double* mu, double* m2, T* acc, T* m) {
+  std::fill(mu, mu + C, 0.0);
+  std::fill(m2, m2 + C, 0.0);
+  double n_a = 0;
+  for (int64_t s0 = start; s0 < end; s0 += kRows) {
+    const int64_t s1 = std::min(end, s0 + kRows);
+    const T n_b = static_cast<T>(s1 - s0);
+    std::fill(acc, acc + C, T(0));
+    for (int64_t i = s0; i < s1; ++i) {
+      const T* __restrict__ row = xg + i * C;
+      T* __restrict__ a = acc;
+      for (int64_t c = 0; c < C; ++c) a[c] += row[c];
+    }
+    for (int64_t c = 0; c < C; ++c) m[c] = acc[c] / n_b;
+    chunk_centred_squares<T>(xg, C, C, s0, s1, m, acc);
+    const double nb = static_cast<double>(s1 - s0), n = n_a + nb;
+    const double f = nb / n, g2 = n_a * nb / n;
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = static_cast<double>(m[c]) - mu[c];
+      mu[c] += delta * f;
+      m2[c] += static_cast<double>(acc[c]) + delta * delta * g2;
+    }
+    n_a = n;
+  }
+}
+
 // Per (group, channel) mean and biased variance. mean, var: (G, C).
 template <typename T>
 void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
@@ -291,46 +329,42 @@ void group_stats(const T* x, const Layout& lay, T* mean, T* var) {
     return;
   }
   const int64_t M = k * L;  // rows per group
-  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<double> tot(w), mu(w);
-    std::vector<T> acc(w), m(w);
-    for (int64_t g = 0; g < G; ++g) {
-      const T* xg = x + g * M * C;
-      if (M <= kRows) {  // small groups (reached when the record is on; else fused_small_groups runs)
-        small_group_moments<T>(xg, C, c0, w, M, mean + g * C + c0, var + g * C + c0);
-        continue;
+  if (M <= kRows) {  // small groups (reached when the record is on; else fused_small_groups runs)
+    const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t g = 0; g < G; ++g) {
+        small_group_moments<T>(x + g * M * C, C, c0, c1 - c0, M, mean + g * C + c0, var + g * C + c0);
       }
-      // one pass over memory: each chunk of kRows rows gets its own mean and centred sum of squares (its
-      // second read hits the cache), merged into double running moments with Chan's formula
-      std::fill(mu.begin(), mu.end(), 0.0);
-      std::fill(tot.begin(), tot.end(), 0.0);  // M2
-      double n_a = 0;
-      for (int64_t start = 0; start < M; start += kRows) {
-        const int64_t end = std::min(M, start + kRows);
-        const T n_b = static_cast<T>(end - start);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t i = start; i < end; ++i) {
-          const T* __restrict__ row = xg + i * C + c0;
-          T* __restrict__ a = acc.data();
-          for (int64_t c = 0; c < w; ++c) a[c] += row[c];
-        }
-        for (int64_t c = 0; c < w; ++c) m[c] = acc[c] / n_b;
-        chunk_centred_squares<T>(xg + c0, C, w, start, end, m.data(), acc.data());
-        const double nb = static_cast<double>(end - start), n = n_a + nb;
-        const double f = nb / n, g2 = n_a * nb / n;
-        for (int64_t c = 0; c < w; ++c) {
-          const double delta = static_cast<double>(m[c]) - mu[c];
-          mu[c] += delta * f;
-          tot[c] += static_cast<double>(acc[c]) + delta * delta * g2;
-        }
+    });
+    return;
+  }
+  // Each group's rows in spans of whole rows (all channels: contiguous memory, one thread per span), each span's
+  // moments into double; then the spans merged in order. The spans depend on the shape only, not on the thread
+  // count, and so do the results.
+  const int64_t span = span_rows(C), S = (M + span - 1) / span;
+  std::vector<double> mu(G * S * C), m2(G * S * C);
+  at::parallel_for(0, G * S, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> acc(C), m(C);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t g = t / S, start = (t % S) * span;
+      span_moments<T>(x + g * M * C, C, start, std::min(M, start + span), mu.data() + t * C, m2.data() + t * C,
+                      acc.data(), m.data());
+    }
+  });
+  at::parallel_for(0, G * C, 256, [&](int64_t b, int64_t e) {
+    for (int64_t gc = b; gc < e; ++gc) {
+      const int64_t g = gc / C, c = gc % C;
+      double n_a = 0, mean_a = 0, m2_a = 0;
+      for (int64_t s = 0; s < S; ++s) {  // Chan's formula, spans in order
+        const double nb = static_cast<double>(std::min(M, (s + 1) * span) - s * span), n = n_a + nb;
+        const int64_t i = (g * S + s) * C + c;
+        const double delta = mu[i] - mean_a;
+        mean_a += delta * (nb / n);
+        m2_a += m2[i] + delta * delta * (n_a * nb / n);
         n_a = n;
       }
-      for (int64_t c = 0; c < w; ++c) {
-        mean[g * C + c0 + c] = static_cast<T>(mu[c]);
-        var[g * C + c0 + c] = static_cast<T>(tot[c] / count);
-      }
+      mean[gc] = static_cast<T>(mean_a);
+      var[gc] = static_cast<T>(m2_a / count);
     }
   });
 }
@@ -351,38 +385,49 @@ void group_grad_sums(const T* x, const T* dy, const Layout& lay, const T* mean, 
     return;
   }
   const int64_t M = k * L;
-  const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(M * G, 1));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<double> tot(w), totx(w);
-    std::vector<T> acc(w), accx(w);
-    for (int64_t g = 0; g < G; ++g) {
+  // as group_stats: spans of whole rows, one thread each, their sums added in order
+  const int64_t span = span_rows(C), S = (M + span - 1) / span;
+  std::vector<double> tot(G * S * C), totx(G * S * C);
+  at::parallel_for(0, G * S, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> acc(C), accx(C);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t g = t / S, start = (t % S) * span, end = std::min(M, start + span);
       const T* xg = x + g * M * C;
       const T* dg = dy + g * M * C;
-      const T* mr = mean + g * C + c0;
-      std::fill(tot.begin(), tot.end(), 0.0);
-      std::fill(totx.begin(), totx.end(), 0.0);
-      for (int64_t start = 0; start < M; start += kRows) {
-        const int64_t end = std::min(M, start + kRows);
-        std::fill(acc.begin(), acc.end(), T(0));
-        std::fill(accx.begin(), accx.end(), T(0));
-        for (int64_t i = start; i < end; ++i) {
-          const T* xr = xg + i * C + c0;
-          const T* dr = dg + i * C + c0;
-          for (int64_t c = 0; c < w; ++c) {
-            acc[c] += dr[c];
-            accx[c] += (xr[c] - mr[c]) * dr[c];
+      const T* __restrict__ mr = mean + g * C;
+      double* __restrict__ to = tot.data() + t * C;
+      double* __restrict__ tx = totx.data() + t * C;
+      for (int64_t s0 = start; s0 < end; s0 += kRows) {  // float partial sums of at most kRows terms
+        const int64_t s1 = std::min(end, s0 + kRows);
+        T* __restrict__ a = acc.data();
+        T* __restrict__ ax = accx.data();
+        std::fill(a, a + C, T(0));
+        std::fill(ax, ax + C, T(0));
+        for (int64_t i = s0; i < s1; ++i) {
+          const T* __restrict__ xr = xg + i * C;
+          const T* __restrict__ dr = dg + i * C;
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += dr[c];
+            ax[c] += (xr[c] - mr[c]) * dr[c];
           }
         }
-        for (int64_t c = 0; c < w; ++c) {
-          tot[c] += acc[c];
-          totx[c] += accx[c];
+        for (int64_t c = 0; c < C; ++c) {
+          to[c] += a[c];
+          tx[c] += ax[c];
         }
       }
-      for (int64_t c = 0; c < w; ++c) {
-        sum_dy[g * C + c0 + c] = static_cast<T>(tot[c]);
-        sum_dyx[g * C + c0 + c] = static_cast<T>(totx[c]);
+    }
+  });
+  at::parallel_for(0, G * C, 256, [&](int64_t b, int64_t e) {
+    for (int64_t gc = b; gc < e; ++gc) {
+      const int64_t g = gc / C, c = gc % C;
+      double sd = 0, sx = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        sd += tot[(g * S + s) * C + c];
+        sx += totx[(g * S + s) * C + c];
       }
+      sum_dy[gc] = static_cast<T>(sd);
+      sum_dyx[gc] = static_cast<T>(sx);
     }
   });
 }
@@ -1160,7 +1205,7 @@ at::Tensor renorm_train(const at::Tensor& x, const std::optional<at::Tensor>& we
 // running statistics (the caller copies them into its buffers, which compilers handle as a buffer mutation)
 // and the saved vectors, so a compiled backward can never recompute r and d from buffers this step already
 // updated. Their autograd formula (RenormFwdFunction below) is C++ too, so a compiled step runs no Python
-// besides the graph's own wrappers; lightning_brn/_ext.py registers their shapes for tracing.
+// besides the graph's own wrappers; lightning_brn/cpu_kernels.py registers their shapes for tracing.
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // a one-element hyper-parameter tensor as a double (float64 CPU tensors, what the layers pass, are read directly)
