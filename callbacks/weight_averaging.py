@@ -21,6 +21,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMAWeightAveraging
+from lightning.pytorch.callbacks import WeightAveraging
 
 __all__ = ["ResumableEMAWeightAveraging"]
 
@@ -101,20 +102,28 @@ class ResumableEMAWeightAveraging(_LightningEMAWeightAveraging):
             raise TypeError(f"warmup must be a bool, got warmup={warmup!r}")
         if warmup and kwargs.get("multi_avg_fn") is not None:
             raise ValueError("warmup=True is the averaging function: it cannot be combined with a multi_avg_fn")
-        super().__init__(
-            device=device,
-            use_buffers=use_buffers,
-            decay=decay,
-            update_every_n_steps=update_every_n_steps,
-            update_starting_at_step=update_starting_at_step,
-            update_starting_at_epoch=update_starting_at_epoch,
-            **kwargs,
-        )
+        if warmup:
+            # Lightning's EMAWeightAveraging gives AveragedModel a fixed-decay avg_fn, and AveragedModel takes one
+            # function of the two: set up as its base class with the warmup multi_avg_fn, then its own attributes
+            WeightAveraging.__init__(
+                self, device=device, use_buffers=use_buffers, multi_avg_fn=_warmup_ema_multi_avg_fn(float(decay)),
+                **kwargs,
+            )
+            self.update_every_n_steps = update_every_n_steps
+            self.update_starting_at_step = update_starting_at_step
+            self.update_starting_at_epoch = update_starting_at_epoch
+        else:
+            super().__init__(
+                device=device,
+                use_buffers=use_buffers,
+                decay=decay,
+                update_every_n_steps=update_every_n_steps,
+                update_starting_at_step=update_starting_at_step,
+                update_starting_at_epoch=update_starting_at_epoch,
+                **kwargs,
+            )
         self.decay = float(decay)
         self.warmup = warmup
-        if warmup:  # in place of the fixed-decay avg_fn Lightning's class gives AveragedModel (it takes one of the two)
-            self._kwargs.pop("avg_fn", None)
-            self._kwargs["multi_avg_fn"] = _warmup_ema_multi_avg_fn(float(decay))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

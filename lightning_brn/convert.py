@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from lightning_brn.distributed import ProcessGroup, SyncBatchRenorm, SyncBatchRenormAct
 from lightning_brn.layers import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -287,11 +288,22 @@ def _retarget_hooks(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _make_renorm(
-    module: _BatchNorm, cls: type[BatchRenormBase], rmax: float, dmax: float, momentum: float, microbatch_size: Optional[int]
+    module: _BatchNorm,
+    cls: type[BatchRenormBase],
+    rmax: float,
+    dmax: float,
+    momentum: float,
+    microbatch_size: Optional[int],
+    sync: bool = False,
+    process_group: ProcessGroup = None,
 ) -> BatchRenormBase:
     # Built without weight, bias or running statistics (registered as None, nothing allocated, nothing
     # initialized), on the device of the original state so that the schedule buffers live there;
-    # then the original tensors move in and the flags are set to the original's.
+    # then the original tensors move in and the flags are set to the original's. ``sync``: the synchronized
+    # counterpart of ``cls``, which remembers ``cls`` for revert_sync_batch_renorm.
+    local_cls = cls
+    if sync:
+        cls = SyncBatchRenormAct if issubclass(cls, BatchRenormAct2d) else SyncBatchRenorm
     kwargs = dict(
         eps=module.eps,
         momentum=momentum,
@@ -304,10 +316,14 @@ def _make_renorm(
     )
     if cls is BatchRenormAct2d:
         kwargs["apply_act"] = False  # the original act/drop children are re-attached by the caller
+    if sync:
+        kwargs["process_group"] = process_group  # (SyncBatchRenormAct's act and drop: re-attached by the caller)
     new = cls(module.num_features, **kwargs)  # type: ignore[arg-type]
     new.affine = module.affine
     new.track_running_stats = module.track_running_stats
     _move_state(module, new)
+    if sync:
+        new.local_class = local_cls
     setattr(new, _SOURCE_ATTR, _class_name(module))
     setattr(new, _BN_MOMENTUM_ATTR, module.momentum)
     return new
@@ -318,6 +334,8 @@ def _make_batchnorm(module: BatchRenormBase, cls: type[_BatchNorm], momentum: Op
     kwargs: dict[str, object] = dict(eps=module.eps, momentum=momentum, affine=False, track_running_stats=False)
     if cls in _timm_norm_act()[0]:
         kwargs["apply_act"] = False  # the act/drop children are re-attached by the caller
+    if cls is nn.SyncBatchNorm:  # (a SyncBatchRenorm built as such: the same process group)
+        kwargs["process_group"] = getattr(module, "process_group", None)
     new = cls(module.num_features, **kwargs)  # type: ignore[arg-type]
     new.affine = module.affine
     new.track_running_stats = module.track_running_stats
@@ -475,6 +493,8 @@ def convert_model(
     microbatch_size: Optional[int] = None,
     exclude: ExcludeType = None,
     sync_batchnorm_dim: SyncDimType = 2,
+    sync: bool = False,
+    process_group: ProcessGroup = None,
 ) -> nn.Module:
     r"""Replace every batchnorm of ``model`` by the matching Batch Renorm layer.
 
@@ -485,6 +505,8 @@ def convert_model(
     ``torch.nn.SyncBatchNorm``                     ``BatchRenorm{rank}d``, rank from ``sync_batchnorm_dim``
     timm ``BatchNormAct2d``, ``SyncBatchNormAct``  :class:`BatchRenormAct2d` (the same ``act``, ``drop``)
     subclasses of the above                        as their base, if they keep its ``forward``
+    any of the above, with ``sync=True``           :class:`~lightning_brn.distributed.SyncBatchRenorm`
+                                                   (``SyncBatchRenormAct`` for the norm+act classes)
     =============================================  ======================================================
 
     Frozen batchnorms (timm's ``FrozenBatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``, which timm
@@ -529,8 +551,16 @@ def convert_model(
             or, for models mixing ranks, a function ``(name, module) -> 1 | 2 | 3`` called once per
             ``SyncBatchNorm``. (timm's ``SyncBatchNormAct`` is always 2d.) Simplest of all: convert before
             ``convert_sync_batchnorm``, which leaves Batch Renorm layers alone.
-            Batch Renorm layers normalize with each process's own batch: the statistics are not
-            synchronized across processes.
+            Batch Renorm layers normalize with each process's own batch (their moving averages are shared
+            across processes, see :mod:`lightning_brn.distributed`) unless ``sync=True``.
+        sync: make :class:`~lightning_brn.distributed.SyncBatchRenorm` layers (``SyncBatchRenormAct`` for
+            timm's norm+act classes), whose batch statistics are those of every process of ``process_group``
+            together; on one process they are the local layers. Opt in: it costs a synchronous all-reduce per
+            layer in the forward and in the backward (``docs/distributed.md``). Layers that already are Batch
+            Renorm are left as they are (:func:`~lightning_brn.distributed.convert_sync_batch_renorm` converts
+            those). Not with ``microbatch_size``.
+        process_group: with ``sync=True``, the ranks whose batches are normalized together; ``None``: all of
+            them (the default process group).
 
     Returns:
         The converted model (the same object unless the root was a batchnorm).
@@ -539,7 +569,8 @@ def convert_model(
         TypeError: ``model`` is not a module, ``exclude`` has the wrong type, or a batchnorm cannot be
             converted faithfully (the message names the module).
         ValueError: a hyper-parameter is out of range, ``sync_batchnorm_dim`` gives a rank other than 1, 2
-            or 3, or a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``).
+            or 3, a batchnorm has ``eps=0`` (Batch Renorm needs ``eps > 0``), ``sync=True`` comes with a
+            ``microbatch_size``, or ``process_group`` without ``sync=True``.
         Nothing in the model is changed when either is raised.
 
     Examples::
@@ -552,6 +583,9 @@ def convert_model(
         >>> model = convert_model(model, rmax=3.0, dmax=5.0, exclude="4")
         >>> type(model[1]).__name__, model[1].weight is weight, model[1].rmax, type(model[4]).__name__
         ('BatchRenorm2d', True, 3.0, 'BatchNorm2d')
+        >>> synced = convert_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), rmax=3.0, sync=True)
+        >>> type(synced[1]).__name__, synced[1].rmax, synced[1].process_group
+        ('SyncBatchRenorm', 3.0, None)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {model!r} of type {type(model).__name__}")
@@ -563,6 +597,19 @@ def convert_model(
     dmax = check_dmax(dmax)
     momentum = check_momentum(momentum)
     microbatch_size = check_microbatch_size(microbatch_size)
+    if not isinstance(sync, bool):
+        raise TypeError(f"convert_model: sync must be a bool, got sync={sync!r}")
+    if sync and microbatch_size is not None:
+        raise ValueError(
+            f"convert_model: sync=True takes no microbatch_size (got microbatch_size={microbatch_size}): microbatches "
+            "split one device's batch, while a synchronized layer normalizes the process group's batches together. "
+            "Pass microbatch_size=None, or sync=False to normalize microbatches of each device's batch"
+        )
+    if process_group is not None and not sync:
+        raise ValueError(
+            f"convert_model: process_group={process_group!r} is only used with sync=True (the process group of the "
+            "SyncBatchRenorm layers); pass sync=True, or leave process_group=None"
+        )
     if callable(sync_batchnorm_dim):
         _check_two_arguments(
             "sync_batchnorm_dim", sync_batchnorm_dim, "sync_batchnorm_dim must be 1, 2, 3 or a function (name, module) -> rank"
@@ -594,7 +641,8 @@ def convert_model(
         if isinstance(module, _BatchNorm):
             cls = _target_class(name, module, sync_batchnorm_dim)
             try:  # the new layer's constructor checks eps (and num_features) before any state moves in
-                targets[id(module)] = (cls, _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size))
+                new = _make_renorm(module, cls, rmax, dmax, momentum, microbatch_size, sync, process_group)
+                targets[id(module)] = (type(new), new)
             except ValueError as err:  # e.g. eps=0, which Batch Renorm cannot take (eps is inside a sqrt)
                 raise ValueError(f"convert_model cannot convert {_where(name)} ({module!r}): {err}") from err
         return True
@@ -650,18 +698,30 @@ def convert_model(
 def _bn_target(name: str, module: BatchRenormBase) -> type[_BatchNorm]:
     where = _where(name)
     qualname = parametrize.type_before_parametrizations(module).__qualname__
-    for renorm_cls, bn_cls in _revert_table():
-        if isinstance(module, renorm_cls):
-            if type(module).forward is not renorm_cls.forward:
-                raise TypeError(
-                    f"revert_model cannot revert {where} of type {qualname}: it overrides the "
-                    f"forward of {renorm_cls.__name__}, so batchnorm would not compute the same function"
-                )
-            why_not = _unmovable_parametrizations(module)
-            if why_not:
-                raise TypeError(f"revert_model cannot revert {where} of type {qualname}: {why_not}")
-            return bn_cls
-    raise TypeError(f"revert_model does not know the Batch Renorm class {qualname} of {name!r}")
+    table = _revert_table()
+    base: Optional[type[BatchRenormBase]]
+    bn_cls: Optional[type[_BatchNorm]]
+    if isinstance(module, SyncBatchRenorm):
+        # the batchnorm of the layer it was made from (convert_model(sync=True), convert_sync_batch_renorm); one
+        # built as such becomes SyncBatchNorm, which takes inputs of any rank as it does
+        base = SyncBatchRenormAct if isinstance(module, SyncBatchRenormAct) else SyncBatchRenorm
+        local = module.local_class or (BatchRenormAct2d if base is SyncBatchRenormAct else None)
+        bn_cls = nn.SyncBatchNorm if local is None else next((bn for r, bn in table if issubclass(local, r)), None)
+        if base is SyncBatchRenormAct and bn_cls not in _timm_norm_act()[0]:
+            bn_cls = None  # (no timm: no batchnorm with act and drop children)
+    else:
+        base, bn_cls = next(((r, bn) for r, bn in table if isinstance(module, r)), (None, None))
+    if base is None or bn_cls is None:
+        raise TypeError(f"revert_model does not know the Batch Renorm class {qualname} of {name!r}")
+    if type(module).forward is not base.forward:
+        raise TypeError(
+            f"revert_model cannot revert {where} of type {qualname}: it overrides the "
+            f"forward of {base.__name__}, so batchnorm would not compute the same function"
+        )
+    why_not = _unmovable_parametrizations(module)
+    if why_not:
+        raise TypeError(f"revert_model cannot revert {where} of type {qualname}: {why_not}")
+    return bn_cls
 
 
 @functools.lru_cache(maxsize=None)
@@ -687,7 +747,10 @@ def revert_model(model: nn.Module) -> nn.Module:
     exports (``torch.export``, ONNX) wherever the batchnorm original did. Their ``momentum`` is
     batchnorm's original value when the layer came from :func:`convert_model`, else the renorm layer's
     :math:`\alpha`. ``rmax``, ``dmax`` and ``microbatch_size`` have no batchnorm counterpart and are
-    dropped. Hooks and weight/bias parametrizations move with the layer, as in :func:`convert_model`. A
+    dropped. A :class:`~lightning_brn.distributed.SyncBatchRenorm` (or ``SyncBatchRenormAct``) becomes the
+    batchnorm of the layer it was made from (``BatchNorm2d`` for ``convert_model(..., sync=True)`` of a
+    ``BatchNorm2d``), or ``torch.nn.SyncBatchNorm`` over the same process group when it was built as such (it
+    takes inputs of any rank). Hooks and weight/bias parametrizations move with the layer, as in :func:`convert_model`. A
     layer that cannot be reverted faithfully (a subclass overriding ``forward``, a parametrized running
     statistic) raises ``TypeError`` before anything is changed. A model with no Batch Renorm layer comes
     back unchanged with a ``UserWarning``.

@@ -289,9 +289,25 @@ class TimmClassifier(pl.LightningModule):
         return [BatchRenormScheduler(schedule=schedule, convert=False, log_every_n_steps=self.log_renorm_every_n_steps)]
 
     def setup(self, stage: str) -> None:
+        """Checks the data module's batches against the model (:func:`check_batch_config`); for ``fit`` with renorm
+        layers, takes ``Trainer(sync_batchnorm=True)`` to synchronize them too
+        (:func:`lightning_brn.plugins.take_sync_batchnorm`; Lightning runs this hook before the strategy applies
+        its layer-sync plugin)."""
         trainer = self._trainer
         if trainer is not None and trainer.datamodule is not None:
             check_batch_config(self, trainer.datamodule)
+        if trainer is not None and stage == "fit" and self.uses_renorm_layers:
+            from lightning_brn.plugins import RenormLayerSync, take_sync_batchnorm
+
+            take_sync_batchnorm(trainer)
+            synchronized = isinstance(getattr(trainer.strategy, "_layer_sync", None), RenormLayerSync)
+            if synchronized and self.microbatch_size is not None:
+                raise ValueError(
+                    f"microbatch_size={self.microbatch_size} with synchronized renorm layers (Trainer(sync_batchnorm=True) "
+                    "or plugins=[RenormLayerSync()]): a synchronized layer normalizes the batches of every process "
+                    "together, microbatches split one process's batch. Set --model.microbatch_size null, or "
+                    "--trainer.sync_batchnorm false"
+                )
 
     # ----------------------------------------------------------------- steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:

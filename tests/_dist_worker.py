@@ -141,16 +141,19 @@ def fsdp(rank: int, world: int, out: str) -> dict:
 
 
 def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
-    """SyncBatchRenorm over groups of ``group_size`` consecutive ranks on 4D data: two training steps."""
+    """SyncBatchRenorm over groups of ``group_size`` consecutive ranks on 4D data: two training steps. Over the
+    world group the layer is made by ``convert_model(BatchNorm2d, sync=True)``, over subgroups built directly."""
+    from lightning_brn import convert_model
     from lightning_brn.distributed import SyncBatchRenorm
 
+    torch.manual_seed(0)
     if group_size == world:
-        group = None
+        layer = convert_model(nn.BatchNorm2d(5), rmax=1.5, dmax=0.3, momentum=0.2, sync=True)
+        assert type(layer) is SyncBatchRenorm
     else:
         groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, world, group_size)]
-        group = groups[rank // group_size]
-    torch.manual_seed(0)
-    layer = _randomized(SyncBatchRenorm(5, rmax=1.5, dmax=0.3, momentum=0.2, process_group=group).double())
+        layer = SyncBatchRenorm(5, rmax=1.5, dmax=0.3, momentum=0.2, process_group=groups[rank // group_size])
+    layer = _randomized(layer.double())
     results = []
     for step in range(2):
         x, g = sync_inputs(step, world)

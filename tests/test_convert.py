@@ -845,3 +845,74 @@ def test_exclude_pattern_matching_no_module_is_refused_before_any_change():
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2][0], nn.BatchNorm2d)
     out = convert_model(model, exclude=(p for p in ["2.*"]))  # a generator is read once, and works
     assert isinstance(out[1], BatchRenorm2d) and isinstance(out[2][0], nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------------------------- sync=True
+def _sync_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=0.3), BatchNormAct2d(4, act_layer=nn.SiLU), nn.Flatten(2),
+        nn.BatchNorm1d(4),
+    )
+    with torch.no_grad():  # moving averages and affine parameters away from their initial values
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model
+
+
+def test_convert_with_sync_makes_sync_batch_renorm_with_the_same_tensors_and_reverts_to_batchnorm() -> None:
+    from lightning_brn.distributed import SyncBatchRenorm, SyncBatchRenormAct, revert_sync_batch_renorm
+
+    model = _sync_model()
+    reference = copy.deepcopy(model).eval()
+    local = convert_model(copy.deepcopy(model), rmax=2.0, dmax=0.5, momentum=0.1)
+    params = [id(p) for p in model.parameters()]
+    act = model[2].act
+    synced = convert_model(model, rmax=2.0, dmax=0.5, momentum=0.1, sync=True)
+    assert [type(m) for m in synced] == [nn.Conv2d, SyncBatchRenorm, SyncBatchRenormAct, nn.Flatten, SyncBatchRenorm]
+    assert synced[2].act is act and [id(p) for p in synced.parameters()] == params
+    assert all(synced[i].process_group is None and synced[i].rmax == 2.0 and synced[i].momentum == 0.1 for i in (1, 2, 4))
+    assert conversion_summary(synced).converted == {
+        "BatchNorm2d -> SyncBatchRenorm": 1, "BatchNormAct2d -> SyncBatchRenormAct": 1, "BatchNorm1d -> SyncBatchRenorm": 1,
+    }
+    x = torch.randn(6, 3, 5, 5)
+    torch.testing.assert_close(synced.eval()(x), reference(x))  # eval: the batchnorm's function
+    # training on one process: the local layers' step (r, d clipped by rmax 2 / dmax 0.5), the same moving averages
+    torch.testing.assert_close(synced.train()(x), local.train()(x))
+    torch.testing.assert_close(synced[4].running_var, local[4].running_var)
+    # back to the local layers, or to the batchnorm they were made from (with batchnorm's own momentum)
+    back = revert_model(copy.deepcopy(synced))
+    assert [type(m) for m in back] == [nn.Conv2d, nn.BatchNorm2d, BatchNormAct2d, nn.Flatten, nn.BatchNorm1d]
+    assert back[1].momentum == 0.3 and isinstance(back[2].act, nn.SiLU)
+    torch.testing.assert_close(back.eval()(x), synced.eval()(x))
+    locals_ = revert_sync_batch_renorm(synced)
+    assert [type(m) for m in locals_] == [nn.Conv2d, BatchRenorm2d, BatchRenormAct2d, nn.Flatten, BatchRenorm1d]
+
+
+def test_convert_with_sync_passes_the_process_group_and_revert_keeps_it_for_layers_built_as_such() -> None:
+    from lightning_brn.distributed import SyncBatchRenorm
+
+    group = object()  # stands for a torch.distributed ProcessGroup (only stored until a distributed forward)
+    assert convert_model(nn.Sequential(nn.BatchNorm2d(4)), sync=True, process_group=group)[0].process_group is group
+    built = nn.Sequential(nn.Linear(2, 4), SyncBatchRenorm(4, momentum=0.2, process_group=group))
+    back = revert_model(built)
+    assert type(back[1]) is nn.SyncBatchNorm and back[1].process_group is group and back[1].momentum == 0.2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"sync": True, "microbatch_size": 4}, ValueError, r"sync=True takes no microbatch_size \(got microbatch_size=4\)"),
+        ({"process_group": "g"}, ValueError, r"process_group='g' is only used with sync=True"),
+        ({"sync": "yes"}, TypeError, r"sync must be a bool, got sync='yes'"),
+    ],
+)
+def test_convert_with_sync_refuses_bad_combinations_before_any_change(kwargs, error, match) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(error, match=match):
+        convert_model(model, **kwargs)
+    assert type(model[1]) is nn.BatchNorm2d

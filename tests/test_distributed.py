@@ -32,6 +32,7 @@ from lightning_brn.distributed import (
 
 HERE = Path(__file__).parent
 WORLD = 2
+LIGHTNING = ["shared", "plugin", "sync_batchnorm", "factory", "fsdp2"]
 PLAIN = ["ddp_auto", "ddp_explicit", "ddp_no_sync", "ddp_local", "resume", "fsdp", "compiled", "sync", "sync_subgroups"]
 
 
@@ -72,7 +73,7 @@ def subgroup_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lightning_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lightning")
-    _run([str(HERE / "_dist_lightning.py"), str(out), "shared,plugin,sync_batchnorm"], _subprocess_env())
+    _run([str(HERE / "_dist_lightning.py"), str(out), ",".join(LIGHTNING)], _subprocess_env())
     return out
 
 
@@ -196,18 +197,23 @@ def _lightning_reference(inputs: list[list[torch.Tensor]], microbatch_size) -> l
     return seen
 
 
-@pytest.mark.parametrize("mode", ["shared", "plugin"])
-def test_lightning_ddp_averages_identical_on_every_rank_and_in_the_checkpoint(lightning_runs, mode):
-    """Trainer(strategy="ddp", devices=2): the default (shared averages, per-device normalization) equals one
-    process over microbatches; plugins=[RenormLayerSync()] trains SyncBatchRenorm layers, equals one process over
-    the whole batch, and reverts them after fit. The checkpoint holds the averages every rank holds."""
+@pytest.mark.parametrize("mode", ["shared", "fsdp2", "plugin", "factory"])
+def test_lightning_averages_identical_on_every_rank_and_in_the_checkpoint(lightning_runs, mode):
+    """devices=2: the default under DDP and under ModelParallelStrategy (FSDP2's fully_shard in configure_model)
+    (shared averages, per-device normalization) equals one process over microbatches; plugins=[RenormLayerSync()],
+    and sync_batchnorm=True alone (taken by the package's callbacks_factory entry point), train SyncBatchRenorm
+    layers, equal one process over the whole batch, and revert them after fit. The checkpoint holds the averages
+    every rank holds."""
     ranks = _ranks(lightning_runs, mode)
-    expected = _lightning_reference([r["inputs"] for r in ranks], 4 if mode == "shared" else None)
+    per_device = mode in ("shared", "fsdp2")
+    expected = _lightning_reference([r["inputs"] for r in ranks], 4 if per_device else None)
+    assert len(expected) == 3
     for step in range(len(expected)):
         _assert_same(ranks[0]["seen"][step], ranks[1]["seen"][step], exact=True)
         _assert_same(ranks[0]["seen"][step], expected[step])
-    assert ranks[0]["classes"] == (["BatchRenorm1d"] if mode == "shared" else ["SyncBatchRenorm"])
+    assert ranks[0]["classes"] == (["BatchRenorm1d"] if per_device else ["SyncBatchRenorm"])
     assert ranks[0]["after"] == ["BatchRenorm1d"]
+    assert ranks[0]["layer_sync"] == ("RenormLayerSync" if mode in ("plugin", "factory") else "NoneType")
     state = torch.load(lightning_runs / f"{mode}.ckpt", weights_only=False)["state_dict"]
     model = worker.make_model()
     model.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
@@ -219,6 +225,50 @@ def test_lightning_sync_batchnorm_true_synchronizes_renorm_layers_with_the_sched
     assert ranks[0]["classes"] == ["SyncBatchRenorm"] and ranks[0]["after"] == ["BatchRenorm1d"]
     for a, b in zip(ranks[0]["seen"], ranks[1]["seen"]):
         _assert_same(a, b, exact=True)
+
+
+def _trainer_with_callbacks_factory(monkeypatch, **kwargs):
+    """A Trainer built as with ``[project.entry-points."lightning.pytorch.callbacks_factory"]`` installed."""
+    pl = pytest.importorskip("lightning.pytorch")
+    lightning_script = _load("_dist_lightning")
+    import lightning.fabric.utilities.registry as registry
+
+    monkeypatch.setattr(registry, "entry_points", registry.entry_points)  # restored after the test
+    lightning_script.register_callbacks_factory()
+    return pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False, **kwargs)
+
+
+def test_callbacks_factory_takes_sync_batchnorm_once_for_models_with_renorm_layers(monkeypatch):
+    """Any LightningModule: the entry point's callback replaces Lightning's plugin in setup("fit") when the model has
+    renorm layers, says so once, and leaves models without them, other stages and sync_batchnorm=False alone."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    from lightning_brn import plugins
+    from lightning_brn.plugins import RenormLayerSync, TakeSyncBatchnorm
+
+    said: list[str] = []
+    monkeypatch.setattr(plugins, "rank_zero_info", said.append)
+
+    class WithRenorm(pl.LightningModule):
+        def __init__(self, renorm: bool) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 3), BatchRenorm1d(3) if renorm else nn.BatchNorm1d(3))
+
+    trainer = _trainer_with_callbacks_factory(monkeypatch, sync_batchnorm=True)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, TakeSyncBatchnorm)]
+    callback.setup(trainer, WithRenorm(renorm=False), "fit")  # batchnorm only: Lightning's plugin does it all
+    callback.setup(trainer, WithRenorm(renorm=True), "validate")  # the plugin is applied for fit only
+    assert type(trainer.strategy._layer_sync) is TorchSyncBatchNorm
+    assert said == []
+    for _ in range(2):
+        callback.setup(trainer, WithRenorm(renorm=True), "fit")
+    assert type(trainer.strategy._layer_sync) is RenormLayerSync
+    assert len(said) == 1 and "synchronizes the Batch Renorm layers too" in said[0]
+    plain = _trainer_with_callbacks_factory(monkeypatch)  # sync_batchnorm off: nothing to take
+    (callback,) = [c for c in plain.callbacks if isinstance(c, TakeSyncBatchnorm)]
+    callback.setup(plain, WithRenorm(renorm=True), "fit")
+    assert plain.strategy._layer_sync is None
 
 
 def test_take_sync_batchnorm_replaces_only_lightnings_plugin():

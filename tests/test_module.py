@@ -168,3 +168,32 @@ def test_parameter_groups_honour_timms_no_weight_decay():
     assert no_decay["weight_decay"] == 0.0
     assert all(names[id(p)].endswith(".weight") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("normalization, taken", [("brn", True), ("bn", False)])
+def test_setup_takes_sync_batchnorm_for_renorm_layers(normalization: str, taken: bool) -> None:
+    """Trainer(sync_batchnorm=True): TimmClassifier's setup("fit"), which Lightning runs before the strategy applies
+    its layer-sync plugin, puts RenormLayerSync in place of Lightning's when the model has renorm layers."""
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+
+    from lightning_brn.plugins import RenormLayerSync
+
+    m = TimmClassifier(**TINY, normalization=normalization)
+    m._trainer = Trainer(
+        accelerator="cpu", devices=1, strategy="ddp", sync_batchnorm=True, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    m.setup("validate")  # the plugin is applied for fit only
+    assert type(m._trainer.strategy._layer_sync) is TorchSyncBatchNorm
+    m.setup("fit")
+    assert type(m._trainer.strategy._layer_sync) is (RenormLayerSync if taken else TorchSyncBatchNorm)
+
+
+def test_setup_refuses_microbatches_with_synchronized_layers() -> None:
+    m = TimmClassifier(**TINY, normalization="bn", microbatch_size=2)
+    m._trainer = Trainer(
+        accelerator="cpu", devices=1, strategy="ddp", sync_batchnorm=True, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(ValueError, match=r"microbatch_size=2 with synchronized renorm layers .*--model.microbatch_size null"):
+        m.setup("fit")

@@ -97,3 +97,18 @@ def test_every_directly_imported_package_is_a_declared_dependency():
 def test_wheel_carries_the_license(wheel):
     assert any(n.endswith("LICENSE") for n in wheel.namelist())
     assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_lightning_callbacks_factory_entry_point_is_declared_and_installed():
+    """Every Trainer gets lightning_brn's TakeSyncBatchnorm through Lightning's callbacks_factory entry point."""
+    from importlib.metadata import entry_points
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    group = "lightning.pytorch.callbacks_factory"
+    assert project["entry-points"][group] == {"lightning_brn": "lightning_brn.plugins:callbacks_factory"}
+    installed = [e for e in entry_points(group=group) if e.name == "lightning_brn"]
+    assert [e.value for e in installed] == ["lightning_brn.plugins:callbacks_factory"], "pip install -e . again"
