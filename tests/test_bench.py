@@ -49,7 +49,7 @@ def layers_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp("bench") / "cpu.md"
     stdout = _run(
         "bench_layers.py", "--quick", "--reps", "6", "--warmup", "1", "--sample-ms", "2", "--shapes", "3,5",
-        "--formats", "contiguous", "--threads", "1", "--out", str(out),
+        "--formats", "contiguous", "--out", str(out),  # default modes: cpu1 and wall at torch's default threads
     )
     return stdout, out
 
@@ -58,25 +58,39 @@ def test_bench_layers_prints_every_column_and_saves_no_more_than_batchnorm(layer
     stdout, out = layers_result
     written = out.read_text()
     assert "- command: `python bench/bench_layers.py" in written and "- allocator: " in written
-    for title in ("Time", "microbatch", "Paired", "Saved"):
+    for title in ("Time", "microbatch", "Paired", "Memory throughput", "Saved"):
         assert _table(written, title) == _table(stdout, title)
-    rows = _table(stdout, "Time")
-    assert [r[0] for r in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
-    for r in rows:
-        assert re.fullmatch(r"\d+\.\d{3}", r[2]), r  # batchnorm eager, ms
-        for cell in r[3:5] + r[7:8]:
-            assert re.fullmatch(r"\d+\.\d{3} \(\d+\.\d+x\)", cell), r
-        for cell in r[5:7]:  # compiled: a time and, for renorm, the ratio to compiled batchnorm
-            assert not cell.startswith("FAIL"), r
-        assert re.search(r"\[\d+\.\d+x\]", r[6]), r
-    assert [r[0] for r in _table(stdout, "microbatch")] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    threads = int(re.search(r"torch threads by default: (\d+)", stdout).group(1))
+    modes = ["1 thread CPU time", f"wall, {threads} thread{'' if threads == 1 else 's'}"]  # the default --modes
+    for mode in modes:  # a time table and a microbatch table per mode
+        rows = _table(stdout, f"Time, forward + backward, {mode}")
+        assert [r[0] for r in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
+        for r in rows:
+            assert re.fullmatch(r"\d+\.\d{3}", r[2]), r  # batchnorm eager, ms
+            for cell in r[3:5] + r[7:8]:
+                assert re.fullmatch(r"\d+\.\d{3} \(\d+\.\d+x\)", cell), r
+            for cell in r[5:7]:  # compiled: a time and, for renorm, the ratio to compiled batchnorm
+                assert not cell.startswith("FAIL"), r
+            assert re.search(r"\[\d+\.\d+x\]", r[6]), r
+        assert [r[0] for r in _table(stdout, f"microbatch_size=4, {mode}")] == ["(4, 512, 7, 7)", "(256, 1024)"]
+    paired_section = next(s for s in stdout.split("### ") if s.startswith("Paired"))
+    heads = next(ln for ln in paired_section.splitlines() if ln.startswith("| shape")).strip("| ").split(" | ")
+    pairs = ("brn / bn", "brn compiled / bn compiled", "brn mb4 / bn", "brn mb4 compiled / bn compiled")
+    assert heads[2:] == [f"{p}, {m}" for p in pairs for m in modes]  # the two modes side by side
     paired = _table(stdout, "Paired")
     assert [r[0] for r in paired] == ["(4, 512, 7, 7)", "(256, 1024)"]
-    for r in paired:  # eager, compiled, microbatches eager and compiled: a median inside its interval
-        for cell in r[2:6]:
-            m = re.fullmatch(r"(\d+\.\d{3})x \((\d+\.\d{3})-(\d+\.\d{3})\)", cell)
-            assert m, r
-            assert float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), r
+    for r in paired:  # eager, compiled, microbatches eager and compiled, each mode: a median inside its interval
+        assert len(r) == 10, r
+        for cell in r[2:]:
+            _assert_paired_ratio(cell, r)
+    for mode in modes:  # a plain copy's GB/s and the eager steps' (5 tensors moved), with their fraction of it
+        rows = _table(stdout, f"Memory throughput, {mode}")
+        assert [r[0] for r in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
+        for _, _, mib, copy_gbps, bn_gbps, bn_frac, brn_gbps, brn_frac in rows:
+            assert all(re.fullmatch(r"\d+\.\d+", c) and float(c) > 0 for c in (mib, copy_gbps, bn_gbps, brn_gbps))
+            for frac in (bn_frac, brn_frac):
+                m = re.fullmatch(r"(\d+\.\d{2}) \((\d+\.\d{2})-(\d+\.\d{2})\)", frac)
+                assert m and float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), frac
     for r in _table(stdout, "Saved"):
         _, _, _, bn, brn, literal, _bn_c, brn_c = r[:8]
         assert _mib(brn) <= _mib(bn) and _mib(brn_c) <= _mib(bn), r
@@ -117,8 +131,12 @@ def test_readme_table_is_regenerated_from_a_result(layers_result, tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| (")]
     assert [ln.split("|")[1].strip() for ln in rows] == ["(4, 512, 7, 7)", "(256, 1024)"]
     assert rows[1].split("|")[2].strip() == "NC"
-    for ln in rows:  # compiled renorm / compiled batchnorm: the paired median and its interval
-        assert re.fullmatch(r"\d+\.\d{2}x \(\d+\.\d{2}-\d+\.\d{2}\)", ln.split("|")[7].strip()), ln
+    for ln in rows:  # renorm / batchnorm, wall at default threads beside 1-thread CPU time: eager, then compiled
+        cells = [c.strip() for c in ln.split("|")]
+        assert all(re.fullmatch(r"\d+\.\d{2}x", c) for c in cells[4:6]), ln
+        for c in cells[6:8]:  # compiled: the paired median and its interval
+            assert re.fullmatch(r"\d+\.\d{2}x \(\d+\.\d{2}-\d+\.\d{2}\)", c), ln
+        assert re.fullmatch(r"\d+\.\d{2}", cells[10]), ln  # renorm's fraction of a copy's GB/s
 
 
 def test_median_interval_covers_the_median_at_95_percent():
@@ -203,6 +221,8 @@ def test_bench_kernels_times_the_generated_forward_and_backward(tmp_path):
         ("bench_kernels.py", ["--sample-ms", "0"], "--sample-ms must be > 0, got 0.0"),
         ("bench_kernels.py", ["--shapes", "9"], "--shapes '9': expected comma-separated indices in 0-5"),
         ("bench_kernels.py", ["--formats", "nhwc"], "--formats 'nhwc': expected contiguous and/or channels_last, got ['nhwc']"),
+        ("bench_layers.py", ["--modes", "cpu1,wall0"], "--modes 'cpu1,wall0': expected cpu<N> or wall<N>"),
+        ("bench_layers.py", ["--modes", "wall", "--clock", "cpu"], "give either them or --modes"),
     ],
 )
 def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message, capsys, monkeypatch):
@@ -225,3 +245,22 @@ def test_bench_scripts_refuse_bad_arguments_naming_them(script, args, message, c
                 del sys.modules[name]
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err, err[-2000:]
+
+
+def test_bench_distributed_prints_a_paired_ratio_per_mode():
+    """2 gloo processes, timm's test_resnet at 16x16, 3 rounds of 1 step: every mode gets a row whose median ratio to
+    the baseline lies inside its interval, and the baseline's ratio is 1."""
+    stdout = _run(
+        "bench_distributed.py", "--model", "test_resnet", "--batch", "2", "--size", "16", "--steps", "1", "--rounds", "3",
+        "--warmup", "1", "--modes", "local,shared,sync,bn", timeout=300,
+    )
+    assert "world 2 (gloo)" in stdout and "| mode | median step (ms) | vs local" in stdout, stdout
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"\| (\w+) \| (\d+\.\d{2}) \| (\d+\.\d{3}) \[(\d+\.\d{3}), (\d+\.\d{3})\] \|", line)
+        if m:
+            rows[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    assert list(rows) == ["local", "shared", "sync", "bn"], stdout
+    assert rows["local"][1:] == [1.0, 1.0, 1.0]
+    for mode, (ms, ratio, lo, hi) in rows.items():
+        assert ms > 0 and lo <= ratio <= hi, (mode, stdout)
