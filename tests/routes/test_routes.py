@@ -255,20 +255,20 @@ def test_groups_as_channels_layout_and_inverse(shape, memory_format):
     assert groups_as_channels(x, 1) is x and channels_as_groups(x, x, 1) is x
 
 
-@pytest.mark.parametrize("microbatch_size", [None, 2])
-def test_compiled_route_follows_new_hyperparameters_without_recompiling(microbatch_size, clipping_layer):
-    """rmax, dmax and momentum changing every step: the compiled layer equals eager, from one graph."""
-    torch._dynamo.reset()
+@pytest.mark.parametrize("variant, microbatch_size", [("compiled", None), ("compiled", 2), ("compiled_cpp", 2)])
+def test_compiled_routes_follow_new_hyperparameters_without_recompiling(variant, microbatch_size, clipping_layer):
+    """rmax, dmax and momentum changing every step: the compiled layer (inductor around the step, or around the
+    C++ operators) equals eager, from one graph."""
     layer = clipping_layer(BatchRenorm2d, 4, microbatch_size=microbatch_size)
     ref = copy.deepcopy(layer)
-    compiled = torch.compile(layer, fullgraph=True)
-    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for step in range(3):
-        for m in (layer, ref):
-            m.rmax, m.dmax, m.momentum = 1.0 + 0.5 * step, 0.2 * step, 0.1 / (step + 1)
-        x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
-        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
-    torch._dynamo.reset()
+    with on_route(variant) as wrap:
+        compiled = wrap(layer)
+        frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for step in range(3):
+            for m in (layer, ref):
+                m.rmax, m.dmax, m.momentum = 1.0 + 0.5 * step, 0.2 * step, 0.1 / (step + 1)
+            x = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+            torch.testing.assert_close(compiled(x), ref(x), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
