@@ -100,17 +100,20 @@ class _Bucket:
     """The averages of the training forwards of one step, one process group, device and dtype: one flat all-reduce.
 
     Launched once, at the first of: the backward reaching a layer's output (a tensor hook), an optimizer step, or a
-    wait (the next forward of one of its layers, its state dict); then every layer's averages are written at once."""
+    wait (the next forward of one of its layers, its state dict). The flat buffer is packed at launch and written
+    back at the wait in a few operations over all the layers' channels at once; until the launch no layer's
+    averages change (a layer's next forward and its state dict wait first)."""
 
     def __init__(self, group: ProcessGroup, key: tuple[int, torch.device, torch.dtype]) -> None:
         self.group, self.key = group, key
-        self.entries: list[tuple[BatchRenormBase, Tensor]] = []
+        self.entries: list[tuple[BatchRenormBase, int]] = []  # (layer, number of groups its batch normalized)
         self.flat: Optional[Tensor] = None
+        self.old: Optional[tuple[Tensor, Tensor]] = None
         self.work: Optional[Any] = None
         self.done = False
 
-    def add(self, layer: BatchRenormBase, flat: Tensor) -> None:
-        self.entries.append((layer, flat))
+    def add(self, layer: BatchRenormBase, groups: int) -> None:
+        self.entries.append((layer, groups))
         _in_flight.add(self)
 
     def launch(self, *_: Any) -> None:
@@ -118,32 +121,110 @@ class _Bucket:
             return
         if _open.get(self.key) is self:
             del _open[self.key]  # later forwards start a new bucket
-        flats = [f for _, f in self.entries]
-        self.flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+        layers = [layer for layer, _ in self.entries]
+        dtype = self.key[2]
+        mean = _cat([layer.running_mean for layer in layers], dtype)
+        var = _cat([layer.running_var for layer in layers], dtype)
+        eps, w, weights, _ = _layout(self.entries, mean.device, dtype)
+        self.old = mean, var
+        self.flat = _pack(mean, var, eps, w, weights)
         self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
 
     def wait(self) -> None:
         if self.done:
             return
         self.launch()
-        assert self.work is not None and self.flat is not None
+        assert self.work is not None and self.flat is not None and self.old is not None
         self.work.wait()
         self.done = True
         _in_flight.discard(self)
-        offset = 0
-        for layer, f in self.entries:
-            n = f.numel()
-            RunningStatsSharing._write(layer, self.flat[offset : offset + n], eager=True)
-            offset += n
-        self.entries = []
+        eps, _, _, index = _layout(self.entries, self.flat.device, self.flat.dtype)
+        mean, var = _unpack(self.flat, eps, index, *self.old)
+        sizes = [layer.num_features for layer, _ in self.entries]
+        with torch.no_grad():
+            for (layer, _), m, v in zip(self.entries, mean.split(sizes), var.split(sizes)):
+                layer.running_mean.copy_(m)  # type: ignore[union-attr]
+                layer.running_var.copy_(v)  # type: ignore[union-attr]
+        self.entries, self.flat, self.old = [], None, None
 
 
-def _open_bucket(group: ProcessGroup, flat: Tensor) -> _Bucket:
-    key = (id(group), flat.device, flat.dtype)
+def _cat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    with torch.no_grad():
+        if len(tensors) == 1:
+            return tensors[0].to(dtype, copy=True)
+        return torch.cat([t if t.dtype == dtype else t.to(dtype) for t in tensors])
+
+
+def _pack(mean: Tensor, var: Tensor, eps: Union[float, Tensor], w: Union[float, Tensor], weights: Tensor) -> Tensor:
+    """The all-reduced buffer: w * mu and w * sigma per channel (sigma with eps inside, as the layer tracks it),
+    then the weights w (one per layer: the number of groups its batch normalized, 0 for an empty batch)."""
+    with torch.no_grad():
+        sigma = var.add(eps).sqrt_()
+        if isinstance(w, Tensor) or w != 1:
+            mean, sigma = mean * w, sigma.mul_(w)
+        return torch.cat([mean, sigma, weights])
+
+
+def _unpack(
+    flat: Tensor, eps: Union[float, Tensor], index: Optional[Tensor], old_mean: Tensor, old_var: Tensor
+) -> tuple[Tensor, Tensor]:
+    """mu = sum(w mu) / W and running_var = (sum(w sigma) / W)^2 - eps per channel (W: its layer's sum of weights,
+    ``flat[2S:][index]``); the old averages where no rank normalized anything (W = 0)."""
+    with torch.no_grad():
+        s = old_mean.numel()
+        total = flat[2 * s :]
+        if index is not None:
+            total = total[index]
+        keep = total > 0
+        total = total.clamp_min(1.0)  # sums of integer counts
+        mean = flat[:s] / total
+        var = (flat[s : 2 * s] / total).square_().sub_(eps).clamp_min_(0.0)
+        return torch.where(keep, mean, old_mean), torch.where(keep, var, old_var)
+
+
+# per-channel eps and weights of a bucket's layers, kept per (device, dtype, layers' sizes, eps and groups)
+_layouts: dict[tuple[Any, ...], tuple[Union[float, Tensor], Union[float, Tensor], Tensor, Optional[Tensor]]] = {}
+
+
+def _layout(
+    entries: list[tuple[BatchRenormBase, int]], device: torch.device, dtype: torch.dtype
+) -> tuple[Union[float, Tensor], Union[float, Tensor], Tensor, Optional[Tensor]]:
+    """(eps, w, weights, index): eps and w per channel (a number when every layer has the same), the weight of each
+    layer, and each channel's layer (``None`` for one layer)."""
+    spec = tuple((layer.num_features, float(layer.eps), groups) for layer, groups in entries)
+    key = (device, dtype, spec)
+    found = _layouts.get(key)
+    if found is not None:
+        return found
+    sizes = torch.tensor([c for c, _, _ in spec])
+    as_channels = lambda values: torch.tensor(values, dtype=dtype).repeat_interleave(sizes).to(device)
+    eps_values, groups = [e for _, e, _ in spec], [g for _, _, g in spec]
+    eps = eps_values[0] if len(set(eps_values)) == 1 else as_channels(eps_values)
+    w = float(groups[0]) if len(set(groups)) == 1 else as_channels(groups)
+    weights = torch.tensor(groups, dtype=dtype).to(device)
+    index = None if len(spec) == 1 else torch.arange(len(spec)).repeat_interleave(sizes).to(device)
+    if len(_layouts) >= 64:  # a few per model and step shape; never grows without bound
+        _layouts.clear()
+    found = _layouts[key] = (eps, w, weights, index)
+    return found
+
+
+def _open_bucket(group: ProcessGroup, layer: BatchRenormBase) -> _Bucket:
+    key = (id(group), layer.running_mean.device, _flat_dtype(layer))  # type: ignore[union-attr]
     bucket = _open.get(key)
     if bucket is None:
         bucket = _open[key] = _Bucket(group, key)
     return bucket
+
+
+def _flat_dtype(layer: BatchRenormBase) -> torch.dtype:
+    return torch.promote_types(layer.running_mean.dtype, torch.float32)  # type: ignore[union-attr]
+
+
+def _groups(layer: BatchRenormBase, input: Tensor) -> int:
+    """The number of groups the batch normalized: ``N / microbatch_size``, 1 without microbatches, 0 when empty."""
+    mbs = layer.microbatch_size
+    return 0 if input.numel() == 0 else (input.shape[0] // mbs if mbs else 1)
 
 
 class RunningStatsSharing:
@@ -203,9 +284,8 @@ class RunningStatsSharing:
         if torch.fx._symbolic_trace.is_fx_tracing():  # an fx graph records the layer's own call
             return layer.renorm_forward(input)
         out = layer.renorm_forward(input)
-        flat = self._weighted_averages(layer, input)
-        bucket = self._bucket = _open_bucket(self.process_group, flat)
-        bucket.add(layer, flat)
+        bucket = self._bucket = _open_bucket(self.process_group, layer)
+        bucket.add(layer, _groups(layer, input))
         if isinstance(out, Tensor) and out.requires_grad:
             out.register_hook(bucket.launch)  # the backward starts: every layer's forward of this step is in
         else:
@@ -219,60 +299,24 @@ class RunningStatsSharing:
         if bucket is not None:
             bucket.wait()
 
-    # ----------------------------------------------------------------- the maths
-    @staticmethod
-    def _weighted_averages(layer: BatchRenormBase, input: Tensor) -> Tensor:
-        """(2C + 1,): w * mu, w * sigma, w after this rank's update, with w the number of groups the batch
-        normalized (``N / microbatch_size``, 1 without microbatches, 0 for an empty batch)."""
-        rm, rv = layer.running_mean, layer.running_var
-        assert rm is not None and rv is not None
-        c = rm.numel()
-        mbs = layer.microbatch_size
-        groups = 0 if input.numel() == 0 else (input.shape[0] // mbs if mbs else 1)
-        with torch.no_grad():
-            dtype = torch.promote_types(rm.dtype, torch.float32)
-            weight = torch.full((1,), float(groups), dtype=dtype, device=rm.device)
-            flat = torch.cat([rm, rv.add(layer.eps).sqrt_(), weight])  # sigma: eps inside, as the layer tracks it
-            if groups != 1:
-                flat[: 2 * c].mul_(groups)
-        return flat
-
-    @staticmethod
-    def _write(layer: BatchRenormBase, flat: Tensor, eager: bool) -> None:
-        """mu = sum(w mu) / W and running_var = (sum(w sigma) / W)^2 - eps; nothing when no rank normalized anything
-        (W = 0). ``eager``: W is read on the CPU (no device sync there); compiled graphs select on the device."""
-        rm, rv = layer.running_mean, layer.running_var
-        assert rm is not None and rv is not None
-        c = rm.numel()
-        with torch.no_grad():
-            if eager and flat.device.type == "cpu":
-                total = flat[2 * c].item()
-                if total <= 0:
-                    return
-                mean, sigma = flat[: 2 * c].view(2, c).unbind(0)
-                torch.div(mean, total, out=rm)
-                torch.addcmul(_neg(layer.eps, sigma), sigma, sigma, value=1.0 / (total * total), out=rv).clamp_min_(0.0)
-                return
-            total = flat[2 * c :]
-            values = flat[: 2 * c] / total.clamp_min(1.0)  # integer counts
-            keep = total > 0
-            rm.copy_(torch.where(keep, values[:c], rm))
-            rv.copy_(torch.where(keep, values[c:].square().sub_(layer.eps).clamp_min_(0.0), rv))
-
     def _compiled_forward(self, layer: BatchRenormBase, input: Tensor) -> Tensor:
         """The same in a compiled graph: a functional all-reduce, waited for in the graph (the graph stays whole)."""
         from torch.distributed import _functional_collectives as funcol
 
         out = layer.renorm_forward(input)
-        flat = self._weighted_averages(layer, input)
+        rm, rv = layer.running_mean, layer.running_var
+        assert rm is not None and rv is not None
+        groups = _groups(layer, input)
+        dtype = _flat_dtype(layer)
+        mean, var = rm.to(dtype), rv.to(dtype)
+        flat = _pack(mean, var, layer.eps, float(groups), torch.full((1,), float(groups), dtype=dtype, device=rm.device))
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         reduced = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
-        self._write(layer, reduced, eager=False)
+        mean, var = _unpack(reduced, layer.eps, None, mean, var)
+        with torch.no_grad():
+            rm.copy_(mean)
+            rv.copy_(var)
         return out
-
-
-def _neg(eps: float, like: Tensor) -> Tensor:
-    return torch.full((), -eps, dtype=like.dtype, device=like.device)
 
 
 def _wait_hook(module: nn.Module, *args: Any) -> None:

@@ -16,14 +16,20 @@ import torch.distributed as dist
 from torch import nn
 
 B, C_IN, STEPS = 4, 3, 3
+MIXED = (2, None)  # microbatches of 2 in the first layer (2 groups per rank), none in the second
 
 
 def make_model(microbatch_size=None) -> nn.Module:
+    """Two renorm layers with different eps; ``microbatch_size``: one for both, or a pair (one per layer)."""
     from lightning_brn import BatchRenorm1d
 
     torch.manual_seed(0)
-    kw = dict(rmax=1.5, dmax=0.5, momentum=0.1, microbatch_size=microbatch_size)
-    model = nn.Sequential(BatchRenorm1d(C_IN, **kw), nn.Linear(C_IN, 6), BatchRenorm1d(6, **kw), nn.ReLU(), nn.Linear(6, 2))
+    sizes = microbatch_size if isinstance(microbatch_size, tuple) else (microbatch_size, microbatch_size)
+    kw = dict(rmax=1.5, dmax=0.5, momentum=0.1)
+    model = nn.Sequential(
+        BatchRenorm1d(C_IN, microbatch_size=sizes[0], **kw), nn.Linear(C_IN, 6),
+        BatchRenorm1d(6, eps=1e-3, microbatch_size=sizes[1], **kw), nn.ReLU(), nn.Linear(6, 2),
+    )
     with torch.no_grad():
         for m in (model[0], model[2]):
             m.running_mean.uniform_(-1, 1)
@@ -46,9 +52,9 @@ def loss_fn(out: torch.Tensor) -> torch.Tensor:
     return (out - 1).square().mean()
 
 
-def reference(world: int, micro_steps: int = 1) -> list[list[torch.Tensor]]:
+def reference(world: int, micro_steps: int = 1, microbatch_size=B) -> list[list[torch.Tensor]]:
     """One process, the ranks' batches concatenated and normalized as microbatches of the per-rank batch."""
-    model = make_model(microbatch_size=B)
+    model = make_model(microbatch_size=microbatch_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     for step in range(STEPS):
@@ -62,14 +68,16 @@ def reference(world: int, micro_steps: int = 1) -> list[list[torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------------------------- scenarios
-def ddp(rank: int, world: int, out: str, explicit: bool, micro_steps: int = 1, local: bool = False) -> dict:
+def ddp(
+    rank: int, world: int, out: str, explicit: bool, micro_steps: int = 1, local: bool = False, microbatch_size=None
+) -> dict:
     """Plain DistributedDataParallel; ``explicit``: share_running_stats before wrapping, broadcast_buffers=False;
     ``local``: share_running_stats(enabled=False), broadcast_buffers=False (per-rank averages)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from lightning_brn.distributed import share_running_stats
 
-    model = make_model()
+    model = make_model(microbatch_size)
     if explicit or local:
         share_running_stats(model, enabled=not local)
     ddp_model = DDP(model, broadcast_buffers=not (explicit or local))
@@ -140,9 +148,10 @@ def fsdp(rank: int, world: int, out: str) -> dict:
     return {"seen": seen}
 
 
-def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
+def sync_layer(rank: int, world: int, out: str, group_size: int, fsdp: bool = False) -> dict:
     """SyncBatchRenorm over groups of ``group_size`` consecutive ranks on 4D data: two training steps. Over the
-    world group the layer is made by ``convert_model(BatchNorm2d, sync=True)``, over subgroups built directly."""
+    world group the layer is made by ``convert_model(BatchNorm2d, sync=True)``, over subgroups built directly.
+    ``fsdp``: the layer wrapped by FSDP2's ``fully_shard`` on a CPU device mesh (weight and bias sharded)."""
     from lightning_brn import convert_model
     from lightning_brn.distributed import SyncBatchRenorm
 
@@ -154,6 +163,11 @@ def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
         groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, world, group_size)]
         layer = SyncBatchRenorm(5, rmax=1.5, dmax=0.3, momentum=0.2, process_group=groups[rank // group_size])
     layer = _randomized(layer.double())
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
     results = []
     for step in range(2):
         x, g = sync_inputs(step, world)
@@ -161,15 +175,19 @@ def sync_layer(rank: int, world: int, out: str, group_size: int) -> dict:
         layer.weight.grad = layer.bias.grad = None
         y = layer(xr)
         (y * g.chunk(world)[rank]).sum().backward()
-        grads = torch.cat([layer.weight.grad, layer.bias.grad])
-        dist.all_reduce(grads)  # each rank holds its share of the parameter gradients: their sum is the whole
+        if fsdp:  # reduce-scattered shards of the mean over ranks (as DDP's all-reduce): the whole is world times it
+            grads = torch.cat([layer.weight.grad.full_tensor(), layer.bias.grad.full_tensor()]) * world
+        else:
+            grads = torch.cat([layer.weight.grad, layer.bias.grad])
+            dist.all_reduce(grads)  # each rank holds its share of the parameter gradients: their sum is the whole
         with torch.no_grad():  # a later step sees moved parameters, as after an optimizer step
             layer.weight.add_(0.1)
         results.append({"y": y.detach(), "grad_x": xr.grad, "grads": grads})
     from lightning_brn.distributed import wait_running_stats
 
     wait_running_stats(layer)
-    return {"steps": results, "buffers": {k: v.clone() for k, v in layer.state_dict().items()}}
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in layer.state_dict().items()}
+    return {"steps": results, "buffers": {k: v.clone() for k, v in state.items()}}
 
 
 def _randomized(layer: torch.nn.Module) -> torch.nn.Module:
@@ -212,11 +230,13 @@ SCENARIOS = {
     "ddp_explicit": lambda r, w, o: ddp(r, w, o, explicit=True),
     "ddp_no_sync": lambda r, w, o: ddp(r, w, o, explicit=False, micro_steps=2),
     "ddp_local": lambda r, w, o: ddp(r, w, o, explicit=False, local=True),
+    "ddp_microbatches": lambda r, w, o: ddp(r, w, o, explicit=False, microbatch_size=MIXED),
     "resume": resume,
     "fsdp": fsdp,
     "compiled": compiled,
     "sync": lambda r, w, o: sync_layer(r, w, o, group_size=w),
     "sync_subgroups": lambda r, w, o: sync_layer(r, w, o, group_size=w // 2),
+    "sync_fsdp": lambda r, w, o: sync_layer(r, w, o, group_size=w, fsdp=True),
 }
 
 

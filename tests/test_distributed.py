@@ -33,7 +33,8 @@ from lightning_brn.distributed import (
 HERE = Path(__file__).parent
 WORLD = 2
 LIGHTNING = ["shared", "plugin", "sync_batchnorm", "factory", "fsdp2"]
-PLAIN = ["ddp_auto", "ddp_explicit", "ddp_no_sync", "ddp_local", "resume", "fsdp", "compiled", "sync", "sync_subgroups"]
+PLAIN = ["ddp_auto", "ddp_explicit", "ddp_no_sync", "ddp_local", "ddp_microbatches", "resume", "fsdp", "compiled", "sync", "sync_subgroups",
+         "sync_fsdp"]
 
 
 def _load(name: str):
@@ -116,6 +117,17 @@ def test_shared_averages_identical_on_every_rank_and_equal_one_process_over_micr
     assert (ranks[0]["seen"][-1][0] - worker.make_model()[0].running_mean).abs().max() > 0.1
 
 
+def test_shared_averages_weight_each_layer_by_its_groups(plain_runs):
+    """One all-reduce for layers with different eps and microbatches (2 groups per rank in the first layer, 1 in the
+    second): equal, in float64, one process over the concatenated batch with microbatches of 2 and of the per-rank
+    batch."""
+    ranks = _ranks(plain_runs, "ddp_microbatches")
+    expected = worker.reference(WORLD, microbatch_size=(2, worker.B))
+    for step in range(worker.STEPS):
+        _assert_same(ranks[0]["seen"][step], ranks[1]["seen"][step], exact=True)
+        _assert_same(ranks[0]["seen"][step], expected[step])
+
+
 def test_without_sharing_the_averages_diverge(plain_runs):
     """share_running_stats(enabled=False): each rank keeps the averages of its own data (what DDP did before)."""
     ranks = _ranks(plain_runs, "ddp_local")
@@ -172,6 +184,11 @@ def _check_sync(folder: Path, name: str, world: int, group_size: int) -> None:
 def test_sync_layer_equals_one_process_on_the_concatenated_batch(plain_runs):
     """Output, input / weight / bias gradients and buffers over two steps (r and d clip on some channels)."""
     _check_sync(plain_runs, "sync", WORLD, WORLD)
+
+
+def test_sync_layer_under_fsdp2_equals_one_process_on_the_concatenated_batch(plain_runs):
+    """Under FSDP2's fully_shard: output, input gradient, gathered weight / bias gradients and state as above."""
+    _check_sync(plain_runs, "sync_fsdp", WORLD, WORLD)
 
 
 def test_sync_layer_over_singleton_subgroups_is_per_device_normalization_with_shared_averages(plain_runs):
