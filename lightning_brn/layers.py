@@ -79,11 +79,8 @@ def _distributed_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _is_fx_symbolic_tracing() -> bool:
-    fx = torch.fx._symbolic_trace
-    if hasattr(fx, "is_fx_symbolic_tracing"):
-        return fx.is_fx_symbolic_tracing()
-    return fx.is_fx_tracing()  # pragma: no cover - older torch
+# (torch.fx.is_fx_tracing is also true under torch.export; older torch has only that one)
+_is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 class BatchRenormBase(nn.Module):

@@ -44,6 +44,10 @@ __all__ = [
 
 def check_float(name: str, value: Any, *, allow_inf: bool = False) -> float:
     """A real number (or a one-element tensor), not NaN, and finite unless ``allow_inf``."""
+    if type(value) is float:  # the common case, checked on every training step: no abstract-class checks
+        if value != value or (not allow_inf and value in (math.inf, -math.inf)):
+            raise ValueError(f"{name} must be {'a number' if allow_inf else 'finite'}, got {name}={value}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
     if isinstance(value, Tensor):

@@ -55,6 +55,8 @@ __all__ = [
 _is_compiling = torch.compiler.is_compiling
 
 _CPP_DTYPES = (torch.float32, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -90,9 +92,13 @@ def choose_route(
         >>> choose_route(x, (None, None, None, None), (1.0, 0.0, 0.1), False)
         <Route.ATEN: 'aten'>
     """
-    per_channel_ok = input.device.type == "cpu" and input.dtype in _CPP_DTYPES and all(
-        _cpp_per_channel(t, input.dtype) for t in per_channel
-    )
+    dtype = input.dtype
+    per_channel_ok = input.device.type == "cpu" and dtype in _CPP_DTYPES
+    if per_channel_ok:
+        for t in per_channel:
+            if t is not None and not _cpp_per_channel(t, dtype):
+                per_channel_ok = False
+                break
     if _is_compiling():
         # the microbatch test in the graph (sizes may be symbolic); the rest is one constant with no guard
         if groups > 1 and _compiled_cpp_possible(has_running_stats, per_channel_ok):
@@ -100,7 +106,7 @@ def choose_route(
         return Route.COMPILED
     if (
         per_channel_ok
-        and all(isinstance(h, (float, int)) and not isinstance(h, bool) for h in hyper_parameters)
+        and all(type(h) is float or type(h) is int for h in hyper_parameters)  # Python numbers (not bool)
         and not shape_only(input)
         and cpu_kernels.available()
     ):
@@ -116,9 +122,9 @@ def _compiled_cpp_possible(has_running_stats: bool, per_channel_ok: bool) -> boo
     return has_running_stats and per_channel_ok and not partitioner_may_recompute() and cpu_kernels.compiled_op_ready()
 
 
-def _cpp_per_channel(t: Optional[Tensor], dtype: torch.dtype) -> bool:
-    """Absent, or a contiguous CPU vector of the input's dtype: what the C++ operator takes as it is."""
-    return t is None or (t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu")
+def _cpp_per_channel(t: Tensor, dtype: torch.dtype) -> bool:
+    """A contiguous CPU vector of the input's dtype: what the C++ operator takes as it is."""
+    return t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu"
 
 
 @torch.compiler.assume_constant_result
@@ -144,7 +150,11 @@ def partitioner_may_recompute() -> bool:
 def shape_only(x: Tensor) -> bool:
     """Whether ``x`` carries shapes but no data: a meta tensor, or a fake one (``FakeTensorMode``, which Lightning's
     ``measure_flops`` and tracers use)."""
-    return x.device.type == "meta" or is_fake(x)
+    if x.device.type == "meta":
+        return True
+    if type(x) in _PLAIN and not (torch._is_functional_tensor(x) or _is_functorch_wrapped(x)):
+        return False  # a plain tensor that wraps nothing holds data (fast: this runs on every training step)
+    return is_fake(x)
 
 
 def stat_dtype(x: Tensor) -> torch.dtype:
