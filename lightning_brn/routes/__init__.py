@@ -93,7 +93,7 @@ def choose_route(
         <Route.ATEN: 'aten'>
     """
     dtype = input.dtype
-    per_channel_ok = input.device.type == "cpu" and dtype in _CPP_DTYPES
+    per_channel_ok = input.is_cpu and dtype in _CPP_DTYPES
     if per_channel_ok:
         for t in per_channel:
             if t is not None and not _cpp_per_channel(t, dtype):
@@ -124,7 +124,7 @@ def _compiled_cpp_possible(has_running_stats: bool, per_channel_ok: bool) -> boo
 
 def _cpp_per_channel(t: Tensor, dtype: torch.dtype) -> bool:
     """A contiguous CPU vector of the input's dtype: what the C++ operator takes as it is."""
-    return t.dtype == dtype and t.dim() == 1 and t.is_contiguous() and t.device.type == "cpu"
+    return t.is_cpu and t.dtype == dtype and t.dim() == 1 and t.is_contiguous()
 
 
 @torch.compiler.assume_constant_result
@@ -150,7 +150,7 @@ def partitioner_may_recompute() -> bool:
 def shape_only(x: Tensor) -> bool:
     """Whether ``x`` carries shapes but no data: a meta tensor, or a fake one (``FakeTensorMode``, which Lightning's
     ``measure_flops`` and tracers use)."""
-    if x.device.type == "meta":
+    if x.is_meta:
         return True
     if type(x) in _PLAIN and not (torch._is_functional_tensor(x) or _is_functorch_wrapped(x)):
         return False  # a plain tensor that wraps nothing holds data (fast: this runs on every training step)
