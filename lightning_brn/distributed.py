@@ -16,10 +16,10 @@ normalized its own minibatch (so r and d were per worker). The modes (``docs/dis
 **Shared averages** need no code: a Batch Renorm layer's first training forward in a process whose default process
 group (``torch.distributed``) has several ranks attaches a :class:`RunningStatsSharing` to it (the layer's
 ``running_stats_sharing``). Each training forward then runs the layer's own step (r and d from the shared averages,
-then this rank's update) and adds w * mu, w * sigma and w (w: the number of groups the batch normalized, 1 without
-microbatches) to the step's flat buffer; the backward reaching any renorm output launches one all-reduce of it; the
-weighted means are written into every layer's buffers after the optimizer step, or earlier before a layer's next
-forward or its state dict. The averages are therefore identical on every rank after every step, and a rank-0
+then this rank's update) and joins the step's bucket; the backward reaching any renorm output packs w * mu,
+w * sigma and w of every layer in the bucket (w: the number of groups the batch normalized, 1 without microbatches)
+into one flat buffer and launches one all-reduce of it; the weighted means are written into every layer's buffers
+after the optimizer step, or earlier before a layer's next forward or its state dict. The averages are therefore identical on every rank after every step, and a rank-0
 checkpoint holds what all ranks saw. The update is affine in (mu_B, sigma_B): averaging the ranks' updated
 averages, from the same starting averages, is the update with the mean over ranks, exactly as one process
 normalizing the ranks' batches as microbatches (``microbatch_size`` = per-rank batch). Under ``no_sync`` (gradient
