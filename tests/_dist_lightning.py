@@ -6,7 +6,7 @@ MODE ``shared``: DDP, the default (per-device normalization, shared moving avera
 ``factory``: ``Trainer(sync_batchnorm=True)`` alone, with the package's ``lightning.pytorch.callbacks_factory``
 entry point (registered here when the installed metadata lacks it); ``fsdp2``: ``ModelParallelStrategy`` with
 ``fully_shard`` over the data-parallel mesh in ``configure_model`` (Lightning's FSDP2 route; its ``FSDPStrategy``
-refuses CPUs). Each rank saves the averages after every optimizer step and the layer classes it trained with into
+refuses CPUs); ``fsdp2_sync``: the same with the renorm layers made ``SyncBatchRenorm`` before ``fully_shard``. Each rank saves the averages after every optimizer step and the layer classes it trained with into
 OUT; rank 0 saves the checkpoint.
 """
 
@@ -48,9 +48,17 @@ class Module(pl.LightningModule):
 
 
 class ShardedModule(Module):
+    def __init__(self, sync: bool = False) -> None:
+        super().__init__()
+        self.sync = sync
+
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        from lightning_brn.distributed import convert_sync_batch_renorm
+
+        if self.sync:  # synchronized layers under FSDP2: converted before sharding (no layer-sync plugin there)
+            self.net = convert_sync_batch_renorm(self.net)
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
 
@@ -97,11 +105,11 @@ def main(out: str, mode: str) -> None:
     elif mode == "factory":
         register_callbacks_factory()
         kwargs["sync_batchnorm"] = True
-    elif mode == "fsdp2":
+    elif mode in ("fsdp2", "fsdp2_sync"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         kwargs["strategy"] = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
-    model = ShardedModule() if mode == "fsdp2" else Module()
+    model = ShardedModule(sync=mode == "fsdp2_sync") if mode.startswith("fsdp2") else Module()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=STEPS, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs,

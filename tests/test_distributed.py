@@ -32,7 +32,7 @@ from lightning_brn.distributed import (
 
 HERE = Path(__file__).parent
 WORLD = 2
-LIGHTNING = ["shared", "plugin", "sync_batchnorm", "factory", "fsdp2"]
+LIGHTNING = ["shared", "plugin", "sync_batchnorm", "factory", "fsdp2", "fsdp2_sync"]
 PLAIN = ["ddp_auto", "ddp_explicit", "ddp_no_sync", "ddp_local", "ddp_microbatches", "resume", "fsdp", "compiled", "sync", "sync_subgroups",
          "sync_fsdp"]
 
@@ -214,13 +214,14 @@ def _lightning_reference(inputs: list[list[torch.Tensor]], microbatch_size) -> l
     return seen
 
 
-@pytest.mark.parametrize("mode", ["shared", "fsdp2", "plugin", "factory"])
+@pytest.mark.parametrize("mode", ["shared", "fsdp2", "plugin", "factory", "fsdp2_sync"])
 def test_lightning_averages_identical_on_every_rank_and_in_the_checkpoint(lightning_runs, mode):
     """devices=2: the default under DDP and under ModelParallelStrategy (FSDP2's fully_shard in configure_model)
     (shared averages, per-device normalization) equals one process over microbatches; plugins=[RenormLayerSync()],
     and sync_batchnorm=True alone (taken by the package's callbacks_factory entry point), train SyncBatchRenorm
-    layers, equal one process over the whole batch, and revert them after fit. The checkpoint holds the averages
-    every rank holds."""
+    layers, equal one process over the whole batch, and revert them after fit; so do SyncBatchRenorm layers under
+    ModelParallelStrategy (converted in configure_model, not reverted). The checkpoint holds the averages every rank
+    holds."""
     ranks = _ranks(lightning_runs, mode)
     per_device = mode in ("shared", "fsdp2")
     expected = _lightning_reference([r["inputs"] for r in ranks], 4 if per_device else None)
@@ -229,7 +230,7 @@ def test_lightning_averages_identical_on_every_rank_and_in_the_checkpoint(lightn
         _assert_same(ranks[0]["seen"][step], ranks[1]["seen"][step], exact=True)
         _assert_same(ranks[0]["seen"][step], expected[step])
     assert ranks[0]["classes"] == (["BatchRenorm1d"] if per_device else ["SyncBatchRenorm"])
-    assert ranks[0]["after"] == ["BatchRenorm1d"]
+    assert ranks[0]["after"] == (["SyncBatchRenorm"] if mode == "fsdp2_sync" else ["BatchRenorm1d"])
     assert ranks[0]["layer_sync"] == ("RenormLayerSync" if mode in ("plugin", "factory") else "NoneType")
     state = torch.load(lightning_runs / f"{mode}.ckpt", weights_only=False)["state_dict"]
     model = worker.make_model()
