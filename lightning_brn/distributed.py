@@ -108,7 +108,8 @@ class _Bucket:
         self.group, self.key = group, key
         self.entries: list[tuple[BatchRenormBase, int]] = []  # (layer, number of groups its batch normalized)
         self.flat: Optional[Tensor] = None
-        self.old: Optional[tuple[Tensor, Tensor]] = None
+        self.old: Optional[tuple[Tensor, Tensor]] = None  # the averages at launch
+        self.eps_index: Optional[tuple[Union[float, Tensor], Optional[Tensor]]] = None  # eps and index of the layout
         self.work: Optional[Any] = None
         self.done = False
 
@@ -125,8 +126,8 @@ class _Bucket:
         dtype = self.key[2]
         mean = _cat([layer.running_mean for layer in layers], dtype)
         var = _cat([layer.running_var for layer in layers], dtype)
-        eps, w, weights, _ = _layout(self.entries, mean.device, dtype)
-        self.old = mean, var
+        eps, w, weights, index = _layout(self.entries, mean.device, dtype)
+        self.old, self.eps_index = (mean, var), (eps, index)
         self.flat = _pack(mean, var, eps, w, weights)
         self.work = dist.all_reduce(self.flat, group=self.group, async_op=True)
 
@@ -134,18 +135,17 @@ class _Bucket:
         if self.done:
             return
         self.launch()
-        assert self.work is not None and self.flat is not None and self.old is not None
+        assert self.work is not None and self.flat is not None and self.old is not None and self.eps_index is not None
         self.work.wait()
         self.done = True
         _in_flight.discard(self)
-        eps, _, _, index = _layout(self.entries, self.flat.device, self.flat.dtype)
-        mean, var = _unpack(self.flat, eps, index, *self.old)
+        mean, var = _unpack(self.flat, *self.eps_index, *self.old)
         sizes = [layer.num_features for layer, _ in self.entries]
         with torch.no_grad():
             for (layer, _), m, v in zip(self.entries, mean.split(sizes), var.split(sizes)):
                 layer.running_mean.copy_(m)  # type: ignore[union-attr]
                 layer.running_var.copy_(v)  # type: ignore[union-attr]
-        self.entries, self.flat, self.old = [], None, None
+        self.entries, self.flat, self.old, self.eps_index = [], None, None, None
 
 
 def _cat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
